@@ -101,6 +101,8 @@ class Config:
     demo_test_subjects: int | None = _doc("demo dataset: number of test subjects")
     demo_pairs_per_subject: int | None = _doc("demo dataset: (orientation, gesture) pairs per "
                                               "subject, at most 51 (x2 starting behaviours)")
+    demo_noise: float = _doc("demo dataset: scale of subject and sequence variation (higher = harder)",
+                             1.0)
     demo_imu_only_share: float = _doc("demo dataset: share of test sequences with empty thm/tof",
                                       0.5)
     # --- features
@@ -121,8 +123,10 @@ class Config:
                                         0.5)
     lgbm_bagging_fraction: float = _doc("LightGBM bagging_fraction, with subsample_freq=1", 0.8)
     lgbm_lambda_l2: float = _doc("LightGBM L2 regularisation", 1.0)
+    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)")
     lgbm_class_weight: str = _doc("none | balanced: per-class sample weights", "balanced")
-    lgbm_threads: int = _doc("LightGBM threads; 0 = all cores", 0)
+    lgbm_threads: int = _doc("LightGBM threads; 0 = auto (1 below 10k training rows, where "
+                             "thread overhead outweighs the work; else all cores)", 0)
     modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
                                    "thm/tof blanked as in the IMU-only test sequences", 1.0)
     lgbm_imu_reference: bool = _doc("also train a LightGBM on IMU features alone, as the "
@@ -137,11 +141,11 @@ class Config:
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(folds=2, epochs=2, demo_train_subjects=6, demo_test_subjects=2,
-                  demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40),
+                  demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
     "quick": dict(folds=4, epochs=8, demo_train_subjects=16, demo_test_subjects=4,
-                  demo_pairs_per_subject=51, lgbm_learning_rate=0.1, lgbm_rounds=300),
+                  demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
     "full": dict(folds=5, epochs=60, demo_train_subjects=40, demo_test_subjects=8,
-                 demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000),
+                 demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
 
 
@@ -416,27 +420,28 @@ def quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, behavior: str,
-                   subj: dict[str, Any], fs: float) -> dict[str, np.ndarray]:
-    """One sequence in the canonical right-hand frame: arrays for acc, rot, thm, tof, phase."""
+                   subj: dict[str, Any], fs: float, noise: float) -> dict[str, np.ndarray]:
+    """One sequence in the canonical right-hand frame: arrays for acc, rot, thm, tof, phase.
+    `noise` scales every source of variation (1.0: classes well above chance, well below perfect)."""
     prof = _GESTURE_PROFILE[gesture]
-    tempo = subj["tempo"] * rng.uniform(0.85, 1.15)
+    tempo = subj["tempo"] * (1 + noise * rng.uniform(-0.25, 0.25))
     n_trans = max(8, int(rng.gamma(6.0, 4.5) / tempo)) + (8 if behavior == START_BEHAVIORS[0] else 0)
     n_gest = max(14, int(rng.gamma(5.0, 7.0) / tempo))
     n = int(min(n_trans + n_gest, 700))
     n_trans = min(n_trans, n - 14)
     t = np.arange(n) / fs
     # Pose: from a resting pose to the target pose during the transition, then hold + motion.
-    rest = np.array([0.1, -0.8, 0.0]) + rng.normal(0, 0.15, 3)
-    target = np.array(prof["pose"]) + subj["pose_offset"] + rng.normal(0, 0.12, 3)
+    rest = np.array([0.1, -0.8, 0.0]) + rng.normal(0, 0.3 * noise, 3)
+    target = np.array(prof["pose"]) + subj["pose_offset"] * noise + rng.normal(0, 0.3 * noise, 3)
     ramp = np.clip(np.arange(n) / max(n_trans, 1), 0, 1)
     ramp = 0.5 - 0.5 * np.cos(np.pi * ramp)
     euler = rest[None, :] * (1 - ramp[:, None]) + target[None, :] * ramp[:, None]
     gest = (np.arange(n) >= n_trans).astype(float)
     motion = prof["motion"]
     freq = {"pull": 0.6, "pinch": 1.0, "scratch": 2.6, "wave": 1.6, "write": 1.1, "tap": 2.0,
-            "lift": 0.3, "feel": 0.8}[motion] * tempo * rng.uniform(0.85, 1.15)
+            "lift": 0.3, "feel": 0.8}[motion] * tempo * (1 + noise * rng.uniform(-0.35, 0.35))
     amp = {"pull": 0.25, "pinch": 0.08, "scratch": 0.12, "wave": 0.5, "write": 0.25, "tap": 0.05,
-           "lift": 0.6, "feel": 0.3}[motion] * subj["amp"] * rng.uniform(0.7, 1.3)
+           "lift": 0.6, "feel": 0.3}[motion] * subj["amp"] * (1 + noise * rng.uniform(-0.5, 0.5))
     phase0 = rng.uniform(0, 2 * np.pi)
     osc = np.sin(2 * np.pi * freq * t + phase0)
     if motion == "write":
@@ -444,7 +449,7 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     elif motion == "pull":
         osc = np.maximum(osc, 0) ** 2
     euler[:, prof["axis"]] += gest * amp * osc
-    euler += np.cumsum(rng.normal(0, 0.01, (n, 3)), axis=0)  # slow drift of a real wrist
+    euler += np.cumsum(rng.normal(0, 0.02 * noise, (n, 3)), axis=0)  # slow drift of a real wrist
     q_hand = quat_from_euler(euler[:, 0], euler[:, 1], euler[:, 2])
     q_body = quat_from_euler(*[np.full(n, a) for a in _ORIENTATION_TILT[orientation]])
     q = quat_multiply(q_body, q_hand)
@@ -455,37 +460,31 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     pos += ramp[:, None] * rng.normal(0, 0.3, 3)
     lin_world = np.gradient(np.gradient(pos, 1 / fs, axis=0), 1 / fs, axis=0)
     specific_force = lin_world + np.array([0.0, 0.0, GRAVITY])
-    acc = quat_rotate(quat_conjugate(q), specific_force) + rng.normal(0, 0.12, (n, 3))
+    acc = quat_rotate(quat_conjugate(q), specific_force) + rng.normal(0, 0.5 * noise, (n, 3))
     # Thermopiles warm up near the body; ToF sees the body at a gesture-specific distance.
     near = np.zeros(5)
     for s in prof["near"]:
-        near[s - 1] = 1.0
+        if rng.random() > 0.25 * noise:  # the band sits differently on each wrist and day
+            near[s - 1] = 1.0
+    if prof["near"] and rng.random() < 0.3 * noise:
+        near[int(rng.integers(0, 5))] = 1.0
     closeness = ramp if prof["near"] else np.zeros(n)
     thm = (subj["ambient"] + rng.normal(0, 0.3, 5)[None, :]
-           + closeness[:, None] * near[None, :] * rng.uniform(4.0, 8.0)
-           + rng.normal(0, 0.15, (n, 5)))
+           + closeness[:, None] * near[None, :] * rng.uniform(1.0, 6.0)
+           + rng.normal(0, 0.6 * noise, (n, 5)))
     tof = np.full((n, 5, 64), -1.0)
     gy, gx = np.mgrid[0:8, 0:8]
     for s in range(5):
         if near[s] == 0 and rng.random() < 0.7:
             continue
-        base = prof["dist"] if near[s] else rng.uniform(150, 240)
+        base = prof["dist"] * (1 + noise * rng.uniform(-0.4, 0.6)) if near[s] else rng.uniform(150, 240)
         slope = rng.normal(0, 3, 2)
         grid = base + slope[0] * (gx - 3.5) + slope[1] * (gy - 3.5)
-        dist = grid[None] * (1.6 - 0.6 * closeness[:, None, None]) + rng.normal(0, 4, (n, 8, 8))
+        dist = grid[None] * (1.6 - 0.6 * closeness[:, None, None]) + rng.normal(0, 10 * noise, (n, 8, 8))
         dist = np.clip(np.round(dist), 0, 249).reshape(n, 64)
         seen = (rng.random((n, 64)) < (0.25 + 0.7 * closeness[:, None] * (near[s] or 0.3)))
         tof[:, s, :] = np.where(seen, dist, -1.0)
     return dict(acc=acc, rot=q, thm=thm, tof=tof.reshape(n, 320), n_trans=n_trans, n=n)
-
-
-def mirror_hand_arrays(acc: np.ndarray, rot: np.ndarray, thm: np.ndarray, tof: np.ndarray):
-    """Reflect the lateral (x) axis: acc (-x, y, z), quaternion (w, x, -y, -z), swap sensors 3 and 5."""
-    acc = acc * np.array([-1.0, 1.0, 1.0])
-    rot = rot * np.array([1.0, 1.0, -1.0, -1.0])
-    thm = thm[:, [0, 1, 4, 3, 2]]
-    tof = tof.reshape(len(tof), 5, 64)[:, [0, 1, 4, 3, 2], :].reshape(len(tof), 320)
-    return acc, rot, thm, tof
 
 
 def _demo_subjects(rng: np.random.Generator, n: int, used: set[int]) -> list[dict[str, Any]]:
@@ -506,6 +505,13 @@ def _demo_subjects(rng: np.random.Generator, n: int, used: set[int]) -> list[dic
             tempo=rng.uniform(0.75, 1.3), amp=rng.uniform(0.7, 1.3),
             pose_offset=rng.normal(0, 0.2, 3), ambient=rng.uniform(23.0, 27.0)))
     return subjects
+
+
+def demo_settings(cfg: Config) -> dict[str, Any]:
+    """The settings a generated demo dataset depends on (regenerated when any of them changes)."""
+    return {k: getattr(cfg, k) for k in ("seed", "sample_rate_hz", "demo_train_subjects",
+                                         "demo_test_subjects", "demo_pairs_per_subject",
+                                         "demo_noise", "demo_imu_only_share")}
 
 
 def generate_demo_dataset(out: Path, cfg: Config) -> Path:
@@ -530,10 +536,11 @@ def generate_demo_dataset(out: Path, cfg: Config) -> Path:
             for orientation, gesture in chosen:
                 for behavior in START_BEHAVIORS:
                     sid = f"SEQ_{next(seq_iter):06d}"
-                    s = _demo_sequence(rng, gesture, orientation, behavior, subj, fs)
+                    s = _demo_sequence(rng, gesture, orientation, behavior, subj, fs, cfg.demo_noise)
                     acc, rot, thm, tof = s["acc"], s["rot"], s["thm"], s["tof"]
-                    if subj["handedness"] == 0:
-                        acc, rot, thm, tof = mirror_hand_arrays(acc, rot, thm, tof)
+                    if subj["handedness"] == 0:  # a left hand: the mirror image of the motion
+                        x = mirror_sensors(np.hstack([acc, rot, thm, tof]))
+                        acc, rot, thm, tof = x[:, :3], x[:, 3:7], x[:, 7:12], x[:, 12:]
                     rot = np.where(rot[:, :1] < 0, -rot, rot)  # stored with rot_w >= 0
                     n = s["n"]
                     if rng.random() < 0.01:
@@ -583,9 +590,7 @@ def generate_demo_dataset(out: Path, cfg: Config) -> Path:
     demographics(train_subj).write_csv(out / "train_demographics.csv")
     build(test_subj, False).write_csv(out / "test.csv")
     demographics(test_subj).write_csv(out / "test_demographics.csv")
-    write_json(out / "demo_config.json", {k: getattr(cfg, k) for k in
-               ("seed", "sample_rate_hz", "demo_train_subjects", "demo_test_subjects",
-                "demo_pairs_per_subject", "demo_imu_only_share")})
+    write_json(out / "demo_config.json", demo_settings(cfg))
     return out
 
 
@@ -596,9 +601,7 @@ def resolve_data_dir(cfg: Config) -> Path:
     if not cfg.demo and KAGGLE_DATA_DIR.exists():
         return KAGGLE_DATA_DIR
     demo_dir = Path(cfg.data_dir) if cfg.data_dir else Path("demo_data")
-    wanted = {k: getattr(cfg, k) for k in ("seed", "sample_rate_hz", "demo_train_subjects",
-                                           "demo_test_subjects", "demo_pairs_per_subject",
-                                           "demo_imu_only_share")}
+    wanted = demo_settings(cfg)
     stamp = demo_dir / "demo_config.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted
             and (demo_dir / "test_demographics.csv").exists()):
@@ -795,7 +798,7 @@ def score_probabilities(y_true: Iterable[str], proba: np.ndarray) -> dict[str, f
 # ### 7.1 Sequence-level signals
 
 # %%
-FEATURE_VERSION = 3  # bump when a feature changes: the on-disk cache keys on it
+FEATURE_VERSION = 4  # bump when a feature changes: the on-disk cache keys on it
 WELCH_CHANNELS = ["acc_mag", "lin_mag", "lin_world_x", "lin_world_y", "lin_world_z",
                   "ang_vel_mag", "jerk_mag"]
 # Welch bands as fractions of the Nyquist frequency, so they follow --sample-rate-hz.
@@ -803,47 +806,84 @@ WELCH_BANDS = [(0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0)]
 MODALITY_PREFIXES = ("thm_", "tof_", "xmod_", "mod_present_")
 
 
-def sanitize_sequences(frame: pl.DataFrame) -> pl.DataFrame:
-    """Coerce any incoming frame to the test schema: every sensor column Float32, non-finite and
-    unparsable values as null, missing columns added as null, rows sorted by sequence and counter."""
-    cols = set(frame.columns)
-    exprs = []
-    for c in SENSOR_COLS:
-        if c in cols:
-            v = pl.col(c)
-            if frame.schema[c] == pl.String:
-                v = v.str.strip_chars().cast(pl.Float32, strict=False)
-            else:
-                v = v.cast(pl.Float32, strict=False)
-            exprs.append(pl.when(v.is_finite()).then(v).otherwise(None).alias(c))
-        else:
-            exprs.append(pl.lit(None, dtype=pl.Float32).alias(c))
-    seq = (pl.col("sequence_id").cast(pl.String, strict=False).fill_null("SEQ_UNKNOWN")
-           if "sequence_id" in cols else pl.lit("SEQ_UNKNOWN"))
-    subj = (pl.col("subject").cast(pl.String, strict=False).fill_null("SUBJ_UNKNOWN")
-            if "subject" in cols else pl.lit("SUBJ_UNKNOWN"))
-    order = pl.int_range(pl.len(), dtype=pl.Int64)
-    counter = (pl.col("sequence_counter").cast(pl.Float64, strict=False).fill_null(order.cast(pl.Float64))
-               if "sequence_counter" in cols else order.cast(pl.Float64))
-    out = frame.select(seq.alias("sequence_id"), subj.alias("subject"),
-                       counter.alias("sequence_counter"), *exprs)
-    return out.sort("sequence_id", "sequence_counter", maintain_order=True)
-
-
-def mirror_left_hands(frame: pl.DataFrame, left: pl.Expr) -> pl.DataFrame:
-    """Canonical right hand: reflect the lateral axis where `left` is true.
-
-    acc_x -> -acc_x; quaternion (w, x, y, z) -> (w, x, -y, -z) (the same reflection seen through
-    a rotation); thermopile and ToF sensors 3 and 5 sit mirror-wise and swap places.
-    """
-    swaps = {"thm_3": "thm_5", "thm_5": "thm_3"}
+def _mirror_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Column permutation and signs that reflect the lateral (x) axis on a SENSOR_COLS matrix:
+    acc (-x, y, z); quaternion (w, x, -y, -z) (the same reflection seen through a rotation);
+    thermopiles and ToF sensors 3 and 5 sit mirror-wise and swap places."""
+    idx = {c: i for i, c in enumerate(SENSOR_COLS)}
+    swap = {"thm_3": "thm_5", "thm_5": "thm_3"}
     for p in range(64):
-        swaps[f"tof_3_v{p}"] = f"tof_5_v{p}"
-        swaps[f"tof_5_v{p}"] = f"tof_3_v{p}"
-    exprs = [pl.when(left).then(-pl.col(c)).otherwise(pl.col(c)).alias(c)
-             for c in ("acc_x", "rot_y", "rot_z")]
-    exprs += [pl.when(left).then(pl.col(b)).otherwise(pl.col(a)).alias(a) for a, b in swaps.items()]
-    return frame.with_columns(exprs)
+        swap[f"tof_3_v{p}"], swap[f"tof_5_v{p}"] = f"tof_5_v{p}", f"tof_3_v{p}"
+    perm = np.array([idx[swap.get(c, c)] for c in SENSOR_COLS])
+    sign = np.array([-1.0 if c in ("acc_x", "rot_y", "rot_z") else 1.0 for c in SENSOR_COLS], np.float32)
+    return perm, sign
+
+
+MIRROR_PERM, MIRROR_SIGN = _mirror_tables()
+
+
+def mirror_sensors(x: np.ndarray) -> np.ndarray:
+    """Canonical right hand: a left-hand SENSOR_COLS matrix (n, 332) mirrored (and back: an involution)."""
+    return x[:, MIRROR_PERM] * MIRROR_SIGN
+
+
+def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
+    """Any incoming frame -> (n, len(SENSOR_COLS)) float32 in frame row order; missing columns,
+    unparsable text and non-finite values become NaN. Works column-block-wise (one numpy
+    conversion), because per-column polars expressions cost ~50 ms per call in predict()."""
+    schema = frame.schema
+    arr = np.full((frame.height, len(SENSOR_COLS)), np.nan, dtype=np.float32)
+    nulls = frame.null_count().row(0, named=True) if frame.height else {}
+    numeric, texty = [], []
+    for i, c in enumerate(SENSOR_COLS):
+        if c not in schema or nulls.get(c, 0) == frame.height:
+            continue
+        (numeric if schema[c].is_numeric() else texty).append((i, c))
+    if numeric:
+        arr[:, [i for i, _ in numeric]] = frame.select([c for _, c in numeric]).to_numpy().astype(np.float32)
+    if texty:
+        parsed = frame.select([pl.col(c).cast(pl.String, strict=False).str.strip_chars()
+                               .cast(pl.Float64, strict=False) for _, c in texty])
+        arr[:, [i for i, _ in texty]] = parsed.to_numpy().astype(np.float32)
+    arr[~np.isfinite(arr)] = np.nan
+    return arr
+
+
+@dataclass
+class Sequences:
+    """Sensor rows of one or many sequences, sorted by (sequence_id, sequence_counter).
+
+    `meta` holds sequence_id, subject, sequence_counter (and demographics once attached);
+    `sensors` is the (n, len(SENSOR_COLS)) float32 matrix, NaN where a value is missing."""
+    meta: pl.DataFrame
+    sensors: np.ndarray
+
+    def column(self, name: str) -> np.ndarray:
+        return self.sensors[:, SENSOR_COLS.index(name)]
+
+    def block(self, names: list[str]) -> np.ndarray:
+        i = SENSOR_COLS.index(names[0])
+        return self.sensors[:, i:i + len(names)]
+
+
+def sanitize_sequences(frame: pl.DataFrame) -> Sequences:
+    """Coerce any incoming frame to the test schema: sensors as float32 (NaN where missing,
+    unparsable or non-finite), ids as text, rows sorted by sequence and counter."""
+    cols = set(frame.columns)
+    order = pl.int_range(pl.len(), dtype=pl.Int64).cast(pl.Float64)
+    meta = frame.select(
+        (pl.col("sequence_id").cast(pl.String, strict=False).fill_null("SEQ_UNKNOWN")
+         if "sequence_id" in cols else pl.lit("SEQ_UNKNOWN")).alias("sequence_id"),
+        (pl.col("subject").cast(pl.String, strict=False).fill_null("SUBJ_UNKNOWN")
+         if "subject" in cols else pl.lit("SUBJ_UNKNOWN")).alias("subject"),
+        (pl.col("sequence_counter").cast(pl.Float64, strict=False).fill_null(order)
+         if "sequence_counter" in cols else order).alias("sequence_counter"))
+    meta = meta.with_row_index("_row").sort("sequence_id", "sequence_counter", maintain_order=True)
+    rows = meta["_row"].to_numpy()
+    sensors = sensor_matrix(frame)
+    if not np.array_equal(rows, np.arange(len(rows))):
+        sensors = sensors[rows]
+    return Sequences(meta.drop("_row"), sensors)
 
 
 def _segments(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -984,26 +1024,28 @@ def tof_channels(tof: np.ndarray, pooling: bool) -> dict[str, np.ndarray]:
     return ch
 
 
-def prepare_sequences(frame: pl.DataFrame, demographics: pl.DataFrame) -> pl.DataFrame:
+def prepare_sequences(frame: pl.DataFrame, demographics: pl.DataFrame) -> Sequences:
     """Sanitised rows in canonical right-hand form, with the subject's demographics attached."""
-    frame = sanitize_sequences(frame)
+    seqs = sanitize_sequences(frame)
     demo = clean_demographics(demographics).unique("subject", keep="first")
-    frame = frame.join(demo, on="subject", how="left", maintain_order="left")
-    frame = frame.with_columns([pl.col(c).fill_null(v).cast(pl.Float32) for c, v in DEFAULT_DEMOGRAPHICS.items()])
-    return mirror_left_hands(frame, pl.col("handedness") == 0)
+    meta = seqs.meta.join(demo, on="subject", how="left", maintain_order="left")
+    meta = meta.with_columns([pl.col(c).fill_null(v).cast(pl.Float32) for c, v in DEFAULT_DEMOGRAPHICS.items()])
+    left = (meta["handedness"] == 0).to_numpy()
+    sensors = seqs.sensors
+    if left.any():
+        sensors = sensors.copy()
+        sensors[left] = mirror_sensors(sensors[left])
+    return Sequences(meta, sensors)
 
 
-def sequence_channels(prepared: pl.DataFrame, fs: float, tof_pooling: bool = True) -> pl.DataFrame:
+def sequence_channels(prepared: Sequences, fs: float, tof_pooling: bool = True) -> pl.DataFrame:
     """Per-row channels for every sequence in `prepared` (output of prepare_sequences)."""
-    seq_ids = prepared["sequence_id"].to_numpy()
-    ch: dict[str, Any] = {"sequence_id": prepared["sequence_id"]}
-    ch.update(imu_channels(prepared.select(ACC_COLS).to_numpy(), prepared.select(ROT_COLS).to_numpy(),
-                           seq_ids, fs))
-    ch.update(thm_channels(prepared.select(THM_COLS).to_numpy(), seq_ids, fs))
-    ch.update(tof_channels(prepared.select(TOF_COLS).to_numpy(), tof_pooling))
-    out = pl.DataFrame(ch)
-    # numpy NaN -> polars null, so aggregations skip missing values instead of returning NaN.
-    return out.with_columns(pl.selectors.float().fill_nan(None))
+    seq_ids = prepared.meta["sequence_id"].to_numpy()
+    ch: dict[str, Any] = {"sequence_id": prepared.meta["sequence_id"]}
+    ch.update(imu_channels(prepared.block(ACC_COLS), prepared.block(ROT_COLS), seq_ids, fs))
+    ch.update(thm_channels(prepared.block(THM_COLS), seq_ids, fs))
+    ch.update(tof_channels(prepared.block(TOF_COLS), tof_pooling))
+    return pl.DataFrame(ch)
 
 
 # %% [markdown]
@@ -1014,28 +1056,90 @@ def sequence_channels(prepared: pl.DataFrame, fs: float, tof_pooling: bool = Tru
 # features only where both modalities exist, presence flags and demographics.
 
 # %%
-def _channel_stats(c: str) -> list[pl.Expr]:
-    x = pl.col(c)
-    t = pl.col("_t").cast(pl.Float64)
-    xc = x.cast(pl.Float64)
-    slope = (((xc - xc.mean()) * (t - t.mean())).sum() / ((t - t.mean()) ** 2).sum())
-    n = pl.len()
-    return [
-        x.mean().alias(f"{c}__mean"), x.std().alias(f"{c}__std"),
-        x.min().alias(f"{c}__min"), x.max().alias(f"{c}__max"),
-        x.quantile(0.1, "linear").alias(f"{c}__q10"), x.median().alias(f"{c}__q50"),
-        x.quantile(0.9, "linear").alias(f"{c}__q90"),
-        x.drop_nulls().first().alias(f"{c}__first"), x.drop_nulls().last().alias(f"{c}__last"),
-        pl.when(x.count() > 1).then(slope).otherwise(None).alias(f"{c}__slope"),
-        x.filter(pl.col("_t") >= n * 0.6).mean().alias(f"{c}__tail_mean"),
-    ]
-
-
+STATS = ("mean", "std", "min", "max", "q10", "q50", "q90", "first", "last", "slope", "tail_mean")
 STAT_CHANNELS_SKIP = {"rot_missing"}
+TAIL_START = 0.6  # the test set has no phase column: the last 40% of a sequence stands in for the gesture
 
 
-def welch_features(channels: pl.DataFrame, fs: float) -> pl.DataFrame:
-    """Band powers (relative), spectral centroid and entropy per sequence for WELCH_CHANNELS.
+@dataclass
+class Segments:
+    """Row layout of many sequences stored back to back (sorted by sequence_id)."""
+    starts: np.ndarray   # first row of each sequence
+    lengths: np.ndarray  # rows per sequence
+    seg: np.ndarray      # sequence index of each row
+    t: np.ndarray        # row index inside its sequence
+
+    @classmethod
+    def of(cls, seq_ids: np.ndarray) -> "Segments":
+        _, starts = _segments(seq_ids)
+        lengths = np.diff(np.append(starts, len(seq_ids)))
+        return cls(starts, lengths, np.repeat(np.arange(len(starts)), lengths),
+                   np.arange(len(seq_ids)) - np.repeat(starts, lengths))
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, self.starts, axis=0)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def segment_stats(x: np.ndarray, sg: Segments) -> dict[str, np.ndarray]:
+    """STATS of each column of x (n, C) per sequence, ignoring NaN; NaN where nothing is left.
+
+    Quantiles are linear-interpolated (numpy's default); std uses ddof=1; slope is per row index.
+    """
+    n = len(x)
+    valid = ~np.isnan(x)
+    cnt = sg.sum(valid.astype(np.float64))
+    xz = np.where(valid, x, 0.0)
+    mean = _ratio(sg.sum(xz), cnt)
+    dev = np.where(valid, x - mean[sg.seg], 0.0)
+    out = {"mean": mean, "std": np.sqrt(_ratio(sg.sum(dev ** 2), cnt - 1))}
+    out["min"] = np.fmin.reduceat(x, sg.starts, axis=0)
+    out["max"] = np.fmax.reduceat(x, sg.starts, axis=0)
+    rows = np.arange(n)[:, None]
+    first = np.minimum.reduceat(np.where(valid, rows, n), sg.starts, axis=0)
+    last = np.maximum.reduceat(np.where(valid, rows, -1), sg.starts, axis=0)
+    cols = np.arange(x.shape[1])[None, :]
+    out["first"] = np.where(first < n, x[np.minimum(first, n - 1), cols], np.nan)
+    out["last"] = np.where(last >= 0, x[np.maximum(last, 0), cols], np.nan)
+    t = sg.t[:, None].astype(np.float64)
+    t_mean = _ratio(sg.sum(np.where(valid, t, 0.0)), cnt)
+    tc = np.where(valid, t - t_mean[sg.seg], 0.0)
+    out["slope"] = _ratio(sg.sum(tc * dev), sg.sum(tc ** 2))
+    tail = (sg.t >= TAIL_START * sg.lengths[sg.seg])[:, None] & valid
+    out["tail_mean"] = _ratio(sg.sum(np.where(tail, x, 0.0)), sg.sum(tail.astype(np.float64)))
+    # Quantiles: sort each column inside its sequence (NaN last), then index by valid count.
+    k = cnt.astype(np.int64)
+    for name, q in (("q10", 0.1), ("q50", 0.5), ("q90", 0.9)):
+        out[name] = np.empty_like(mean)
+    for c in range(x.shape[1]):
+        srt = x[np.lexsort((x[:, c], sg.seg)), c]
+        for name, q in (("q10", 0.1), ("q50", 0.5), ("q90", 0.9)):
+            pos = np.maximum(k[:, c] - 1, 0) * q
+            lo, hi = np.floor(pos).astype(np.int64), np.ceil(pos).astype(np.int64)
+            frac = pos - lo
+            v = srt[sg.starts + lo] * (1 - frac) + srt[sg.starts + hi] * frac
+            out[name][:, c] = np.where(k[:, c] > 0, v, np.nan)
+    return out
+
+
+def segment_corr(a: np.ndarray, b: np.ndarray, sg: Segments) -> np.ndarray:
+    """Pearson correlation of a and b inside each sequence, over rows where both exist."""
+    both = ~np.isnan(a) & ~np.isnan(b)
+    cnt = sg.sum(both.astype(np.float64))
+    ma = _ratio(sg.sum(np.where(both, a, 0.0)), cnt)
+    mb = _ratio(sg.sum(np.where(both, b, 0.0)), cnt)
+    da = np.where(both, a - ma[sg.seg], 0.0)
+    db = np.where(both, b - mb[sg.seg], 0.0)
+    return _ratio(sg.sum(da * db), np.sqrt(sg.sum(da ** 2) * sg.sum(db ** 2)))
+
+
+def welch_features(channels: pl.DataFrame, fs: float) -> tuple[list[str], np.ndarray]:
+    """Band powers (relative), spectral centroid, entropy and log power per sequence for
+    WELCH_CHANNELS: (feature names, array of one row per sequence).
 
     nperseg = min(64, len/4), so a 29-row sequence still gets a few bins; sequences shorter than
     8 rows are zero-padded to 8 so every value stays finite.
@@ -1044,7 +1148,7 @@ def welch_features(channels: pl.DataFrame, fs: float) -> pl.DataFrame:
     seq_ids = channels["sequence_id"].to_numpy()
     _, starts = _segments(seq_ids)
     ends = np.append(starts[1:], len(seq_ids))
-    x_all = channels.select(WELCH_CHANNELS).fill_null(0.0).to_numpy().astype(np.float64)
+    x_all = np.nan_to_num(channels.select(WELCH_CHANNELS).to_numpy().astype(np.float64))
     nyq = fs / 2.0
     rows = []
     for a, b in zip(starts, ends):
@@ -1070,47 +1174,77 @@ def welch_features(channels: pl.DataFrame, fs: float) -> pl.DataFrame:
     names += [f"{c}__welch_centroid" for c in WELCH_CHANNELS]
     names += [f"{c}__welch_entropy" for c in WELCH_CHANNELS]
     names += [f"{c}__welch_logpower" for c in WELCH_CHANNELS]
-    arr = np.vstack(rows).astype(np.float32) if rows else np.zeros((0, len(names)), np.float32)
-    out = pl.DataFrame(arr, schema=names, orient="row")
-    return out.insert_column(0, pl.Series("sequence_id", seq_ids[starts]))
+    return names, (np.vstack(rows) if rows else np.zeros((0, len(names))))
 
 
-def aggregate_features(prepared: pl.DataFrame, channels: pl.DataFrame, fs: float) -> pl.DataFrame:
-    """One row per sequence (sorted by sequence_id) from per-row channels."""
+@dataclass
+class FeatureTable:
+    """One row per sequence, sorted by sequence_id. predict() uses the matrix directly: turning
+    ~900 columns into a polars DataFrame costs more per call than computing them."""
+    ids: np.ndarray
+    names: list[str]
+    values: np.ndarray  # float32 (n_sequences, n_features)
+
+    def frame(self) -> pl.DataFrame:
+        table = pl.from_numpy(self.values, schema=self.names, orient="row")
+        return table.insert_column(0, pl.Series("sequence_id", self.ids, dtype=pl.String))
+
+    def matrix(self, names: list[str]) -> np.ndarray:
+        """Columns in the order `names`; a name this table lacks comes back as NaN."""
+        pos = {c: i for i, c in enumerate(self.names)}
+        out = np.full((len(self.ids), len(names)), np.nan, dtype=np.float32)
+        take = [(j, pos[c]) for j, c in enumerate(names) if c in pos]
+        if take:
+            out[:, [j for j, _ in take]] = self.values[:, [i for _, i in take]]
+        return out
+
+
+def aggregate_features(prepared: Sequences, channels: pl.DataFrame, fs: float) -> FeatureTable:
+    """One row per sequence from per-row channels (rows already sorted by sequence_id)."""
+    seq_ids = channels["sequence_id"].to_numpy()
+    sg = Segments.of(seq_ids)
     names = [c for c in channels.columns if c != "sequence_id" and c not in STAT_CHANNELS_SKIP]
-    ch = channels.with_columns(pl.int_range(pl.len()).over("sequence_id").alias("_t"))
-    thm_present = pl.col("thm_mean").is_not_null().any()
-    tof_present = pl.col("tof_min_all").is_not_null().any() | pl.any_horizontal(
-        [pl.col(f"tof_{s}_valid").is_not_null() for s in range(1, 6)]).any()
-    stats = [e for c in names for e in _channel_stats(c)]
-    both_thm = pl.col("thm_mean").is_not_null().any()
-    xmod = [
-        pl.when(both_thm).then(pl.corr("thm_mean", "lin_mag")).alias("xmod_corr_thm_lin"),
-        pl.when(both_thm).then((pl.col("thm_mean").drop_nulls().last() - pl.col("thm_mean").drop_nulls().first())
-                               / (pl.col("ang_dist").sum() + 1e-3)).alias("xmod_thm_rise_per_rad"),
-        pl.when(pl.col("tof_min_all").is_not_null().any()).then(pl.corr("tof_min_all", "ang_vel_mag"))
-        .alias("xmod_corr_tof_angvel"),
-        pl.when(pl.col("tof_min_all").is_not_null().any() & both_thm)
-        .then(pl.corr("tof_min_all", "thm_mean")).alias("xmod_corr_tof_thm"),
-    ]
-    agg = (ch.group_by("sequence_id", maintain_order=True)
-           .agg([pl.len().alias("seq_len"), pl.col("rot_missing").mean().alias("rot_missing_frac"),
-                 thm_present.cast(pl.Float32).alias("mod_present_thm"),
-                 tof_present.cast(pl.Float32).alias("mod_present_tof"), *stats, *xmod]))
-    demo = (prepared.group_by("sequence_id", maintain_order=True)
-            .agg([pl.col(c).first() for c in DEFAULT_DEMOGRAPHICS]))
-    table = agg.join(demo, on="sequence_id", how="left", maintain_order="left")
-    table = table.join(welch_features(channels, fs), on="sequence_id", how="left", maintain_order="left")
-    floats = [c for c in table.columns if c != "sequence_id"]
-    table = table.with_columns([pl.col(c).cast(pl.Float32) for c in floats])
-    return table.with_columns((pl.col("seq_len") / fs).alias("duration_s")).sort("sequence_id")
+    cols: dict[str, np.ndarray] = {"seq_len": sg.lengths.astype(np.float64)}
+    col = lambda c: channels[c].to_numpy().astype(np.float64)  # noqa: E731
+    cols["rot_missing_frac"] = sg.sum(col("rot_missing")) / sg.lengths
+    thm_mean, tof_min = col("thm_mean"), col("tof_min_all")
+    tof_any = np.column_stack([~np.isnan(col(f"tof_{s}_valid")) for s in range(1, 6)]).any(axis=1)
+    has_thm = sg.sum((~np.isnan(thm_mean)).astype(np.float64)) > 0
+    has_tof = sg.sum(tof_any.astype(np.float64)) > 0
+    cols["mod_present_thm"] = has_thm.astype(np.float64)
+    cols["mod_present_tof"] = has_tof.astype(np.float64)
+    for i in range(0, len(names), 16):  # channel blocks bound the memory on the full train set
+        block = names[i:i + 16]
+        stats = segment_stats(channels.select(block).to_numpy().astype(np.float64), sg)
+        for j, c in enumerate(block):
+            for stat in STATS:
+                cols[f"{c}__{stat}"] = stats[stat][:, j]
+    # Cross-modal features: only where the modality exists (NaN otherwise, never 0).
+    lin, ang, ang_dist = col("lin_mag"), col("ang_vel_mag"), col("ang_dist")
+    thm_stats = segment_stats(thm_mean[:, None], sg)
+    cols["xmod_corr_thm_lin"] = np.where(has_thm, segment_corr(thm_mean, lin, sg), np.nan)
+    cols["xmod_thm_rise_per_rad"] = np.where(
+        has_thm, (thm_stats["last"][:, 0] - thm_stats["first"][:, 0]) / (sg.sum(ang_dist) + 1e-3), np.nan)
+    cols["xmod_corr_tof_angvel"] = np.where(has_tof, segment_corr(tof_min, ang, sg), np.nan)
+    cols["xmod_corr_tof_thm"] = np.where(has_tof & has_thm, segment_corr(tof_min, thm_mean, sg), np.nan)
+    for c in DEFAULT_DEMOGRAPHICS:
+        cols[c] = prepared.meta[c].to_numpy()[sg.starts].astype(np.float64)
+    cols["duration_s"] = sg.lengths / fs
+    welch_names, welch = welch_features(channels, fs)
+    return FeatureTable(seq_ids[sg.starts], [*cols, *welch_names],
+                        np.column_stack([*cols.values(), welch]).astype(np.float32))
 
 
-def build_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> pl.DataFrame:
+def feature_table(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> FeatureTable:
     """Raw rows (train or test schema, any number of sequences) -> one feature row per sequence."""
     prepared = prepare_sequences(frame, demographics)
     channels = sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
     return aggregate_features(prepared, channels, cfg.sample_rate_hz)
+
+
+def build_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> pl.DataFrame:
+    """feature_table as a polars DataFrame with a sequence_id column (for caching and analysis)."""
+    return feature_table(frame, demographics, cfg).frame()
 
 
 def modality_columns(names: Iterable[str]) -> list[str]:
@@ -1145,9 +1279,14 @@ def blank_feature_rows(x: np.ndarray, names: list[str]) -> np.ndarray:
 def sequence_content_hashes(frame: pl.DataFrame, demographics: pl.DataFrame) -> pl.DataFrame:
     """sequence_id -> uint64 hash of its sanitised rows and its subject's demographics."""
     prepared = prepare_sequences(frame, demographics)
-    cols = ["sequence_counter", *SENSOR_COLS, *DEFAULT_DEMOGRAPHICS]
-    h = prepared.select(cols).hash_rows(seed=17).to_numpy().astype(np.uint64)
-    seq_ids = prepared["sequence_id"].to_numpy()
+    demo_hash = prepared.meta.select("sequence_counter", *DEFAULT_DEMOGRAPHICS).hash_rows(seed=17).to_numpy()
+    # Hash the sensor bytes row by row (NaN patterns included) and mix in the demographics.
+    rows = np.ascontiguousarray(prepared.sensors).view(np.uint32).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = demo_hash.astype(np.uint64)
+        for j in range(rows.shape[1]):
+            h = (h ^ rows[:, j]) * np.uint64(0x100000001B3)
+    seq_ids = prepared.meta["sequence_id"].to_numpy()
     first, starts = _segments(seq_ids)
     pos = (np.arange(len(h)) - np.repeat(starts, np.diff(np.append(starts, len(h))))).astype(np.uint64)
     with np.errstate(over="ignore"):
@@ -1224,12 +1363,14 @@ def class_weights(y: np.ndarray, mode: str) -> np.ndarray:
     return w[y]
 
 
-def lgbm_params(cfg: Config, seed: int) -> dict[str, Any]:
+def lgbm_params(cfg: Config, seed: int, n_rows: int) -> dict[str, Any]:
+    threads = cfg.lgbm_threads or (1 if n_rows < 10_000 else (os.cpu_count() or 1))
     return dict(objective="multiclass", num_class=len(GESTURES), learning_rate=cfg.lgbm_learning_rate,
                 num_leaves=cfg.lgbm_num_leaves, min_data_in_leaf=cfg.lgbm_min_data_in_leaf,
                 feature_fraction=cfg.lgbm_feature_fraction, bagging_fraction=cfg.lgbm_bagging_fraction,
-                bagging_freq=1, lambda_l2=cfg.lgbm_lambda_l2, seed=seed, deterministic=True,
-                force_col_wise=True, num_threads=cfg.lgbm_threads, verbose=-1)
+                bagging_freq=1, lambda_l2=cfg.lgbm_lambda_l2, max_bin=cfg.lgbm_max_bin,
+                seed=seed, deterministic=True,
+                force_col_wise=True, num_threads=threads, verbose=-1)
 
 
 def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
@@ -1243,16 +1384,14 @@ def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.nd
     w_tr = class_weights(y_tr, cfg.lgbm_class_weight)
     train_set = lgb.Dataset(x_tr, y_tr, weight=w_tr, feature_name=names, free_raw_data=True)
     valid_set = lgb.Dataset(x_va, y_va, reference=train_set)
-    booster = lgb.train(lgbm_params(cfg, seed), train_set, num_boost_round=cfg.lgbm_rounds,
+    booster = lgb.train(lgbm_params(cfg, seed, len(x_tr)), train_set, num_boost_round=cfg.lgbm_rounds,
                         valid_sets=[valid_set],
                         callbacks=[lgb.early_stopping(cfg.lgbm_early_stopping, verbose=False)])
     return booster
 
 
-def lgbm_predict_proba(boosters: list[Any], weights: np.ndarray, table: pl.DataFrame,
-                       names: list[str]) -> np.ndarray:
-    """Fold-weighted mean of class probabilities; `table` may miss columns (filled with NaN)."""
-    x = feature_matrix(table, names)
+def lgbm_predict_proba(boosters: list[Any], weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Fold-weighted mean of class probabilities for a feature matrix in the bundle's column order."""
     out = np.zeros((len(x), len(GESTURES)), dtype=np.float64)
     for booster, w in zip(boosters, weights):
         out += w * booster.predict(x, num_iteration=booster.best_iteration or None)
@@ -1399,7 +1538,7 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
             trained_now += 1
             how = f"trained {booster.best_iteration} rounds"
         for v in VIEWS:
-            oof[v][va] = lgbm_predict_proba([booster], np.ones(1), td.views[v].filter(pl.Series(va)), names)
+            oof[v][va] = lgbm_predict_proba([booster], np.ones(1), x[v][va])
         scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
         fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
         print(f"lgbm fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
@@ -1676,7 +1815,7 @@ class Runtime:
         # One sequence, one demographics row: tie them by a fixed subject key, whatever they say.
         seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
         demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
-        table = build_features(seq, demo, self.cfg)
+        table = feature_table(seq, demo, self.cfg)
         return {name: family_proba(name, model, table) for name, model in self.models.items()}
 
     def predict(self, sequence: Any, demographics: Any) -> str:
@@ -1710,20 +1849,17 @@ class Runtime:
         return f"predict: {self.calls} calls; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else "")
 
 
-def family_proba(name: str, model: Any, table: pl.DataFrame) -> np.ndarray:
+def family_proba(name: str, model: Any, table: FeatureTable) -> np.ndarray:
     if name == "lgbm":
         boosters, weights, names = model
-        return lgbm_predict_proba(boosters, weights, table, names)
+        return lgbm_predict_proba(boosters, weights, table.matrix(names))
     raise KeyError(name)
 
 
 def is_imu_only(sequence: pl.DataFrame) -> bool:
     """True when every thm/tof cell is empty, as in the IMU-only half of the test set."""
-    cols = [c for c in THM_COLS + TOF_COLS if c in sequence.columns]
-    if not cols:
-        return True
-    s = sanitize_sequences(sequence.select(cols))
-    return bool(s.select(pl.all_horizontal([pl.col(c).is_null().all() for c in cols])).item())
+    x = sensor_matrix(sequence)
+    return bool(np.isnan(x[:, len(ACC_COLS) + len(ROT_COLS):]).all())
 
 
 _RUNTIME: Runtime | None = None
@@ -1827,6 +1963,9 @@ def configure_logging(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> Config:
     """Train (unless --stage infer or the scoring rerun); returns the config that serving uses."""
+    # Busy-waiting OpenMP threads slow LightGBM/torch ~100x when another process holds a core;
+    # must be set before the first OpenMP library loads (they are imported lazily).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg = parse_config(argv)
     configure_logging(cfg)
     t0 = time.perf_counter()

@@ -1,0 +1,51 @@
+"""predict() latency for the whole bundle over the demo test sequences, as the gateway calls it.
+
+Usage: python bench/inference.py [--model-path working/bundle] [--data-dir demo_data] [--n 300]
+Prints the first call (bundle load) apart, then p50/p95/max over the following calls.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import notebook as nb  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", default=str(ROOT / "working" / "bundle"))
+    ap.add_argument("--data-dir", default=str(ROOT / "demo_data"))
+    ap.add_argument("--n", type=int, default=300)
+    args = ap.parse_args()
+    cfg = nb.parse_config(["--stage", "infer", "--model-path", args.model_path, "--data-dir", args.data_dir],
+                          environ={})
+    nb.set_runtime(cfg)
+    test = pl.read_csv(Path(args.data_dir) / "test.csv", infer_schema_length=100)
+    demo = pl.read_csv(Path(args.data_dir) / "test_demographics.csv")
+    ids = test["sequence_id"].unique(maintain_order=True).to_list()
+    rng = np.random.default_rng(0)
+    calls = [ids[i % len(ids)] for i in rng.permutation(max(args.n, len(ids)))[: args.n]]
+    frames = {sid: test.filter(pl.col("sequence_id") == sid) for sid in set(calls)}
+    times = []
+    for sid in calls:
+        seq = frames[sid]
+        d = demo.filter(pl.col("subject") == seq["subject"][0])
+        t0 = time.perf_counter()
+        out = nb.predict(seq, d)
+        times.append((time.perf_counter() - t0) * 1000)
+        assert type(out) is str and out in nb.GESTURES
+    first, rest = times[0], np.array(times[1:])
+    print(f"predict(): first call (loads the bundle) {first:.0f} ms; next {len(rest)} calls: "
+          f"p50 {np.percentile(rest, 50):.1f} ms, p95 {np.percentile(rest, 95):.1f} ms, max {rest.max():.1f} ms "
+          f"(models: {', '.join(nb._RUNTIME.models)}); {nb._RUNTIME.summary()}")
+
+
+if __name__ == "__main__":
+    main()
