@@ -50,6 +50,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -90,7 +91,7 @@ class Config:
                                "local default) | full (competition settings, the Kaggle default)")
     stage: str = _doc("all = train then serve; train = train only; infer = load a bundle and serve",
                       "all")
-    models: str = _doc("comma-separated model families to train", "lgbm")
+    models: str = _doc("comma-separated model families to train: lgbm, torch", "lgbm,torch")
     folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)")
     epochs: int | None = _doc("training epochs for the neural nets")
     seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42)
@@ -133,6 +134,32 @@ class Config:
                                     "yardstick for the imu_only view (reported, not served)", True)
     stop_after_folds: int = _doc("if > 0, stop after training this many new folds (split a long "
                                  "Kaggle session; a rerun resumes from the bundle)", 0)
+    # --- PyTorch CNN-BiGRU-attention
+    torch_conv: str | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
+                                  "(each block halves the time axis)")
+    torch_hidden: int | None = _doc("BiGRU hidden size per direction")
+    torch_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3)
+    torch_demographics: bool = _doc("join a demographics embedding before the heads", True)
+    torch_lr: float = _doc("AdamW peak learning rate (linear warmup for one epoch, then cosine)", 2e-3)
+    torch_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2)
+    torch_batch_size: int = _doc("sequences per batch (length-bucketed)", 64)
+    torch_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1)
+    torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99)
+    torch_patience: int = _doc("early stopping patience, epochs, on the validation metric", 8)
+    torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty")
+    torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5")
+    torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
+                                "bf16 | fp16", "auto")
+    torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3)
+    torch_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
+                                         "channels (as an IMU-only test sequence)", 0.5)
+    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0)
+    aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5)
+    aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3)
+    aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3)
+    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3)
+    aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5)
+    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3)
     # --- inference
     fallback_gesture: str = _doc("gesture returned when nothing else can be predicted",
                                  "Text on phone")
@@ -140,11 +167,11 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(folds=2, epochs=2, demo_train_subjects=6, demo_test_subjects=2,
+    "smoke": dict(folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(folds=4, epochs=8, demo_train_subjects=16, demo_test_subjects=4,
+    "quick": dict(folds=4, epochs=8, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
-    "full": dict(folds=5, epochs=60, demo_train_subjects=40, demo_test_subjects=8,
+    "full": dict(folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
 
@@ -218,7 +245,7 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     return cfg
 
 
-MODEL_FAMILIES = ("lgbm",)
+MODEL_FAMILIES = ("lgbm", "torch")
 
 # %% [markdown]
 # ## 2. Competition constants
@@ -322,6 +349,15 @@ def progress(iterable: Iterable, desc: str, total: int | None = None, **kw: Any)
         return iterable
     mininterval = 0.5 if sys.stderr.isatty() else 30.0
     return tqdm(iterable, desc=desc, total=total, mininterval=mininterval, leave=False, **kw)
+
+
+def say(message: str) -> None:
+    """Print a progress line without breaking an active tqdm bar."""
+    try:
+        from tqdm.auto import tqdm
+        tqdm.write(message)
+    except ImportError:
+        print(message)
 
 
 class Stopwatch:
@@ -1235,11 +1271,15 @@ def aggregate_features(prepared: Sequences, channels: pl.DataFrame, fs: float) -
                         np.column_stack([*cols.values(), welch]).astype(np.float32))
 
 
+def derive(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> tuple[Sequences, pl.DataFrame]:
+    """Raw rows -> (prepared sequences, per-row channels): the common start of every model's input."""
+    prepared = prepare_sequences(frame, demographics)
+    return prepared, sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
+
+
 def feature_table(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> FeatureTable:
     """Raw rows (train or test schema, any number of sequences) -> one feature row per sequence."""
-    prepared = prepare_sequences(frame, demographics)
-    channels = sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
-    return aggregate_features(prepared, channels, cfg.sample_rate_hz)
+    return aggregate_features(*derive(frame, demographics, cfg), cfg.sample_rate_hz)
 
 
 def build_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> pl.DataFrame:
@@ -1328,9 +1368,12 @@ def cached_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config
 
 
 # %% [markdown]
-# ## 8. Cross-validation folds
+# ## 8. Cross-validation folds and training data
 #
-# Grouped by subject (the test subjects are new people) and stratified by gesture.
+# Folds are grouped by subject (the test subjects are new people) and stratified by gesture.
+# The training data holds, per CV view, the feature table of every sequence; a model family that
+# finds its fold already in the bundle (same data and config) skips training but still predicts
+# its validation rows, so OOF never has holes.
 
 # %%
 def make_folds(labels: pl.DataFrame, n_folds: int, seed: int) -> np.ndarray:
@@ -1346,8 +1389,118 @@ def make_folds(labels: pl.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
+class StopRequested(Exception):
+    """--stop-after-folds reached; the bundle holds every finished fold and a rerun resumes."""
+
+
+@dataclass
+class TrainingData:
+    labels: pl.DataFrame          # sequence_id, subject, gesture, orientation (sorted by id)
+    y: np.ndarray                 # gesture index per sequence
+    folds: np.ndarray             # fold id per sequence
+    views: dict[str, pl.DataFrame]  # feature table per CV view, rows aligned with labels
+    fingerprint: str              # hash of the data, for resume and the manifest
+    dataset: Dataset
+    _inputs: dict[str, "NetInputs"] = field(default_factory=dict)
+
+    def net_inputs(self, view: str, cfg: Config) -> "NetInputs":
+        """Per-timestep inputs of the nets for a CV view (computed once, shared by torch and keras)."""
+        if view not in self._inputs:
+            train = self.dataset.train if view == "full" else blank_modalities(self.dataset.train)
+            inputs = sequence_inputs(train, self.dataset.train_demographics, cfg)
+            assert inputs.ids.tolist() == self.labels["sequence_id"].to_list()
+            self._inputs[view] = inputs
+        return self._inputs[view]
+
+
+def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
+    labels = sequence_labels(ds.train)
+    cache_dir = out / "cache"
+    views = {"full": cached_features(ds.train, ds.train_demographics, cfg, cache_dir),
+             "imu_only": cached_features(blank_modalities(ds.train), ds.train_demographics, cfg, cache_dir)}
+    for v in views.values():
+        assert v["sequence_id"].to_list() == labels["sequence_id"].to_list()
+    hashes = sequence_content_hashes(ds.train, ds.train_demographics)
+    digest = hashlib.sha1(hashes["_content_hash"].to_numpy().tobytes())
+    digest.update("".join(labels["gesture"].to_list()).encode())
+    folds = make_folds(labels, cfg.folds, cfg.seed)
+    y = np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()], dtype=np.int64)
+    return TrainingData(labels, y, folds, views, digest.hexdigest()[:16], ds)
+
+
+def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
+    names = [c for c in table.columns if c != "sequence_id"]
+    if cfg.top_k_features <= 0:
+        return names
+    path = Path(cfg.importance_path) if cfg.importance_path else out / "feature_importance.csv"
+    if not path.exists():
+        raise DataError(f"{path}: not found, but --top-k-features {cfg.top_k_features} needs it. "
+                        f"Fix: run once without --top-k-features (it writes the file), or pass "
+                        f"--importance-path.")
+    ranked = pl.read_csv(path).sort("gain", descending=True)["feature"].to_list()
+    keep = [c for c in ranked if c in set(names)][: cfg.top_k_features]
+    # The presence flags decide which half of the test a sequence belongs to: always keep them.
+    for flag in ("mod_present_thm", "mod_present_tof"):
+        if flag not in keep:
+            keep.append(flag)
+    return keep
+
+
+def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], family: str) -> str:
+    keys = {k: getattr(cfg, k) for k in sorted(vars(cfg)) if k.startswith((family, "aug_")) or k in (
+        "seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout")}
+    payload = json.dumps([keys, td.fingerprint, names, FEATURE_VERSION], sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
 # %% [markdown]
-# ## 9. LightGBM
+# ## 9. Evaluation: two views of every model
+#
+# *full*: the validation fold as recorded. *imu_only*: the same fold with every raw thm/tof cell
+# nulled (as in the IMU-only half of the test set), then the very feature path predict() runs.
+# The expected leaderboard figure is their mean (about half of the hidden test is IMU-only).
+
+# %%
+VIEWS = ("full", "imu_only")
+
+
+def view_scores(y_true: list[str], proba: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+    overall = score_probabilities(y_true, proba)
+    y = np.asarray(y_true, dtype=object)
+    per_fold = []
+    for k in sorted(set(folds.tolist())):
+        m = folds == k
+        per_fold.append({"fold": int(k), **score_probabilities(y[m], proba[m])})
+    return {**overall, "per_fold": per_fold}
+
+
+def model_report(y_true: list[str], oof: dict[str, np.ndarray], folds: np.ndarray) -> dict[str, Any]:
+    rep = {view: view_scores(y_true, oof[view], folds) for view in VIEWS}
+    rep["expected_lb"] = 0.5 * (rep["full"]["metric"] + rep["imu_only"]["metric"])
+    return rep
+
+
+def print_cv_table(report: dict[str, Any]) -> None:
+    rows = [("model", "view", "metric", "binary_f1", "macro_f1")]
+    for name, rep in report["models"].items():
+        for view in VIEWS:
+            if view in rep:
+                r = rep[view]
+                rows.append((name, view, f"{r['metric']:.4f}", f"{r['binary_f1']:.4f}", f"{r['macro_f1']:.4f}"))
+        if "expected_lb" in rep:
+            rows.append((name, "expected LB", f"{rep['expected_lb']:.4f}", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
+
+
+def print_fold_table(name: str, rep: dict[str, Any]) -> None:
+    for view in VIEWS:
+        folds = " ".join(f"{f['metric']:.3f}" for f in rep[view]["per_fold"])
+        print(f"  {name:<12} {view:<9} folds [{folds}]  overall {rep[view]['metric']:.4f}")
+
+
+# %% [markdown]
+# ## 10. LightGBM
 #
 # Trained on the aggregate table. Modality dropout adds, for a share of training sequences, a copy
 # with every thm/tof/cross-modal feature blanked and presence flags 0, exactly as an IMU-only test
@@ -1404,112 +1557,6 @@ def feature_matrix(table: pl.DataFrame, names: list[str]) -> np.ndarray:
     return table.select(cols).to_numpy().astype(np.float32)
 
 
-# %% [markdown]
-# ## 10. Evaluation: two views of every model
-#
-# *full*: the validation fold as recorded. *imu_only*: the same fold with every raw thm/tof cell
-# nulled (as in the IMU-only half of the test set), then the very feature path predict() runs.
-# The expected leaderboard figure is their mean (about half of the hidden test is IMU-only).
-
-# %%
-VIEWS = ("full", "imu_only")
-
-
-def view_scores(y_true: list[str], proba: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
-    overall = score_probabilities(y_true, proba)
-    y = np.asarray(y_true, dtype=object)
-    per_fold = []
-    for k in sorted(set(folds.tolist())):
-        m = folds == k
-        per_fold.append({"fold": int(k), **score_probabilities(y[m], proba[m])})
-    return {**overall, "per_fold": per_fold}
-
-
-def model_report(y_true: list[str], oof: dict[str, np.ndarray], folds: np.ndarray) -> dict[str, Any]:
-    rep = {view: view_scores(y_true, oof[view], folds) for view in VIEWS}
-    rep["expected_lb"] = 0.5 * (rep["full"]["metric"] + rep["imu_only"]["metric"])
-    return rep
-
-
-def print_cv_table(report: dict[str, Any]) -> None:
-    rows = [("model", "view", "metric", "binary_f1", "macro_f1")]
-    for name, rep in report["models"].items():
-        for view in VIEWS:
-            if view in rep:
-                r = rep[view]
-                rows.append((name, view, f"{r['metric']:.4f}", f"{r['binary_f1']:.4f}", f"{r['macro_f1']:.4f}"))
-        if "expected_lb" in rep:
-            rows.append((name, "expected LB", f"{rep['expected_lb']:.4f}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
-
-
-def print_fold_table(name: str, rep: dict[str, Any]) -> None:
-    for view in VIEWS:
-        folds = " ".join(f"{f['metric']:.3f}" for f in rep[view]["per_fold"])
-        print(f"  {name:<12} {view:<9} folds [{folds}]  overall {rep[view]['metric']:.4f}")
-
-
-# %% [markdown]
-# ## 11. Training driver
-#
-# Per fold: skip if the bundle already holds that fold's model for the same data and config
-# (resume after a dead session), but still predict its validation rows, so OOF never has holes.
-
-# %%
-class StopRequested(Exception):
-    """--stop-after-folds reached; the bundle holds every finished fold and a rerun resumes."""
-
-
-@dataclass
-class TrainingData:
-    labels: pl.DataFrame          # sequence_id, subject, gesture, orientation (sorted by id)
-    y: np.ndarray                 # gesture index per sequence
-    folds: np.ndarray             # fold id per sequence
-    views: dict[str, pl.DataFrame]  # feature table per CV view, rows aligned with labels
-    fingerprint: str              # hash of the data, for resume and the manifest
-
-
-def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
-    labels = sequence_labels(ds.train)
-    cache_dir = out / "cache"
-    views = {"full": cached_features(ds.train, ds.train_demographics, cfg, cache_dir),
-             "imu_only": cached_features(blank_modalities(ds.train), ds.train_demographics, cfg, cache_dir)}
-    for v in views.values():
-        assert v["sequence_id"].to_list() == labels["sequence_id"].to_list()
-    hashes = sequence_content_hashes(ds.train, ds.train_demographics)
-    digest = hashlib.sha1(hashes["_content_hash"].to_numpy().tobytes())
-    digest.update("".join(labels["gesture"].to_list()).encode())
-    folds = make_folds(labels, cfg.folds, cfg.seed)
-    y = np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()], dtype=np.int64)
-    return TrainingData(labels, y, folds, views, digest.hexdigest()[:16])
-
-
-def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
-    names = [c for c in table.columns if c != "sequence_id"]
-    if cfg.top_k_features <= 0:
-        return names
-    path = Path(cfg.importance_path) if cfg.importance_path else out / "feature_importance.csv"
-    if not path.exists():
-        raise DataError(f"{path}: not found, but --top-k-features {cfg.top_k_features} needs it. "
-                        f"Fix: run once without --top-k-features (it writes the file), or pass "
-                        f"--importance-path.")
-    ranked = pl.read_csv(path).sort("gain", descending=True)["feature"].to_list()
-    keep = [c for c in ranked if c in set(names)][: cfg.top_k_features]
-    # The presence flags decide which half of the test a sequence belongs to: always keep them.
-    for flag in ("mod_present_thm", "mod_present_tof"):
-        if flag not in keep:
-            keep.append(flag)
-    return keep
-
-
-def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], family: str) -> str:
-    keys = {k: getattr(cfg, k) for k in sorted(vars(cfg)) if k.startswith(family) or k in (
-        "seed", "folds", "sample_rate_hz", "tof_pooling", "modality_dropout")}
-    payload = json.dumps([keys, td.fingerprint, names, FEATURE_VERSION], sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
-
-
 def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[str, Any]:
     import lightgbm as lgb
     names = select_features(td.views["full"], cfg, out)
@@ -1541,7 +1588,7 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
             oof[v][va] = lgbm_predict_proba([booster], np.ones(1), x[v][va])
         scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
         fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
-        print(f"lgbm fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
+        say(f"lgbm fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
         boosters.append(booster)
         importances.append(booster.feature_importance("gain"))
     imp = pl.DataFrame({"feature": names, "gain": np.mean(importances, axis=0)}).sort("gain", descending=True)
@@ -1566,7 +1613,558 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
 
 
 # %% [markdown]
-# ## 12. Ensemble and reports
+# ## 11. Sequence inputs for the neural nets
+#
+# The nets read the per-row channels of section 7 (IMU physics; thermopile and ToF summaries) plus
+# two per-row presence flags, standardised with statistics fitted on the training folds only (they
+# travel in the checkpoint) and with missing values set to 0 *after* scaling. Modality dropout
+# nulls the unscaled thm/tof channels and zeroes the flags, which is exactly what raw IMU-only rows
+# produce, so training, the imu_only CV view and predict() all see the same thing. The Keras twin
+# reads the very same arrays.
+
+# %%
+@dataclass
+class NetInputs:
+    ids: np.ndarray              # sequence_id per sequence (sorted)
+    names: list[str]             # channel names
+    arrays: list[np.ndarray]     # (length, channels) float32 per sequence, unscaled, NaN = missing
+    demographics: np.ndarray     # (n_sequences, 7) float32
+
+    def subset(self, mask: np.ndarray) -> "NetInputs":
+        idx = np.flatnonzero(mask)
+        return NetInputs(self.ids[idx], self.names, [self.arrays[i] for i in idx], self.demographics[idx])
+
+
+def sequence_inputs(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> NetInputs:
+    """Raw rows -> per-sequence channel arrays for the nets (same path in training and predict)."""
+    return net_inputs_from(*derive(frame, demographics, cfg))
+
+
+def net_inputs_from(prepared: Sequences, channels: pl.DataFrame) -> NetInputs:
+    names = [c for c in channels.columns if c != "sequence_id"]
+    x = channels.select(names).to_numpy().astype(np.float32)
+    tof_valid = [names.index(f"tof_{s}_valid") for s in range(1, 6)]
+    flags = np.column_stack([~np.isnan(x[:, names.index("thm_mean")]), (~np.isnan(x[:, tof_valid])).any(axis=1)])
+    x = np.hstack([x, flags.astype(np.float32)])
+    names = names + ["mod_present_thm", "mod_present_tof"]
+    sg = Segments.of(channels["sequence_id"].to_numpy())
+    arrays = np.split(x, sg.starts[1:]) if len(x) else []
+    demo = prepared.meta.select(list(DEFAULT_DEMOGRAPHICS)).to_numpy().astype(np.float32)[sg.starts]
+    return NetInputs(channels["sequence_id"].to_numpy()[sg.starts], names, arrays, demo)
+
+
+@dataclass
+class InputScaler:
+    """Standardisation fitted on training sequences; missing values become 0 after scaling."""
+    mean: np.ndarray
+    std: np.ndarray
+    demo_mean: np.ndarray
+    demo_std: np.ndarray
+
+    @classmethod
+    def fit(cls, inputs: NetInputs) -> "InputScaler":
+        x = np.vstack(inputs.arrays).astype(np.float64)
+        with _quiet_nan_warnings():
+            mean, std = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+        mean, std = np.nan_to_num(mean), np.where(np.nan_to_num(std) > 1e-6, np.nan_to_num(std), 1.0)
+        d = inputs.demographics.astype(np.float64)
+        return cls(mean.astype(np.float32), std.astype(np.float32), d.mean(0).astype(np.float32),
+                   np.where(d.std(0) > 1e-6, d.std(0), 1.0).astype(np.float32))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return np.nan_to_num((x - self.mean) / self.std, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+    def transform_demographics(self, d: np.ndarray) -> np.ndarray:
+        return np.nan_to_num((d - self.demo_mean) / self.demo_std).astype(np.float32)
+
+    def state(self) -> dict[str, list[float]]:
+        return {k: getattr(self, k).tolist() for k in ("mean", "std", "demo_mean", "demo_std")}
+
+    @classmethod
+    def from_state(cls, state: dict[str, list[float]]) -> "InputScaler":
+        return cls(**{k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
+
+
+def modality_channel_mask(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(thm/tof value channels, presence flag channels) as boolean masks over `names`."""
+    flags = np.array([c.startswith("mod_present_") for c in names])
+    values = np.array([c.startswith(("thm_", "tof_")) for c in names])
+    return values, flags
+
+
+def blank_input_modalities(x: np.ndarray, names: list[str]) -> np.ndarray:
+    """Unscaled channels as an IMU-only sequence gives them: thm/tof NaN, presence flags 0."""
+    values, flags = modality_channel_mask(names)
+    x = x.copy()
+    x[:, values] = np.nan
+    x[:, flags] = 0.0
+    return x
+
+
+def pad_batch(arrays: list[np.ndarray], channels: int, min_len: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest sequence: (batch, time, channels) float32 and lengths."""
+    lengths = np.array([max(len(a), 1) for a in arrays], dtype=np.int64)
+    out = np.zeros((len(arrays), max(int(lengths.max(initial=1)), min_len), channels), dtype=np.float32)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
+    return out, lengths
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Batches of similar length (little padding); batch order shuffled when rng is given."""
+    order = np.argsort(lengths + (rng.random(len(lengths)) * 8 if rng is not None else 0), kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+# %% [markdown]
+# ## 12. PyTorch CNN-BiGRU-attention
+#
+# Residual Conv1D blocks with squeeze-excitation and max-pooling, a bidirectional GRU fed through
+# `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
+# gets zero weight), optional demographics embedding, and three heads: 18 gestures (main), 9 classes
+# (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty weights
+# (Kendall & Gal 2018). Padding is re-zeroed after every convolution, so a sequence's output does
+# not depend on how much padding its batch adds.
+
+# %%
+def torch_device() -> str:
+    """The one place that picks the device: CUDA when present, else CPU."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_precision(cfg: Config, device: str) -> str:
+    """fp16 autocast (+GradScaler) on CUDA; on CPU fp32 unless bf16 is asked for (it measured
+    ~1.4x slower than fp32 on these 2-core machines, so it is not the default)."""
+    if cfg.torch_precision != "auto":
+        return cfg.torch_precision
+    return "fp16" if device == "cuda" else "fp32"
+
+
+TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
+                           for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
+
+
+def _torch_lib() -> Any:
+    """torch modules, defined on first use so `import notebook` never imports torch."""
+    global _TORCH_LIB
+    if _TORCH_LIB is not None:
+        return _TORCH_LIB
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, ch: int, reduction: int = 8) -> None:
+            super().__init__()
+            self.fc = nn.Sequential(nn.Linear(ch, max(ch // reduction, 4)), nn.ReLU(),
+                                    nn.Linear(max(ch // reduction, 4), ch), nn.Sigmoid())
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            m = mask.unsqueeze(1).to(x.dtype)
+            pooled = (x * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+            return x * self.fc(pooled).unsqueeze(-1)
+
+    class ResBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, kernel: int, dropout: float) -> None:
+            super().__init__()
+            pad = kernel // 2
+            self.conv1 = nn.Conv1d(cin, cout, kernel, padding=pad, bias=False)
+            self.bn1 = nn.BatchNorm1d(cout)
+            self.conv2 = nn.Conv1d(cout, cout, kernel, padding=pad, bias=False)
+            self.bn2 = nn.BatchNorm1d(cout)
+            self.short = nn.Conv1d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+            self.se = SqueezeExcite(cout)
+            self.pool = nn.MaxPool1d(2)
+            self.drop = nn.Dropout(dropout)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            m = mask.unsqueeze(1).to(x.dtype)
+            h = torch.relu(self.bn1(self.conv1(x))) * m
+            h = self.bn2(self.conv2(h)) * m
+            h = torch.relu(self.se(h, mask) + self.short(x)) * m
+            h = self.pool(h)
+            mask = mask[:, : h.shape[-1] * 2 : 2] & mask[:, 1 : h.shape[-1] * 2 : 2]
+            return self.drop(h) * mask.unsqueeze(1).to(h.dtype), mask
+
+    class MaskedAttentionPool(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, 1))
+
+        def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            s = self.score(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
+            w = torch.softmax(s, dim=1).to(h.dtype)
+            return (h * w.unsqueeze(-1)).sum(1)
+
+    class GestureNet(nn.Module):
+        """CNN -> packed BiGRU -> masked attention -> (+ demographics) -> 18 / 9 / binary heads."""
+
+        def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
+                     use_demographics: bool) -> None:
+            super().__init__()
+            chans = [in_ch, *conv]
+            self.blocks = nn.ModuleList([ResBlock(a, b, 3, dropout) for a, b in zip(chans[:-1], chans[1:])])
+            self.gru = nn.GRU(chans[-1], hidden, batch_first=True, bidirectional=True)
+            self.pool = MaskedAttentionPool(2 * hidden)
+            self.use_demographics = use_demographics
+            self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU()) if use_demographics else None
+            dim = 2 * hidden + (16 if use_demographics else 0)
+            self.trunk = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Dropout(dropout))
+            self.head18 = nn.Linear(256, len(GESTURES))
+            self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
+            self.head2 = nn.Linear(256, 1)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
+                    packed: bool = True) -> dict[str, torch.Tensor]:
+            t = torch.arange(x.shape[1], device=x.device)
+            mask = t[None, :] < lengths[:, None].to(x.device)
+            h = x.transpose(1, 2) * mask.unsqueeze(1).to(x.dtype)
+            for block in self.blocks:
+                h, mask = block(h, mask)
+            h = h.transpose(1, 2)
+            lens = mask.sum(1).clamp(min=1)
+            mask = torch.arange(h.shape[1], device=h.device)[None, :] < lens[:, None]
+            if packed:
+                pk = pack_padded_sequence(h, lens.cpu(), batch_first=True, enforce_sorted=False)
+                out, _ = self.gru(pk)
+                out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
+            else:
+                out, _ = self.gru(h)
+            z = self.pool(out, mask)
+            if self.use_demographics:
+                z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
+            z = self.trunk(z)
+            return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1)}
+
+    class UncertaintyWeights(nn.Module):
+        """loss = sum_i exp(-s_i) L_i + s_i with learnable, clamped s_i (Kendall & Gal 2018)."""
+
+        def __init__(self, n: int, clamp: float = 4.0) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.zeros(n))
+            self.clamp = clamp
+
+        def forward(self, losses: list[torch.Tensor]) -> torch.Tensor:
+            s = self.s.clamp(-self.clamp, self.clamp)
+            return sum(torch.exp(-s[i]) * l + s[i] for i, l in enumerate(losses))
+
+    _TORCH_LIB = SimpleNamespace(torch=torch, nn=nn, GestureNet=GestureNet,
+                                 UncertaintyWeights=UncertaintyWeights)
+    return _TORCH_LIB
+
+
+_TORCH_LIB: Any = None
+
+
+def build_torch_model(cfg: Config, in_ch: int) -> Any:
+    lib = _torch_lib()
+    conv = tuple(int(c) for c in str(cfg.torch_conv).split(","))
+    return lib.GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.torch_hidden, cfg.torch_dropout,
+                          cfg.torch_demographics)
+
+
+def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray:
+    """18-class probabilities from the three heads (logits): each head's view of a gesture is
+    spread over the 18 names in proportion to the main head, and the three are averaged."""
+    p18 = _softmax(y18)
+    p9 = _softmax(y9)
+    pt = 1.0 / (1.0 + np.exp(-y2))[:, None]
+    is_t = TARGET_INDEX_9 < len(TARGET_GESTURES)
+    nt_share = np.where(is_t, 0.0, p18) / np.maximum(np.where(is_t, 0.0, p18).sum(1, keepdims=True), 1e-12)
+    t_share = np.where(is_t, p18, 0.0) / np.maximum(np.where(is_t, p18, 0.0).sum(1, keepdims=True), 1e-12)
+    from9 = np.where(is_t, p9[:, TARGET_INDEX_9], p9[:, [len(TARGET_GESTURES)]] * nt_share)
+    from2 = np.where(is_t, pt * t_share, (1 - pt) * nt_share)
+    out = (p18 + from9 + from2) / 3.0
+    return (out / out.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# %% [markdown]
+# ### 12.1 Training recipe
+#
+# AdamW, linear warmup then cosine decay stepped per batch, gradient clipping, label smoothing,
+# EMA of the weights (evaluated with the EMA), early stopping on the competition metric of the
+# validation fold (mean of the two views), length-bucketed batches, and seeded augmentations each
+# with its own probability. A non-finite loss skips its step and is counted; after a few the fold
+# falls back to fp32 and says so.
+
+# %%
+DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
+                         ("grav_x", "grav_y", "grav_z"), ("ang_vel_x", "ang_vel_y", "ang_vel_z")]
+
+
+def _small_rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.normal(0, degrees))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def augment_sequence(x: np.ndarray, names: list[str], cfg: Config, rng: np.random.Generator) -> np.ndarray:
+    """Augmentations on one unscaled sequence (modality dropout, time stretch, IMU frame rotation
+    and drift); the ones that act on scaled tensors live in augment_scaled_batch."""
+    if rng.random() < cfg.torch_modality_dropout:
+        x = blank_input_modalities(x, names)
+    if rng.random() < cfg.aug_time_stretch and len(x) > 4:
+        factor = rng.uniform(0.8, 1.2)
+        n_new = max(4, int(round(len(x) * factor)))
+        src = np.linspace(0, len(x) - 1, n_new)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, len(x) - 1)
+        frac = (src - lo)[:, None].astype(np.float32)
+        x = x[lo] * (1 - frac) + x[hi] * frac  # NaN stays NaN where either neighbour is missing
+    if rng.random() < cfg.aug_rotation:
+        x = x.copy()
+        rot = _small_rotation(rng, 10.0).astype(np.float32)
+        idx = {c: i for i, c in enumerate(names)}
+        drift = rng.normal(0, 0.3, 3).astype(np.float32) * np.linspace(0, 1, len(x), dtype=np.float32)[:, None]
+        for trip in DEVICE_FRAME_TRIPLETS:
+            cols = [idx[c] for c in trip]
+            x[:, cols] = x[:, cols] @ rot.T
+            if trip[0] == "acc_x":
+                x[:, cols] += drift
+    return x
+
+
+def augment_scaled_batch(xb: Any, lengths: Any, cfg: Config, gen: Any) -> Any:
+    """Gaussian jitter, time masking and feature masking on a scaled (batch, time, ch) tensor."""
+    torch = _torch_lib().torch
+    b, t, c = xb.shape
+    coin = lambda p: torch.rand(b, generator=gen, device=xb.device) < p  # noqa: E731
+    jit = coin(cfg.aug_jitter)
+    xb = xb + jit[:, None, None] * 0.05 * torch.randn(xb.shape, generator=gen, device=xb.device)
+    tm = coin(cfg.aug_time_mask)
+    if tm.any():
+        span = (lengths.to(xb.device).float() * 0.1).clamp(min=1).long()
+        start = (torch.rand(b, generator=gen, device=xb.device) * (lengths.to(xb.device) - span).clamp(min=1)).long()
+        pos = torch.arange(t, device=xb.device)[None, :]
+        hide = tm[:, None] & (pos >= start[:, None]) & (pos < (start + span)[:, None])
+        xb = xb.masked_fill(hide[:, :, None], 0.0)
+    fm = coin(cfg.aug_feature_mask)
+    if fm.any():
+        drop = (torch.rand(b, c, generator=gen, device=xb.device) < 0.1) & fm[:, None]
+        xb = xb.masked_fill(drop[:, None, :], 0.0)
+    pos = torch.arange(t, device=xb.device)[None, :, None]
+    return xb * (pos < lengths.to(xb.device)[:, None, None])
+
+
+def soft_targets(y: np.ndarray, smoothing: float) -> np.ndarray:
+    out = np.full((len(y), len(GESTURES)), smoothing / len(GESTURES), dtype=np.float32)
+    out[np.arange(len(y)), y] += 1.0 - smoothing
+    return out
+
+
+def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler, device: str) -> tuple[Any, Any, Any]:
+    torch = _torch_lib().torch
+    xb, lengths = pad_batch([scaler.transform(a) for a in arrays], len(scaler.mean))
+    return (torch.from_numpy(xb).to(device), torch.from_numpy(lengths),
+            torch.from_numpy(scaler.transform_demographics(demo)).to(device))
+
+
+def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarray, inputs: NetInputs,
+                        batch_size: int = 64) -> np.ndarray:
+    """Fold-weighted class probabilities for every sequence of `inputs` (eval mode, no grad)."""
+    torch = _torch_lib().torch
+    n = len(inputs.arrays)
+    out = np.zeros((n, len(GESTURES)), dtype=np.float64)
+    lengths = np.array([len(a) for a in inputs.arrays])
+    for (model, scaler), w in zip(models, weights):
+        device = next(model.parameters()).device.type
+        model.eval()
+        for idx in length_buckets(lengths, batch_size, None):
+            xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
+            with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+                o = model(xb, lb, db)
+            out[idx] += w * combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
+    return (out / max(float(np.sum(weights)), 1e-12)).astype(np.float32)
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress_ = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
+    return f
+
+
+def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dict[str, NetInputs],
+                     y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Train one fold; returns the best (EMA) state, the scaler, its score and the history."""
+    lib = _torch_lib()
+    torch = lib.torch
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = torch_device()
+    precision = torch_precision(cfg, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scaler = InputScaler.fit(tr)
+    model = build_torch_model(cfg, len(tr.names)).to(device)
+    ema = build_torch_model(cfg, len(tr.names)).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.eval()
+    weighting = lib.UncertaintyWeights(3).to(device) if cfg.torch_loss_weighting == "uncertainty" else None
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg.torch_weight_decay}]
+    if weighting is not None:
+        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.torch_lr * 10})
+    opt = torch.optim.AdamW(groups, lr=cfg.torch_lr)
+    lengths = np.array([len(a) for a in tr.arrays])
+    steps_per_epoch = math.ceil(len(lengths) / cfg.torch_batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, steps_per_epoch)] * len(groups))
+    grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    targets = soft_targets(y_tr, cfg.torch_label_smoothing)
+    is_target = torch.tensor(TARGET_INDEX_9 < len(TARGET_GESTURES), device=device)
+    to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
+    fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
+    best = {"score": -1.0, "state": None, "epoch": -1}
+    bad_steps, patience_left = 0, cfg.torch_patience
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        losses = []
+        for idx in length_buckets(lengths, cfg.torch_batch_size, rng):
+            arrays = [augment_sequence(tr.arrays[i], tr.names, cfg, rng) for i in idx]
+            xb, lb, db = torch_batch(arrays, tr.demographics[idx], scaler, device)
+            xb = augment_scaled_batch(xb, lb, cfg, gen)
+            yb = torch.from_numpy(targets[idx]).to(device)
+            if rng.random() < cfg.aug_mixup and len(idx) > 1:
+                lam = float(rng.beta(0.4, 0.4))
+                perm = torch.randperm(len(idx), generator=gen, device=device)
+                xb = lam * xb + (1 - lam) * xb[perm]
+                lb = torch.maximum(lb, lb[perm.cpu()])
+                yb = lam * yb + (1 - lam) * yb[perm]
+                db = lam * db + (1 - lam) * db[perm]
+            with torch.autocast(device, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                                enabled=precision in ("fp16", "bf16")):
+                o = model(xb, lb, db)
+                l18 = -(yb * torch.log_softmax(o["y18"].float(), 1)).sum(1).mean()
+                l9 = -((yb @ to9) * torch.log_softmax(o["y9"].float(), 1)).sum(1).mean()
+                l2 = torch.nn.functional.binary_cross_entropy_with_logits(
+                    o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
+                loss = weighting([l18, l9, l2]) if weighting is not None else (
+                    fixed[0] * l18 + fixed[1] * l9 + fixed[2] * l2)
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                opt.zero_grad(set_to_none=True)
+                if bad_steps >= cfg.torch_max_bad_steps and precision != "fp32":
+                    precision = "fp32"
+                    grad_scaler = torch.amp.GradScaler(device, enabled=False)
+                    print(f"torch: {bad_steps} non-finite losses; this fold continues in fp32")
+                continue
+            opt.zero_grad(set_to_none=True)
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_scaler.step(opt)
+            grad_scaler.update()
+            sched.step()
+            with torch.no_grad():
+                decay = cfg.torch_ema if cfg.torch_ema > 0 else 0.0
+                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+                    if pe.dtype.is_floating_point:
+                        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+                    else:
+                        pe.copy_(pm)
+            losses.append(float(loss.detach()))
+        evaluated = ema if cfg.torch_ema > 0 else model
+        scores = {}
+        for view, va in views_va.items():
+            p = torch_predict_proba([(evaluated, scaler)], np.ones(1), va)
+            scores[view] = score_probabilities([GESTURES[i] for i in y_va], p)["metric"]
+        score = float(np.mean(list(scores.values())))
+        log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
+             **scores, "score": score, "bad_steps": bad_steps, "precision": precision,
+             "seconds": time.perf_counter() - t0})
+        if score > best["score"]:
+            best = {"score": score, "state": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()},
+                    "epoch": epoch}
+            patience_left = cfg.torch_patience
+        else:
+            patience_left -= 1
+            if patience_left <= 0:
+                break
+    return {**best, "scaler": scaler, "bad_steps": bad_steps,
+            "uncertainty_s": weighting.s.detach().cpu().tolist() if weighting is not None else None}
+
+
+def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
+    torch = _torch_lib().torch
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    cfg = dataclasses.replace(Config(), **{k: v for k, v in ckpt["config"].items()
+                                          if k in {f.name for f in dataclasses.fields(Config)}})
+    model = build_torch_model(cfg, ckpt["in_ch"]).to(device)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, InputScaler.from_state(ckpt["scaler"]), ckpt
+
+
+def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
+    """All folds of the PyTorch net: checkpoint per fold (skipped when present, still predicted),
+    OOF for both views, per-epoch log in OUT/logs/torch.jsonl."""
+    torch = _torch_lib().torch
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    device = torch_device()
+    inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
+    names = inputs["full"].names
+    fp = _fold_fingerprint(cfg, td, names, "torch")
+    model_dir = bundle / "torch"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out / "logs" / "torch.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
+    fold_scores, trained_now = [], 0
+    for k in progress(range(cfg.folds), desc="torch folds", total=cfg.folds):
+        va, tr = td.folds == k, td.folds != k
+        path = model_dir / f"fold{k}.pt"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        if ckpt is not None and ckpt.get("fingerprint") == fp:
+            model, scaler, _ = load_torch_checkpoint(path, device)
+            how = f"resumed (best epoch {ckpt['best_epoch']})"
+        else:
+            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
+                raise StopRequested(f"torch: stopped after {trained_now} new fold(s); rerun to resume")
+
+            def log(rec: dict[str, Any], k: int = k) -> None:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps({"fold": k, **rec}) + "\n")
+                say(f"  torch fold {k} epoch {rec['epoch']:>3}: loss {rec['loss'] or float('nan'):.3f} "
+                    f"full {rec['full']:.4f} imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} "
+                    f"({rec['seconds']:.1f}s)")
+
+            res = train_torch_fold(cfg, inputs["full"].subset(tr), td.y[tr],
+                                   {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k, log)
+            ckpt = {"in_ch": len(names), "n_classes": len(GESTURES), "config": dataclasses.asdict(cfg),
+                    "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"],
+                    "fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"],
+                    "bad_steps": res["bad_steps"], "uncertainty_s": res["uncertainty_s"]}
+            atomic_write(path, lambda p: torch.save(ckpt, p))
+            model, scaler, _ = load_torch_checkpoint(path, device)
+            trained_now += 1
+            how = f"trained, best epoch {res['epoch']}"
+        for v in VIEWS:
+            oof[v][va] = torch_predict_proba([(model, scaler)], np.ones(1), inputs[v].subset(va))
+        scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
+        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
+        say(f"torch fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
+    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
+    return {"oof": oof, "files": [f"torch/fold{k}.pt" for k in range(cfg.folds)],
+            "fold_weights": weights.tolist(), "channel_names": names}
+
+
+# %% [markdown]
+# ## 13. Ensemble and reports
 #
 # Each family's OOF probabilities are blended with weights chosen on OOF (one set per view);
 # the report holds every model, every view and the ensemble, overall and per fold.
@@ -1603,7 +2201,7 @@ def fit_blend_weights(y_true: list[str], probas: list[np.ndarray], step: float =
 
 
 # %% [markdown]
-# ## 13. Model bundle
+# ## 14. Model bundle
 #
 # `OUT/bundle` holds the manifest, the model files and `dataset-metadata.json`, so
 # `kaggle datasets create -p OUT/bundle` publishes it as is for an inference-only submission.
@@ -1672,7 +2270,7 @@ def find_bundle(path: Path) -> Path:
 
 
 # %% [markdown]
-# ## 14. Training: everything in order
+# ## 15. Training: everything in order
 
 # %%
 def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
@@ -1693,7 +2291,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
                               "profile": cfg.profile}
     for name in cfg.models.split(","):
         with watch(f"train_{name}"):
-            fam = {"lgbm": train_lgbm}[name](cfg, td, bundle, out)
+            fam = {"lgbm": train_lgbm, "torch": train_torch}[name](cfg, td, bundle, out)
         families[name] = fam
         for view in VIEWS:
             suffix = "" if view == "full" else "_imu"
@@ -1721,7 +2319,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
 
 
 # %% [markdown]
-# ## 15. Inference
+# ## 16. Inference
 #
 # `predict()` keeps one runtime: the bundle is loaded on the first call, then each call computes
 # the features of one sequence and blends each family's fold models. Nothing can escape: any
@@ -1763,6 +2361,11 @@ class Runtime:
                 if name == "lgbm":
                     boosters = [lgb.Booster(model_file=str(path / f)) for f in fam["files"]]
                     self.models[name] = (boosters, np.asarray(fam["fold_weights"]), fam["feature_names"])
+                elif name == "torch":
+                    torch = _torch_lib().torch
+                    torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
+                    nets = [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]]
+                    self.models[name] = (nets, np.asarray(fam["fold_weights"]))
             self.manifest = manifest
             self.fallback = manifest.get("fallback_gesture", self.fallback)
             print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s "
@@ -1815,8 +2418,16 @@ class Runtime:
         # One sequence, one demographics row: tie them by a fixed subject key, whatever they say.
         seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
         demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
-        table = feature_table(seq, demo, self.cfg)
-        return {name: family_proba(name, model, table) for name, model in self.models.items()}
+        prepared, channels = derive(seq, demo, self.cfg)
+        out = {}
+        if "lgbm" in self.models:
+            boosters, weights, names = self.models["lgbm"]
+            table = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
+            out["lgbm"] = lgbm_predict_proba(boosters, weights, table.matrix(names))
+        if "torch" in self.models:
+            models, weights = self.models["torch"]
+            out["torch"] = torch_predict_proba(models, weights, net_inputs_from(prepared, channels))
+        return out
 
     def predict(self, sequence: Any, demographics: Any) -> str:
         self.calls += 1
@@ -1849,13 +2460,6 @@ class Runtime:
         return f"predict: {self.calls} calls; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else "")
 
 
-def family_proba(name: str, model: Any, table: FeatureTable) -> np.ndarray:
-    if name == "lgbm":
-        boosters, weights, names = model
-        return lgbm_predict_proba(boosters, weights, table.matrix(names))
-    raise KeyError(name)
-
-
 def is_imu_only(sequence: pl.DataFrame) -> bool:
     """True when every thm/tof cell is empty, as in the IMU-only half of the test set."""
     x = sensor_matrix(sequence)
@@ -1884,7 +2488,7 @@ def set_runtime(cfg: Config) -> Runtime:
 
 
 # %% [markdown]
-# ## 16. Serving
+# ## 17. Serving
 #
 # With the competition's `kaggle_evaluation` package importable (it ships inside the competition
 # data), serve through it: `serve()` under the scoring rerun, else its local gateway. Otherwise a
@@ -1952,7 +2556,7 @@ def serve(cfg: Config) -> None:
 
 
 # %% [markdown]
-# ## 17. Main
+# ## 18. Main
 
 # %%
 def configure_logging(cfg: Config) -> None:
