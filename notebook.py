@@ -169,7 +169,7 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(folds=4, epochs=8, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
+    "quick": dict(folds=4, epochs=16, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
     "full": dict(folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),

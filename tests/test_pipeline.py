@@ -76,23 +76,26 @@ def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
     assert not nb._RUNTIME.problems
 
 
-def test_cv_imu_view_is_the_predict_path(trained):
+@pytest.mark.parametrize("family", ["lgbm", "torch"])
+def test_cv_imu_view_is_the_predict_path(trained, family):
     """The imu_only OOF equals what predict()'s runtime computes for a blanked raw sequence."""
     cfg, _ = trained
     out = nb.Path(cfg.out_dir)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
     seqs = pl.read_csv(out / "oof" / "sequences.csv")
-    oof_imu = np.load(out / "oof" / "oof_lgbm_imu.npy")
+    oof_imu = np.load(out / "oof" / f"oof_{family}_imu.npy")
     runtime = nb.Runtime(cfg)
     runtime.load()
-    boosters, _, names = runtime.models["lgbm"]
+    folds_models = runtime.models[family]
     for i in [0, 7]:
         sid, fold = seqs["sequence_id"][i], seqs["fold"][i]
         raw = nb.blank_modalities(ds.train.filter(pl.col("sequence_id") == sid))
-        subj = raw["subject"][0]
-        demo = ds.train_demographics.filter(pl.col("subject") == subj)
-        runtime.models["lgbm"] = ([boosters[fold]], np.ones(1), names)
-        p = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)["lgbm"]
+        demo = ds.train_demographics.filter(pl.col("subject") == raw["subject"][0])
+        one_fold = list(folds_models)
+        one_fold[0] = [folds_models[0][fold]]
+        one_fold[1] = np.ones(1)
+        runtime.models = {family: tuple(one_fold)}
+        p = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)[family]
         np.testing.assert_allclose(p[0], oof_imu[i], rtol=1e-4, atol=1e-5)
 
 

@@ -1,0 +1,116 @@
+"""The PyTorch net: packing, padding invariance, overfitting, loss weighting, resume with OOF."""
+import numpy as np
+import polars as pl
+import pytest
+
+import notebook as nb
+from conftest import smoke_config
+
+torch = pytest.importorskip("torch")
+
+
+def tiny_model(in_ch=10, **kw):
+    cfg = nb.parse_config(["--profile", "smoke"], environ={})
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = nb.build_torch_model(cfg, in_ch)
+    model.eval()
+    return model
+
+
+def test_packed_and_unpacked_forward_agree_without_padding():
+    model = tiny_model()
+    x = torch.randn(3, 40, 10)
+    lengths = torch.tensor([40, 40, 40])
+    demo = torch.randn(3, 7)
+    with torch.no_grad():
+        a = model(x, lengths, demo, packed=True)
+        b = model(x, lengths, demo, packed=False)
+    for k in ("y18", "y9", "y2"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [37, 4, 1])
+def test_more_padding_does_not_change_a_sequence_output(length):
+    model = tiny_model()
+    torch.manual_seed(1)
+    seq = torch.randn(1, length, 10)
+    demo = torch.randn(1, 7)
+    with torch.no_grad():
+        alone = model(torch.nn.functional.pad(seq, (0, 0, 0, max(4 - length, 0))), torch.tensor([length]), demo)
+        padded = torch.zeros(2, 90, 10)
+        padded[0, :length] = seq[0]
+        padded[1] = torch.randn(90, 10)
+        batch = model(padded, torch.tensor([length, 90]), torch.cat([demo, torch.randn(1, 7)]))
+    for k in ("y18", "y9", "y2"):
+        torch.testing.assert_close(batch[k][:1], alone[k], rtol=1e-4, atol=1e-5)
+
+
+def test_uncertainty_weighting_gives_gradients_to_its_log_variances():
+    w = nb._torch_lib().UncertaintyWeights(3)
+    losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True),
+              torch.tensor(1.5, requires_grad=True)]
+    w(losses).backward()
+    assert w.s.grad is not None and (w.s.grad.abs() > 0).all()
+    # d/ds (exp(-s) L + s) at s=0 is 1 - L
+    torch.testing.assert_close(w.s.grad, torch.tensor([1 - 2.0, 1 - 0.5, 1 - 1.5]))
+
+
+def test_combined_heads_are_a_distribution_and_respect_agreement():
+    rng = np.random.default_rng(0)
+    p = nb.combine_heads(rng.normal(size=(5, 18)), rng.normal(size=(5, 9)), rng.normal(size=5))
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+    # All heads sure of gesture 2 (a target): the combination is sure too.
+    y18 = np.full((1, 18), -20.0)
+    y18[0, 2] = 20
+    y9 = np.full((1, 9), -20.0)
+    y9[0, 2] = 20
+    assert nb.combine_heads(y18, y9, np.array([20.0])).argmax() == 2
+
+
+def test_tiny_model_overfits_a_handful_of_sequences(tmp_path):
+    cfg = smoke_config(tmp_path)
+    nb.resolve_data_dir(cfg)
+    ds = nb.load_training_data(nb.Path(cfg.data_dir))
+    labels = nb.sequence_labels(ds.train)
+    inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
+    keep = np.zeros(len(labels), bool)
+    keep[np.arange(0, len(labels), len(labels) // 12)[:12]] = True
+    sub = inputs.subset(keep)
+    y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"].to_numpy()[keep]])
+    for k in ("aug_jitter", "aug_time_mask", "aug_feature_mask", "aug_time_stretch", "aug_rotation",
+              "aug_mixup", "torch_modality_dropout", "torch_label_smoothing", "torch_ema", "torch_dropout"):
+        setattr(cfg, k, 0.0)
+    cfg.epochs, cfg.torch_lr, cfg.torch_patience, cfg.torch_batch_size = 60, 5e-3, 1000, 12
+    cfg.torch_conv, cfg.torch_hidden = "32,32", 32
+    res = nb.train_torch_fold(cfg, sub, y, {"full": sub}, y, 0, lambda rec: None)
+    model = nb.build_torch_model(cfg, len(sub.names))
+    model.load_state_dict(res["state"])
+    p = nb.torch_predict_proba([(model, res["scaler"])], np.ones(1), sub)
+    assert (p.argmax(1) == y).mean() >= 0.95
+
+
+def test_skipped_folds_still_fill_every_oof_row(tmp_path):
+    cfg = smoke_config(tmp_path, models="torch", lgbm_imu_reference=False)
+    nb.train(cfg)
+    first = {v: np.load(tmp_path / "out" / "oof" / f"oof_torch{s}.npy") for v, s in (("full", ""), ("imu", "_imu"))}
+    stamp = (tmp_path / "out" / "bundle" / "torch" / "fold0.pt").stat().st_mtime_ns
+    nb.train(cfg)  # every fold is in the bundle: skipped, but its validation rows are predicted again
+    assert (tmp_path / "out" / "bundle" / "torch" / "fold0.pt").stat().st_mtime_ns == stamp
+    for v, s in (("full", ""), ("imu", "_imu")):
+        again = np.load(tmp_path / "out" / "oof" / f"oof_torch{s}.npy")
+        assert (again.sum(1) > 0.99).all()
+        np.testing.assert_allclose(again, first[v], rtol=1e-5, atol=1e-6)
+    log = (tmp_path / "out" / "logs" / "torch.jsonl").read_text().strip().splitlines()
+    assert len(log) >= 2 and '"imu_only"' in log[0]
+
+
+def test_input_blanking_equals_the_raw_imu_only_path(sample_dir):
+    train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
+    demo = nb.load_demographics(sample_dir / "train_demographics.csv")
+    cfg = nb.parse_config(["--profile", "smoke"], environ={})
+    full = nb.sequence_inputs(train, demo, cfg)
+    raw_blank = nb.sequence_inputs(nb.blank_modalities(train), demo, cfg)
+    for a, b in zip(full.arrays, raw_blank.arrays):
+        np.testing.assert_allclose(nb.blank_input_modalities(a, full.names), b, rtol=1e-6, atol=1e-6)
