@@ -91,7 +91,7 @@ class Config:
                                "local default) | full (competition settings, the Kaggle default)")
     stage: str = _doc("all = train then serve; train = train only; infer = load a bundle and serve",
                       "all")
-    models: str = _doc("comma-separated model families to train: lgbm, torch", "lgbm,torch")
+    models: str | None = _doc("comma-separated model families to train: lgbm, torch, keras")
     folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)")
     epochs: int | None = _doc("training epochs for the neural nets")
     seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42)
@@ -167,11 +167,11 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
+    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(folds=4, epochs=16, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
+    "quick": dict(models="lgbm,torch,keras", folds=4, epochs=16, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
-    "full": dict(folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
+    "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
 
@@ -245,7 +245,7 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     return cfg
 
 
-MODEL_FAMILIES = ("lgbm", "torch")
+MODEL_FAMILIES = ("lgbm", "torch", "keras")
 
 # %% [markdown]
 # ## 2. Competition constants
@@ -2164,7 +2164,305 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 
 
 # %% [markdown]
-# ## 13. Ensemble and reports
+# ## 13. Keras 3 CNN-BiGRU-attention twin
+#
+# The same design in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
+# Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, and a
+# masked temporal attention pooling. The custom layers are registered for serialization, so a
+# saved `.keras` fold reloads with plain `keras.saving.load_model`. It reads the very same inputs
+# and scaler as the PyTorch net (section 11). Mixed precision (`mixed_float16`, float32 output) is
+# used on GPU only: on these CPUs it measured ~200x slower.
+# Inference avoids `model.predict` (100+ ms of overhead per call): the model runs inside one
+# `tf.function` with a (batch, time, channels) signature, inputs padded to fixed length buckets.
+
+# %%
+KERAS_BUCKET = 32  # time axis padded to a multiple of this: few shapes, no retracing
+
+
+def _keras_lib() -> Any:
+    """keras, tensorflow and the custom layers, defined on first use (TF import takes seconds)."""
+    global _KERAS_LIB
+    if _KERAS_LIB is not None:
+        return _KERAS_LIB
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")
+    ops = keras.ops
+
+    def downsample_mask(m: Any, steps: Any) -> Any:
+        return ops.minimum(m[:, 0:steps * 2:2], m[:, 1:steps * 2:2])
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    class MaskedResBlock(keras.layers.Layer):
+        """conv-BN-ReLU x2 + shortcut + squeeze-excitation, max-pool /2; padding re-zeroed after
+        every convolution so the output never depends on how much padding follows."""
+
+        def __init__(self, filters: int, kernel: int = 3, dropout: float = 0.3, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.filters, self.kernel, self.dropout = filters, kernel, dropout
+            self.conv1 = keras.layers.Conv1D(filters, kernel, padding="same", use_bias=False)
+            self.bn1 = keras.layers.BatchNormalization()
+            self.conv2 = keras.layers.Conv1D(filters, kernel, padding="same", use_bias=False)
+            self.bn2 = keras.layers.BatchNormalization()
+            self.short = keras.layers.Conv1D(filters, 1, use_bias=False)
+            self.se1 = keras.layers.Dense(max(filters // 8, 4), activation="relu")
+            self.se2 = keras.layers.Dense(filters, activation="sigmoid")
+            self.pool = keras.layers.MaxPooling1D(2)
+            self.drop = keras.layers.Dropout(dropout)
+
+        def build(self, x_shape: Any, mask_f_shape: Any = None) -> None:
+            feat = (None, None, self.filters)
+            self.conv1.build(x_shape)
+            self.bn1.build(feat)
+            self.conv2.build(feat)
+            self.bn2.build(feat)
+            self.short.build(x_shape)
+            self.se1.build((None, self.filters))
+            self.se2.build((None, max(self.filters // 8, 4)))
+            self.built = True
+
+        def call(self, x: Any, mask_f: Any, training: bool = False) -> tuple[Any, Any]:
+            m = ops.expand_dims(ops.cast(mask_f, x.dtype), -1)
+            h = ops.relu(self.bn1(self.conv1(x), training=training)) * m
+            h = self.bn2(self.conv2(h), training=training) * m
+            pooled = ops.sum(h * m, axis=1) / ops.maximum(ops.sum(m, axis=1), 1.0)
+            h = h * ops.expand_dims(self.se2(self.se1(pooled)), 1)
+            h = ops.relu(h + self.short(x)) * m
+            h = self.pool(h)
+            mask_f = downsample_mask(mask_f, ops.shape(h)[1])
+            return self.drop(h, training=training) * ops.expand_dims(ops.cast(mask_f, h.dtype), -1), mask_f
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "filters": self.filters, "kernel": self.kernel, "dropout": self.dropout}
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    class MaskedAttentionPool(keras.layers.Layer):
+        """Attention over time; padded steps get exactly zero weight."""
+
+        def __init__(self, units: int = 64, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.units = units
+            self.hidden = keras.layers.Dense(units, activation="tanh")
+            self.score = keras.layers.Dense(1)
+            self.supports_masking = True  # it consumes the BiGRU's mask; its own output has no time axis
+
+        def build(self, h_shape: Any, mask_f_shape: Any = None) -> None:
+            self.hidden.build(h_shape)
+            self.score.build((None, None, self.units))
+            self.built = True
+
+        def compute_mask(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def call(self, h: Any, mask_f: Any) -> Any:
+            s = ops.squeeze(self.score(self.hidden(h)), -1)
+            s = ops.cast(s, "float32") + (1.0 - ops.cast(mask_f, "float32")) * -1e9
+            w = ops.cast(ops.softmax(s, axis=1), h.dtype)
+            return ops.sum(h * ops.expand_dims(w, -1), axis=1)
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "units": self.units}
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak: float, warmup: int, total: int) -> None:
+            self.peak, self.warmup, self.total = peak, warmup, total
+
+        def __call__(self, step: Any) -> Any:
+            step = ops.cast(step, "float32")
+            warm = self.peak * (step + 1) / max(self.warmup, 1)
+            prog = ops.clip((step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0)
+            cos = 0.5 * self.peak * (1 + ops.cos(math.pi * prog))
+            return ops.where(step < self.warmup, warm, cos)
+
+        def get_config(self) -> dict[str, Any]:
+            return {"peak": self.peak, "warmup": self.warmup, "total": self.total}
+
+    _KERAS_LIB = SimpleNamespace(keras=keras, tf=tf, MaskedResBlock=MaskedResBlock,
+                                 MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine,
+                                 downsample_mask=downsample_mask)
+    return _KERAS_LIB
+
+
+_KERAS_LIB: Any = None
+
+
+def keras_policy() -> str:
+    """mixed_float16 on GPU; float32 on CPU (where mixed precision measured far slower)."""
+    tf = _keras_lib().tf
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+def build_keras_model(cfg: Config, in_ch: int) -> Any:
+    lib = _keras_lib()
+    keras = lib.keras
+    keras.mixed_precision.set_global_policy(keras_policy())
+    x_in = keras.Input((None, in_ch), name="x")
+    m_in = keras.Input((None,), name="mask")
+    d_in = keras.Input((len(DEFAULT_DEMOGRAPHICS),), name="demo")
+    h, m = x_in, m_in
+    for i, filters in enumerate(int(c) for c in str(cfg.torch_conv).split(",")):
+        h, m = lib.MaskedResBlock(filters, 3, cfg.torch_dropout, name=f"res{i}")(h, m)
+    seq = keras.layers.Bidirectional(keras.layers.GRU(cfg.torch_hidden, return_sequences=True), name="bigru")(
+        h, mask=keras.ops.cast(m, "bool"))
+    z = lib.MaskedAttentionPool(64, name="attention")(seq, m)
+    if cfg.torch_demographics:
+        z = keras.layers.Concatenate()([z, keras.layers.Dense(16, activation="relu", name="demo_embed")(d_in)])
+    z = keras.layers.Dropout(cfg.torch_dropout)(keras.layers.Dense(256, activation="relu")(z))
+    out = keras.layers.Dense(len(GESTURES), activation="softmax", dtype="float32", name="gesture")(z)
+    return keras.Model({"x": x_in, "mask": m_in, "demo": d_in}, out, name="gesture_net_keras")
+
+
+def keras_inputs(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler) -> dict[str, np.ndarray]:
+    """The one helper from unscaled sequences to Keras inputs (training, OOF and predict): scaled,
+    right-padded to a multiple of KERAS_BUCKET steps, with a float padding mask."""
+    x, lengths = pad_batch([scaler.transform(a) for a in arrays], len(scaler.mean))
+    t = int(math.ceil(x.shape[1] / KERAS_BUCKET) * KERAS_BUCKET)
+    x = np.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+    return {"x": x, "mask": mask, "demo": scaler.transform_demographics(demo)}
+
+
+class KerasPredictor:
+    """A saved fold wrapped in one tf.function (traced once per input rank, not per call)."""
+
+    def __init__(self, model: Any, channels: int) -> None:
+        tf = _keras_lib().tf
+        self.model = model
+        spec = {"x": tf.TensorSpec([None, None, channels], tf.float32), "mask": tf.TensorSpec([None, None], tf.float32),
+                "demo": tf.TensorSpec([None, len(DEFAULT_DEMOGRAPHICS)], tf.float32)}
+        self.fn = tf.function(lambda inp: model(inp, training=False), input_signature=[spec],
+                              reduce_retracing=True)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.fn(inputs).numpy().astype(np.float32)
+
+
+def keras_predict_proba(predictors: list[Any], weights: np.ndarray, inputs: NetInputs, scaler_of: list[InputScaler],
+                        batch_size: int = 64) -> np.ndarray:
+    n = len(inputs.arrays)
+    out = np.zeros((n, len(GESTURES)), dtype=np.float64)
+    lengths = np.array([len(a) for a in inputs.arrays])
+    for predictor, scaler, w in zip(predictors, scaler_of, weights):
+        for idx in length_buckets(lengths, batch_size, None):
+            batch = keras_inputs([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler)
+            out[idx] += w * predictor(batch)
+    return (out / max(float(np.sum(weights)), 1e-12)).astype(np.float32)
+
+
+def keras_learning_rate(optimizer: Any) -> float:
+    """The current learning rate, whether the optimizer holds a float, a variable or a schedule."""
+    keras = _keras_lib().keras
+    lr = optimizer.learning_rate
+    if callable(lr) and not hasattr(lr, "numpy"):
+        lr = lr(optimizer.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+def train_keras_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dict[str, NetInputs],
+                     y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One fold: label smoothing, warmup+cosine, early stopping on the validation metric (best
+    weights kept), modality dropout and the unscaled-input augmentations shared with torch."""
+    lib = _keras_lib()
+    keras = lib.keras
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    scaler = InputScaler.fit(tr)
+    model = build_keras_model(cfg, len(tr.names))
+    lengths = np.array([len(a) for a in tr.arrays])
+    steps = math.ceil(len(lengths) / cfg.torch_batch_size)
+    opt = keras.optimizers.AdamW(lib.WarmupCosine(cfg.torch_lr, steps, steps * cfg.epochs),
+                                 weight_decay=cfg.torch_weight_decay, clipnorm=1.0)
+    if keras_policy() == "mixed_float16":
+        opt = keras.mixed_precision.LossScaleOptimizer(opt)
+    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.torch_label_smoothing))
+    onehot = np.eye(len(GESTURES), dtype=np.float32)
+    best = {"score": -1.0, "weights": None, "epoch": -1}
+    patience_left = cfg.torch_patience
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        losses = []
+        for idx in length_buckets(lengths, cfg.torch_batch_size, rng):
+            arrays = [augment_sequence(tr.arrays[i], tr.names, cfg, rng) for i in idx]
+            batch = keras_inputs(arrays, tr.demographics[idx], scaler)
+            if rng.random() < cfg.aug_jitter:
+                batch["x"] = batch["x"] + (0.05 * rng.standard_normal(batch["x"].shape) * batch["mask"][..., None]).astype(np.float32)
+            losses.append(float(model.train_on_batch(batch, onehot[y_tr[idx]])))
+        predictor = KerasPredictor(model, len(scaler.mean))
+        scores = {view: score_probabilities([GESTURES[i] for i in y_va],
+                                            keras_predict_proba([predictor], np.ones(1), va, [scaler]))["metric"]
+                  for view, va in views_va.items()}
+        score = float(np.mean(list(scores.values())))
+        log({"epoch": epoch, "lr": keras_learning_rate(model.optimizer), "loss": float(np.mean(losses)),
+             **scores, "score": score, "seconds": time.perf_counter() - t0})
+        if score > best["score"]:
+            best = {"score": score, "weights": model.get_weights(), "epoch": epoch}
+            patience_left = cfg.torch_patience
+        else:
+            patience_left -= 1
+            if patience_left <= 0:
+                break
+    model.set_weights(best["weights"])
+    return {**best, "model": model, "scaler": scaler}
+
+
+def load_keras_fold(path: Path) -> tuple[Any, InputScaler]:
+    keras = _keras_lib().keras
+    model = keras.saving.load_model(path, compile=False)
+    scaler = InputScaler.from_state(json.loads(path.with_suffix(".scaler.json").read_text()))
+    return model, scaler
+
+
+def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
+    """All folds of the Keras twin, with the same skip-if-present + OOF rule as the other families."""
+    inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
+    names = inputs["full"].names
+    fp = _fold_fingerprint(cfg, td, names, "torch")  # the twin shares the torch_* architecture fields
+    model_dir = bundle / "keras"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out / "logs" / "keras.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
+    fold_scores, trained_now = [], 0
+    for k in progress(range(cfg.folds), desc="keras folds", total=cfg.folds):
+        va, tr = td.folds == k, td.folds != k
+        path, meta_path = model_dir / f"fold{k}.keras", model_dir / f"fold{k}.json"
+        if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
+            model, scaler = load_keras_fold(path)
+            how = "resumed"
+        else:
+            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
+                raise StopRequested(f"keras: stopped after {trained_now} new fold(s); rerun to resume")
+
+            def log(rec: dict[str, Any], k: int = k) -> None:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps({"fold": k, **rec}) + "\n")
+                say(f"  keras fold {k} epoch {rec['epoch']:>3}: loss {rec['loss']:.3f} full {rec['full']:.4f} "
+                    f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
+
+            res = train_keras_fold(cfg, inputs["full"].subset(tr), td.y[tr],
+                                   {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k, log)
+            model, scaler = res["model"], res["scaler"]
+            atomic_write(path.with_suffix(".scaler.json"), lambda p: p.write_text(json.dumps(scaler.state())))
+            atomic_write(path, lambda p: model.save(p))
+            write_json(meta_path, {"fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"]})
+            trained_now += 1
+            how = f"trained, best epoch {res['epoch']}"
+        predictor = KerasPredictor(model, len(scaler.mean))
+        for v in VIEWS:
+            oof[v][va] = keras_predict_proba([predictor], np.ones(1), inputs[v].subset(va), [scaler])
+        scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
+        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
+        say(f"keras fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
+    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
+    return {"oof": oof, "files": [f"keras/fold{k}.keras" for k in range(cfg.folds)],
+            "fold_weights": weights.tolist(), "channel_names": names}
+
+
+# %% [markdown]
+# ## 14. Ensemble and reports
 #
 # Each family's OOF probabilities are blended with weights chosen on OOF (one set per view);
 # the report holds every model, every view and the ensemble, overall and per fold.
@@ -2200,8 +2498,21 @@ def fit_blend_weights(y_true: list[str], probas: list[np.ndarray], step: float =
     return best_w
 
 
+def nested_blend_scores(y_true: list[str], probas: list[np.ndarray], folds: np.ndarray) -> dict[str, Any]:
+    """The honest ensemble figure: weights fitted on the other folds, scored on fold k."""
+    y = np.asarray(y_true, dtype=object)
+    blended = np.zeros_like(probas[0])
+    per_fold = []
+    for k in sorted(set(folds.tolist())):
+        fit, hold = folds != k, folds == k
+        w = fit_blend_weights(list(y[fit]), [p[fit] for p in probas])
+        blended[hold] = blend([p[hold] for p in probas], w)
+        per_fold.append({"fold": int(k), "weights": w, **score_probabilities(y[hold], blended[hold])})
+    return {**score_probabilities(y, blended), "per_fold": per_fold}
+
+
 # %% [markdown]
-# ## 14. Model bundle
+# ## 15. Model bundle
 #
 # `OUT/bundle` holds the manifest, the model files and `dataset-metadata.json`, so
 # `kaggle datasets create -p OUT/bundle` publishes it as is for an inference-only submission.
@@ -2270,7 +2581,7 @@ def find_bundle(path: Path) -> Path:
 
 
 # %% [markdown]
-# ## 15. Training: everything in order
+# ## 16. Training: everything in order
 
 # %%
 def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
@@ -2291,7 +2602,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
                               "profile": cfg.profile}
     for name in cfg.models.split(","):
         with watch(f"train_{name}"):
-            fam = {"lgbm": train_lgbm, "torch": train_torch}[name](cfg, td, bundle, out)
+            fam = {"lgbm": train_lgbm, "torch": train_torch, "keras": train_keras}[name](cfg, td, bundle, out)
         families[name] = fam
         for view in VIEWS:
             suffix = "" if view == "full" else "_imu"
@@ -2311,6 +2622,10 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     ens = {v: blend([families[n]["oof"][v] for n in names], blend_weights[v]) for v in VIEWS}
     report["models"]["ensemble"] = model_report(y_true, ens, td.folds)
     report["ensemble_weights"] = {v: dict(zip(names, w)) for v, w in blend_weights.items()}
+    nested = {v: nested_blend_scores(y_true, [families[n]["oof"][v] for n in names], td.folds) for v in VIEWS}
+    report["ensemble_nested"] = {**nested, "expected_lb": 0.5 * (nested["full"]["metric"] + nested["imu_only"]["metric"])}
+    say(f"ensemble weights: {report['ensemble_weights']}; nested (weights fitted on other folds): "
+        f"full {nested['full']['metric']:.4f} imu_only {nested['imu_only']['metric']:.4f}")
     report["expected_lb"] = report["models"]["ensemble"]["expected_lb"]
     write_json(out / "cv_report.json", report)
     write_bundle(bundle, cfg, td, families, blend_weights, report)
@@ -2319,7 +2634,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
 
 
 # %% [markdown]
-# ## 16. Inference
+# ## 17. Inference
 #
 # `predict()` keeps one runtime: the bundle is loaded on the first call, then each call computes
 # the features of one sequence and blends each family's fold models. Nothing can escape: any
@@ -2366,6 +2681,10 @@ class Runtime:
                     torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
                     nets = [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]]
                     self.models[name] = (nets, np.asarray(fam["fold_weights"]))
+                elif name == "keras":
+                    folds = [load_keras_fold(path / f) for f in fam["files"]]
+                    self.models[name] = ([KerasPredictor(m, len(sc.mean)) for m, sc in folds], np.asarray(fam["fold_weights"]),
+                                         [sc for _, sc in folds])
             self.manifest = manifest
             self.fallback = manifest.get("fallback_gesture", self.fallback)
             print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s "
@@ -2424,9 +2743,13 @@ class Runtime:
             boosters, weights, names = self.models["lgbm"]
             table = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
             out["lgbm"] = lgbm_predict_proba(boosters, weights, table.matrix(names))
-        if "torch" in self.models:
-            models, weights = self.models["torch"]
-            out["torch"] = torch_predict_proba(models, weights, net_inputs_from(prepared, channels))
+        if "torch" in self.models or "keras" in self.models:
+            inputs = net_inputs_from(prepared, channels)
+            if "torch" in self.models:
+                out["torch"] = torch_predict_proba(*self.models["torch"], inputs)
+            if "keras" in self.models:
+                predictors, weights, scalers = self.models["keras"]
+                out["keras"] = keras_predict_proba(predictors, weights, inputs, scalers)
         return out
 
     def predict(self, sequence: Any, demographics: Any) -> str:
@@ -2488,7 +2811,7 @@ def set_runtime(cfg: Config) -> Runtime:
 
 
 # %% [markdown]
-# ## 17. Serving
+# ## 18. Serving
 #
 # With the competition's `kaggle_evaluation` package importable (it ships inside the competition
 # data), serve through it: `serve()` under the scoring rerun, else its local gateway. Otherwise a
@@ -2556,7 +2879,7 @@ def serve(cfg: Config) -> None:
 
 
 # %% [markdown]
-# ## 18. Main
+# ## 19. Main
 
 # %%
 def configure_logging(cfg: Config) -> None:

@@ -78,7 +78,8 @@ def reference_features(seq, fs: float = 10.0) -> dict:
             tof += [px.mean() if len(px) else np.nan, px.min() if len(px) else np.nan]
         rows.append([*acc, np.linalg.norm(acc), *lin, np.linalg.norm(lin), *ang, np.linalg.norm(ang), *thm, *tof])
     df = pd.DataFrame(rows)
-    out = df.agg(["mean", "std", "min", "max", "median", "first", "last"]).to_numpy().ravel().tolist()
+    out = df.agg(["mean", "std", "min", "max", "median"]).to_numpy().ravel().tolist()
+    out += df.iloc[0].tolist() + df.iloc[-1].tolist()
     for c in (3, 7, 11):
         x = df[c].to_numpy()
         f, p = welch(x, fs=fs, nperseg=min(64, max(2, len(x) // 4)))

@@ -76,7 +76,7 @@ def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
     assert not nb._RUNTIME.problems
 
 
-@pytest.mark.parametrize("family", ["lgbm", "torch"])
+@pytest.mark.parametrize("family", ["lgbm", "torch", "keras"])
 def test_cv_imu_view_is_the_predict_path(trained, family):
     """The imu_only OOF equals what predict()'s runtime computes for a blanked raw sequence."""
     cfg, _ = trained
@@ -94,6 +94,8 @@ def test_cv_imu_view_is_the_predict_path(trained, family):
         one_fold = list(folds_models)
         one_fold[0] = [folds_models[0][fold]]
         one_fold[1] = np.ones(1)
+        if family == "keras":  # per-fold scalers travel beside the predictors
+            one_fold[2] = [folds_models[2][fold]]
         runtime.models = {family: tuple(one_fold)}
         p = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)[family]
         np.testing.assert_allclose(p[0], oof_imu[i], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,64 @@
+"""The Keras twin: save/load round trip, padding invariance, lazy TensorFlow import."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import notebook as nb
+from conftest import ROOT, smoke_config
+
+pytest.importorskip("keras")
+
+
+@pytest.fixture(scope="module")
+def keras_fold(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keras")
+    cfg = smoke_config(tmp)
+    nb.resolve_data_dir(cfg)
+    ds = nb.load_training_data(nb.Path(cfg.data_dir))
+    labels = nb.sequence_labels(ds.train)
+    inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
+    y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
+    mask = np.arange(len(y)) % 3 != 0
+    res = nb.train_keras_fold(cfg, inputs.subset(mask), y[mask], {"full": inputs.subset(~mask)}, y[~mask], 0,
+                              lambda rec: None)
+    return tmp, res, inputs.subset(~mask)
+
+
+def test_save_load_round_trip_gives_identical_predictions(keras_fold):
+    tmp, res, va = keras_fold
+    path = tmp / "fold.keras"
+    res["model"].save(path)
+    path.with_suffix(".scaler.json").write_text(nb.json.dumps(res["scaler"].state()))
+    loaded, scaler = nb.load_keras_fold(path)
+    c = len(res["scaler"].mean)
+    a = nb.keras_predict_proba([nb.KerasPredictor(res["model"], c)], np.ones(1), va, [res["scaler"]])
+    b = nb.keras_predict_proba([nb.KerasPredictor(loaded, c)], np.ones(1), va, [scaler])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_more_padding_does_not_change_the_output(keras_fold):
+    _, res, va = keras_fold
+    model, scaler = res["model"], res["scaler"]
+    arr, demo = va.arrays[0], va.demographics[:1]
+    alone = nb.keras_inputs([arr], demo, scaler)
+    padded = {k: v.copy() for k, v in alone.items()}
+    extra = nb.KERAS_BUCKET * 3
+    padded["x"] = np.pad(padded["x"], ((0, 0), (0, extra), (0, 0)))
+    padded["x"][:, -extra:] = 7.0  # garbage in the padding must not leak through
+    padded["mask"] = np.pad(padded["mask"], ((0, 0), (0, extra)))
+    pred = nb.KerasPredictor(model, len(scaler.mean))
+    np.testing.assert_allclose(pred(alone), pred(padded), rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rate_is_readable_from_a_schedule(keras_fold):
+    _, res, _ = keras_fold
+    lr = nb.keras_learning_rate(res["model"].optimizer)
+    assert 0 <= lr <= nb.Config().torch_lr
+
+
+def test_importing_the_notebook_does_not_import_tensorflow():
+    code = "import sys, notebook; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "False False", res.stderr
