@@ -179,3 +179,38 @@ def test_feature_cache_reuses_and_never_serves_stale(tmp_path, sample_dir):
     np.testing.assert_allclose(as_array(stale), as_array(fresh), rtol=1e-5, atol=1e-5)
     row = stale["sequence_id"].to_list().index("SEQ_000007")
     assert stale["acc_x__mean"][row] == pytest.approx(first["acc_x__mean"][row] + 1.0, abs=1e-4)
+
+
+def test_vectorised_welch_equals_scipy_per_sequence():
+    from scipy.signal import welch
+    rng = np.random.default_rng(5)
+    lengths = [1, 3, 7, 8, 29, 59, 64, 255, 256, 700, 31]
+    ids = np.concatenate([[f"s{i:02d}"] * n for i, n in enumerate(lengths)])
+    x = rng.normal(size=(len(ids), 2))
+    sg = nb.Segments.of(ids)
+    got = {}
+    for group, f, p in nb.welch_psd(x, sg, FS):
+        for j, i in enumerate(group):
+            got[i] = (f, p[j])
+    for i, n in enumerate(lengths):
+        seq = x[sg.starts[i]:sg.starts[i] + n]
+        if n < 8:
+            seq = np.vstack([seq - seq.mean(0), np.zeros((8 - n, 2))])
+        f, p = welch(seq, fs=FS, nperseg=int(min(64, max(2, len(seq) // 4))), axis=0, detrend="constant")
+        np.testing.assert_allclose(got[i][0], f)
+        np.testing.assert_allclose(got[i][1], p, rtol=1e-9, atol=1e-12)
+
+
+def test_segment_quantiles_match_numpy():
+    rng = np.random.default_rng(6)
+    ids = np.repeat(["a", "b", "c"], [5, 40, 1])
+    x = rng.normal(size=(46, 2)) * 1000
+    x[3, 0] = np.nan
+    x[45, 1] = np.nan
+    st = nb.segment_stats(x, nb.Segments.of(ids))
+    for i, (a, b) in enumerate([(0, 5), (5, 45), (45, 46)]):
+        for c in range(2):
+            v = x[a:b, c][~np.isnan(x[a:b, c])]
+            want = np.quantile(v, [0.1, 0.5, 0.9]) if len(v) else [np.nan] * 3
+            got = [st["q10"][i, c], st["q50"][i, c], st["q90"][i, c]]
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-8)
