@@ -35,3 +35,9 @@ def test_rerun_never_trains(monkeypatch):
 def test_every_field_is_documented():
     for f in nb.dataclasses.fields(nb.Config):
         assert len(f.metadata.get("doc", "")) > 10, f.name
+
+
+def test_boolean_flags_can_be_switched_both_ways():
+    assert nb.parse_config(["--demo"], environ={}).demo is True
+    assert nb.parse_config(["--subject-assignment", "false"], environ={}).subject_assignment is False
+    assert nb.parse_config([], environ={"CMI_SUBJECT_ASSIGNMENT": "0"}).subject_assignment is False

@@ -139,3 +139,49 @@ def test_import_runs_nothing_heavy():
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
     assert not (ROOT / "working").exists() or True  # importing must not create outputs either
+
+
+def test_assignment_respects_capacities_and_fixes_duplicates():
+    rng = np.random.default_rng(0)
+    drink = nb.GESTURE_INDEX["Drink from bottle/cup"]  # capacity 2: Seated Straight only
+    assert nb.GESTURE_CAPACITY[drink] == 2 and nb.GESTURE_CAPACITY[0] == 8
+    probs = rng.dirichlet(np.ones(18) * 0.3, size=6)
+    for i in range(3):  # three sequences all look most like Drink; the third is also like Wave
+        probs[i] = 0.01
+        probs[i, drink] = 0.6
+    probs[2, nb.GESTURE_INDEX["Wave hello"]] = 0.5
+    probs /= probs.sum(1, keepdims=True)
+    labels = nb.assign_labels(probs)
+    assert np.bincount(labels, minlength=18)[drink] == 2
+    assert labels[2] == nb.GESTURE_INDEX["Wave hello"]
+    assert all(np.bincount(labels, minlength=18) <= nb.GESTURE_CAPACITY)
+
+
+def test_replayed_assignment_gains_on_data_with_the_study_structure():
+    """Noisy probabilities for subjects that do every allowed pair twice: assignment must help."""
+    rng = np.random.default_rng(1)
+    y, subj = [], []
+    for s in range(6):
+        for o, g in nb.allowed_pairs():
+            y += [nb.GESTURE_INDEX[g]] * 2
+            subj += [f"S{s}"] * 2
+    y = np.array(y)
+    logits = rng.normal(0, 1.0, (len(y), 18))
+    logits[np.arange(len(y)), y] += 1.2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    res = nb.assignment_gain([nb.GESTURES[i] for i in y], probs, np.array(subj), seeds=2)
+    assert res["gain"] > 0.01, res
+
+
+def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
+    cfg, _ = trained
+    runtime = nb.set_runtime(cfg)
+    test = pl.read_csv(sample_dir / "test.csv")
+    demo = pl.read_csv(sample_dir / "test_demographics.csv")
+    seq = test.filter(pl.col("sequence_id") == "SEQ_000001")
+    nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+    runtime.manifest["subject_assignment"] = True
+    for _ in range(3):
+        out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+        assert type(out) is str and out in nb.GESTURES
+    assert len(runtime.history[seq["subject"][0]]) == 3

@@ -1,0 +1,88 @@
+"""Neural-net throughput and latency on this machine.
+
+Prints, for the PyTorch net (packed and unpacked GRU) and the Keras twin:
+  - training throughput (sequences/second, one epoch over demo sequences, no validation),
+  - single-sequence inference latency for N folds (p50/p95 over real-length sequences).
+Usage: python bench/nets.py [--profile quick] [--folds 5] [--n 200]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import notebook as nb  # noqa: E402
+
+
+def percentiles(ms: list[float]) -> str:
+    return f"p50 {np.percentile(ms, 50):6.1f} ms  p95 {np.percentile(ms, 95):6.1f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="quick")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--n", type=int, default=200)
+    args = ap.parse_args()
+    cfg = nb.parse_config(["--profile", args.profile, "--demo", "--data-dir", str(ROOT / "demo_data")], environ={})
+    ds = nb.load_training_data(nb.resolve_data_dir(cfg))
+    labels = nb.sequence_labels(ds.train)
+    inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
+    y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
+    sample = inputs.subset(np.arange(len(y)) < 256)
+    print(f"profile {args.profile}: conv {cfg.torch_conv}, hidden {cfg.torch_hidden}, {len(inputs.names)} channels, "
+          f"torch threads {nb._torch_lib().torch.get_num_threads()}")
+
+    # --- PyTorch: training throughput (one epoch over 256 sequences)
+    torch = nb._torch_lib().torch
+    one = nb.dataclasses.replace(cfg, epochs=1)
+    t0 = time.perf_counter()
+    tiny_va = {"full": sample.subset(np.arange(256) < 16)}  # early stopping needs a validation set; keep it small
+    res = nb.train_torch_fold(one, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
+    print(f"torch train: {256 / (time.perf_counter() - t0):7.1f} sequences/s (one epoch, batch {cfg.torch_batch_size})")
+    model = nb.build_torch_model(cfg, len(inputs.names))
+    model.load_state_dict(res["state"])
+    models = [(model, res["scaler"])] * args.folds
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(inputs.arrays), args.n)
+    for packed in (True, False):
+        ms = []
+        for i in picks:
+            single = inputs.subset(np.arange(len(y)) == i)
+            t0 = time.perf_counter()
+            if packed:
+                nb.torch_predict_proba(models, np.ones(args.folds), single)
+            else:
+                xb, lb, db = nb.torch_batch(single.arrays, single.demographics, res["scaler"], "cpu")
+                with torch.inference_mode():
+                    for m, _ in models:
+                        m(xb, lb, db, packed=False)
+            ms.append((time.perf_counter() - t0) * 1000)
+        print(f"torch single sequence, {args.folds} folds, {'packed  ' if packed else 'unpacked'}: {percentiles(ms)}")
+
+    # --- Keras: training throughput and tf.function latency
+    t0 = time.perf_counter()
+    kres = nb.train_keras_fold(one, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
+    print(f"keras train: {256 / (time.perf_counter() - t0):7.1f} sequences/s (one epoch incl. first trace)")
+    pred = nb.KerasPredictor(kres["model"], len(kres["scaler"].mean))
+    preds, scalers = [pred] * args.folds, [kres["scaler"]] * args.folds
+    nb.keras_predict_proba(preds, np.ones(args.folds), inputs.subset(np.arange(len(y)) == 0), scalers)  # trace
+    ms = []
+    for i in picks:
+        single = inputs.subset(np.arange(len(y)) == i)
+        t0 = time.perf_counter()
+        nb.keras_predict_proba(preds, np.ones(args.folds), single, scalers)
+        ms.append((time.perf_counter() - t0) * 1000)
+    print(f"keras single sequence, {args.folds} folds, tf.function: {percentiles(ms)}")
+
+
+if __name__ == "__main__":
+    main()
