@@ -172,7 +172,7 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(models="lgbm,torch,keras", folds=4, epochs=10, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
+    "quick": dict(models="lgbm,torch,keras", folds=4, epochs=8, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
     "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
@@ -2765,6 +2765,20 @@ class Runtime:
             if manifest.get("class_names") != GESTURES:
                 raise ValueError(f"{path}/manifest.json: class order differs from this code's 18 gestures. "
                                  f"Fix: retrain the bundle with this notebook version.")
+            # Features must be computed as in training, whatever the serving config says.
+            trained = manifest.get("config", {})
+            self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling")
+                                                        if k in trained})
+            made = produced_names(self.cfg)
+            for name, fam in manifest["families"].items():
+                wanted = fam.get("feature_names") or fam.get("channel_names") or []
+                have = made["features"] if "feature_names" in fam else made["channels"]
+                unknown = [c for c in wanted if c not in set(have)]
+                if unknown or ("channel_names" in fam and wanted != have):
+                    raise ValueError(f"{path}/manifest.json: the {name} models expect feature/channel "
+                                     f"names this code does not produce in that order (e.g. "
+                                     f"{(unknown or wanted)[:2]}). Fix: retrain the bundle with this "
+                                     f"notebook version (manifest format {BUNDLE_FORMAT}).")
             if manifest.get("feature_version") != FEATURE_VERSION:
                 raise ValueError(f"{path}/manifest.json: feature_version {manifest.get('feature_version')} "
                                  f"!= {FEATURE_VERSION}. Fix: retrain the bundle with this notebook version.")
@@ -2886,6 +2900,17 @@ class Runtime:
     def summary(self) -> str:
         probs = ", ".join(f"{k}: {v}" for k, v in self.problems.most_common()) or "none"
         return f"predict: {self.calls} calls; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else "")
+
+
+def produced_names(cfg: Config) -> dict[str, list[str]]:
+    """Feature and channel names the current code makes (from a tiny synthetic sequence)."""
+    n = 12
+    frame = pl.DataFrame({"sequence_id": ["SEQ_CHECK"] * n, "sequence_counter": list(range(n)),
+                          "subject": ["SUBJ_CHECK"] * n,
+                          **{c: np.linspace(0.1, 1.0, n, dtype=np.float32) for c in SENSOR_COLS}})
+    prepared, channels = derive(frame, pl.DataFrame({"subject": ["SUBJ_CHECK"]}), cfg)
+    return {"features": aggregate_features(prepared, channels, cfg.sample_rate_hz).names,
+            "channels": net_inputs_from(prepared, channels).names}
 
 
 def subject_of(sequence: Any, demographics: Any) -> str | None:
