@@ -172,7 +172,7 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(models="lgbm,torch,keras", folds=4, epochs=8, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
+    "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
     "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
@@ -1868,7 +1868,8 @@ def _torch_lib() -> Any:
             h = h.transpose(1, 2)
             lens = mask.sum(1).clamp(min=1)
             mask = torch.arange(h.shape[1], device=h.device)[None, :] < lens[:, None]
-            if packed:
+            # Packing only matters when some row is padded (a single sequence never is).
+            if packed and bool((lens < h.shape[1]).any()):
                 pk = pack_padded_sequence(h, lens.cpu(), batch_first=True, enforce_sorted=False)
                 out, _ = self.gru(pk)
                 out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
@@ -2012,7 +2013,7 @@ def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler,
 
 
 def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarray, inputs: NetInputs,
-                        batch_size: int = 64) -> np.ndarray:
+                        batch_size: int = 64, packed: bool = True) -> np.ndarray:
     """Fold-weighted class probabilities for every sequence of `inputs` (eval mode, no grad)."""
     torch = _torch_lib().torch
     n = len(inputs.arrays)
@@ -2024,7 +2025,7 @@ def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarr
         for idx in length_buckets(lengths, batch_size, None):
             xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
             with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
-                o = model(xb, lb, db)
+                o = model(xb, lb, db, packed=packed)
             out[idx] += w * combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
     return (out / max(float(np.sum(weights)), 1e-12)).astype(np.float32)
 
@@ -2600,6 +2601,145 @@ def assignment_gain(y_true: list[str], probs: np.ndarray, subjects: np.ndarray, 
 
 
 # %% [markdown]
+# ### 14.2 Plots
+#
+# PNG files in `OUT/plots/` (shown inline when run as a notebook): the ensemble's confusion matrix,
+# per-gesture F1 in both views, the nets' training curves, ensemble weights and LightGBM's top
+# features. Rendered headless; a plotting failure is logged and never stops training.
+
+# %%
+def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report: dict[str, Any]) -> list[Path]:
+    try:
+        import matplotlib
+        if "ipykernel" not in sys.modules:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as err:
+        LOG.warning("plots skipped: matplotlib unavailable (%s)", err)
+        return []
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    inline = "ipykernel" in sys.modules
+
+    def save(fig: Any, name: str) -> None:
+        path = folder / name
+        fig.tight_layout()
+        atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+        if inline:
+            plt.show()
+        plt.close(fig)
+        written.append(path)
+
+    y = np.array([GESTURE_INDEX[g] for g in y_true])
+    steps: list[tuple[str, Callable[[], None]]] = []
+
+    def confusion() -> None:
+        pred = ens["full"].argmax(1)
+        cm = np.zeros((len(GESTURES), len(GESTURES)))
+        np.add.at(cm, (y, pred), 1)
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(11, 9.5))
+        im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
+        ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=8)
+        ax.axhline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+        ax.axvline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("Ensemble OOF confusion (full view, row-normalised; targets above/left of red)")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+        save(fig, "confusion_matrix.png")
+
+    def per_gesture_f1() -> None:
+        fig, ax = plt.subplots(figsize=(11, 5))
+        width = 0.4
+        for j, view in enumerate(VIEWS):
+            pred = ens[view].argmax(1)
+            f1 = _f1_scores(y, pred, range(len(GESTURES)))
+            ax.bar(np.arange(len(GESTURES)) + (j - 0.5) * width, f1, width, label=view)
+        ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
+        ax.set_ylabel("F1 (18-class)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.set_title("Per-gesture F1 of the ensemble OOF")
+        save(fig, "per_gesture_f1.png")
+
+    def curves() -> None:
+        for family in ("torch", "keras"):
+            log = out / "logs" / f"{family}.jsonl"
+            if not log.exists():
+                continue
+            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for k in sorted({r["fold"] for r in recs}):
+                rk = [r for r in recs if r["fold"] == k]
+                axes[0].plot([r["epoch"] for r in rk], [r["loss"] for r in rk], label=f"fold {k}")
+                axes[1].plot([r["epoch"] for r in rk], [r["full"] for r in rk], label=f"fold {k} full")
+                axes[1].plot([r["epoch"] for r in rk], [r["imu_only"] for r in rk], ls="--", label=f"fold {k} imu")
+            axes[0].set_title(f"{family}: training loss")
+            axes[1].set_title(f"{family}: validation metric (solid full, dashed IMU-only)")
+            for a in axes:
+                a.set_xlabel("epoch")
+            axes[0].legend(fontsize=7)
+            save(fig, f"training_curves_{family}.png")
+
+    def weights() -> None:
+        w = report.get("ensemble_weights", {})
+        if not w:
+            return
+        names = list(next(iter(w.values())))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for j, view in enumerate(VIEWS):
+            ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, [w[view][n] for n in names], 0.4, label=view)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("blend weight")
+        ax.legend()
+        ax.set_title("Ensemble weights per view")
+        save(fig, "ensemble_weights.png")
+
+    def importance() -> None:
+        path = out / "feature_importance.csv"
+        if not path.exists():
+            return
+        imp = pl.read_csv(path).head(30)
+        fig, ax = plt.subplots(figsize=(8, 8))
+        ax.barh(imp["feature"].to_list()[::-1], imp["gain"].to_list()[::-1])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title("LightGBM top-30 features (gain, mean over folds)")
+        save(fig, "lgbm_feature_importance.png")
+
+    for name, fn in [("confusion", confusion), ("per-gesture F1", per_gesture_f1), ("curves", curves),
+                     ("weights", weights), ("importance", importance)]:
+        try:
+            fn()
+        except Exception as err:  # a plot is never worth a lost training run
+            LOG.warning("plot %s failed: %s", name, err)
+            plt.close("all")
+    return written
+
+
+def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OUT/run_summary.json: wall time per stage, peak memory, versions, device, config."""
+    try:
+        import resource
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        peak_mb = None
+    path = out / "run_summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    stages = {**summary.get("stage_seconds", {}), **{k: round(v, 2) for k, v in watch.seconds.items()}}
+    device = "cuda" if "torch" in sys.modules and sys.modules["torch"].cuda.is_available() else "cpu"
+    summary = {**summary, "stage_seconds": stages, "total_seconds": round(sum(stages.values()), 2),
+               "peak_rss_mb": peak_mb, "device": device, "versions": library_versions(),
+               "config": dataclasses.asdict(cfg), **(extra or {})}
+    write_json(path, summary)
+    print("run summary: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items())
+          + f"; total {summary['total_seconds']:.1f}s; peak RSS {peak_mb or float('nan'):.0f} MB; device {device}")
+    return summary
+
+
+# %% [markdown]
 # ## 15. Model bundle
 #
 # `OUT/bundle` holds the manifest, the model files and `dataset-metadata.json`, so
@@ -2726,6 +2866,10 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     write_json(out / "cv_report.json", report)
     write_bundle(bundle, cfg, td, families, blend_weights, report)
     print_cv_table(report)
+    with watch("plots"):
+        plots = make_plots(out, y_true, ens, report)
+    say(f"plots: {len(plots)} written to {out / 'plots'}")
+    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]})
     return report
 
 
@@ -3018,6 +3162,9 @@ def serve(cfg: Config) -> None:
         sub = run_builtin_gateway(test_csv, demo_csv, out / "submission.parquet", cfg.seed)
     print(f"submission: {sub.height} sequences -> {out / 'submission.parquet'} in "
           f"{time.perf_counter() - t0:.1f}s; {runtime.summary()}")
+    watch = Stopwatch()
+    watch.seconds["serve"] = time.perf_counter() - t0
+    write_run_summary(out, cfg, watch, {"predict_calls": runtime.calls, "predict_problems": dict(runtime.problems)})
 
 
 # %% [markdown]

@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n", type=int, default=200)
     args = ap.parse_args()
-    cfg = nb.parse_config(["--profile", args.profile, "--demo", "--data-dir", str(ROOT / "demo_data")], environ={})
+    # Model sizes follow --profile; the data is always the quick profile's demo set (not regenerated).
+    data = ["--demo-train-subjects", "16", "--demo-test-subjects", "4", "--demo-pairs-per-subject", "51"]
+    cfg = nb.parse_config(["--profile", args.profile, "--demo", "--data-dir", str(ROOT / "demo_data"), *data],
+                          environ={})
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))
     labels = nb.sequence_labels(ds.train)
     inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
@@ -53,18 +56,12 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(inputs.arrays), args.n)
-    for packed in (True, False):
+    for packed in (True, False):  # identical outputs for one unpadded sequence (tested)
         ms = []
         for i in picks:
             single = inputs.subset(np.arange(len(y)) == i)
             t0 = time.perf_counter()
-            if packed:
-                nb.torch_predict_proba(models, np.ones(args.folds), single)
-            else:
-                xb, lb, db = nb.torch_batch(single.arrays, single.demographics, res["scaler"], "cpu")
-                with torch.inference_mode():
-                    for m, _ in models:
-                        m(xb, lb, db, packed=False)
+            nb.torch_predict_proba(models, np.ones(args.folds), single, packed=packed)
             ms.append((time.perf_counter() - t0) * 1000)
         print(f"torch single sequence, {args.folds} folds, {'packed  ' if packed else 'unpacked'}: {percentiles(ms)}")
 

@@ -46,6 +46,18 @@ def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
     assert meta["id"].endswith("/cmi-bfrb-bundle") and meta["licenses"]
     # Folds are grouped by subject.
     assert (seqs.group_by("subject").agg(pl.col("fold").n_unique())["fold"] == 1).all()
+    # Plots: written, non-empty, real PNG files.
+    for name in ("confusion_matrix", "per_gesture_f1", "training_curves_torch", "training_curves_keras",
+                 "ensemble_weights", "lgbm_feature_importance"):
+        png = (out / "plots" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert {"load", "features", "train_lgbm", "serve"} <= set(summary["stage_seconds"])
+    assert summary["peak_rss_mb"] > 0 and summary["device"] == "cpu" and summary["config"]["profile"] == "smoke"
+    assert "run summary:" in res.stdout
+    # Running the script again reuses the generated demo data instead of regenerating it.
+    again = run_script("--profile", "smoke", "--lgbm-threads", "1", "--stage", "train", cwd=tmp_path)
+    assert again.returncode == 0 and "demo data: generated" not in again.stdout
 
 
 def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
