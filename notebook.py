@@ -2069,7 +2069,7 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
     to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
     fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
     best = {"score": -1.0, "state": None, "epoch": -1}
-    bad_steps, patience_left = 0, cfg.torch_patience
+    bad_steps, patience_left, ema_steps = 0, cfg.torch_patience, 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -2110,8 +2110,9 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
             grad_scaler.step(opt)
             grad_scaler.update()
             sched.step()
-            with torch.no_grad():
-                decay = cfg.torch_ema if cfg.torch_ema > 0 else 0.0
+            ema_steps += 1
+            with torch.no_grad():  # EMA warm-up: early on the average must not lag far behind
+                decay = min(cfg.torch_ema, (1 + ema_steps) / (10 + ema_steps)) if cfg.torch_ema > 0 else 0.0
                 for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
                     if pe.dtype.is_floating_point:
                         pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
@@ -2674,9 +2675,10 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4))
             for k in sorted({r["fold"] for r in recs}):
                 rk = [r for r in recs if r["fold"] == k]
-                axes[0].plot([r["epoch"] for r in rk], [r["loss"] for r in rk], label=f"fold {k}")
-                axes[1].plot([r["epoch"] for r in rk], [r["full"] for r in rk], label=f"fold {k} full")
-                axes[1].plot([r["epoch"] for r in rk], [r["imu_only"] for r in rk], ls="--", label=f"fold {k} imu")
+                color = f"C{k % 10}"
+                axes[0].plot([r["epoch"] for r in rk], [r["loss"] for r in rk], color=color, label=f"fold {k}")
+                axes[1].plot([r["epoch"] for r in rk], [r["full"] for r in rk], color=color)
+                axes[1].plot([r["epoch"] for r in rk], [r["imu_only"] for r in rk], color=color, ls="--")
             axes[0].set_title(f"{family}: training loss")
             axes[1].set_title(f"{family}: validation metric (solid full, dashed IMU-only)")
             for a in axes:
