@@ -1493,6 +1493,59 @@ def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], family: s
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
+def run_folds(cfg: Config, td: TrainingData, family: str, load_fold: Callable[[int], Any],
+              fit_fold: Callable[[int, np.ndarray, np.ndarray], tuple[Any, str]],
+              predict_fold: Callable[[Any, str, np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """The fold loop every model family shares.
+
+    load_fold(k) returns the fold's model when the bundle already holds it for this data and
+    config (else None); fit_fold(k, train_mask, valid_mask) trains, saves atomically and returns
+    (model, how); predict_fold(model, view, valid_mask) gives the validation probabilities.
+    A loaded fold is never retrained but always predicted, so OOF has no holes. Fold weights
+    follow each fold's validation score (mean of the two views)."""
+    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
+    models, fold_scores, trained_now = [], [], 0
+    y_names = td.labels["gesture"].to_numpy()
+    for k in progress(range(cfg.folds), desc=f"{family} folds", total=cfg.folds):
+        va, tr = td.folds == k, td.folds != k
+        model = load_fold(k)
+        how = "resumed from the bundle"
+        if model is None:
+            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
+                raise StopRequested(f"{family}: stopped after {trained_now} new fold(s); rerun to resume")
+            model, how = fit_fold(k, tr, va)
+            trained_now += 1
+        for v in VIEWS:
+            oof[v][va] = predict_fold(model, v, va)
+        scores = {v: score_probabilities(y_names[va], oof[v][va])["metric"] for v in VIEWS}
+        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
+        say(f"{family} fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
+        models.append(model)
+    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
+    return {"oof": oof, "fold_weights": weights.tolist(), "models": models}
+
+
+def epoch_logger(out: Path, family: str, k: int) -> Callable[[dict[str, Any]], None]:
+    """Per-epoch record of a net: one JSON line in OUT/logs/<family>.jsonl and one printed line."""
+    path = out / "logs" / f"{family}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(rec: dict[str, Any]) -> None:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"fold": k, **rec}) + "\n")
+        loss = rec["loss"] if rec["loss"] is not None else float("nan")
+        say(f"  {family} fold {k} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
+            f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
+    return log
+
+
+def fold_meta_matches(meta_path: Path, fingerprint: str) -> bool:
+    try:
+        return json.loads(meta_path.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
 # %% [markdown]
 # ## 9. Evaluation: two views of every model
 #
@@ -1604,38 +1657,29 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
     fp = _fold_fingerprint(cfg, td, names, "lgbm")
     model_dir = bundle / "lgbm"
     model_dir.mkdir(parents=True, exist_ok=True)
-    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
-    boosters, fold_scores, importances, trained_now = [], [], [], 0
-    for k in progress(range(cfg.folds), desc="lgbm folds", total=cfg.folds):
-        va, tr = td.folds == k, td.folds != k
-        path, meta_path = model_dir / f"fold{k}.txt", model_dir / f"fold{k}.json"
-        if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
-            booster = lgb.Booster(model_file=str(path))
-            how = "resumed"
-        else:
-            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
-                raise StopRequested(f"lgbm: stopped after {trained_now} new fold(s); rerun to resume")
-            t0 = time.perf_counter()
-            x_va = np.vstack([x["full"][va], x["imu_only"][va]])
-            y_va = np.concatenate([td.y[va], td.y[va]])
-            booster = train_lgbm_fold(cfg, x["full"][tr], td.y[tr], x_va, y_va, names, cfg.seed + k)
-            atomic_write(path, lambda p: booster.save_model(str(p)))
-            write_json(meta_path, {"fingerprint": fp, "best_iteration": booster.best_iteration,
-                                   "seconds": time.perf_counter() - t0})
-            trained_now += 1
-            how = f"trained {booster.best_iteration} rounds"
-        for v in VIEWS:
-            oof[v][va] = lgbm_predict_proba([booster], np.ones(1), x[v][va])
-        scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
-        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
-        say(f"lgbm fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
-        boosters.append(booster)
-        importances.append(booster.feature_importance("gain"))
-    imp = pl.DataFrame({"feature": names, "gain": np.mean(importances, axis=0)}).sort("gain", descending=True)
+
+    def load_fold(k: int) -> Any:
+        path = model_dir / f"fold{k}.txt"
+        return lgb.Booster(model_file=str(path)) if path.exists() and fold_meta_matches(
+            model_dir / f"fold{k}.json", fp) else None
+
+    def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
+        t0 = time.perf_counter()
+        x_va = np.vstack([x["full"][va], x["imu_only"][va]])  # early stopping watches both views
+        booster = train_lgbm_fold(cfg, x["full"][tr], td.y[tr], x_va, np.concatenate([td.y[va], td.y[va]]),
+                                  names, cfg.seed + k)
+        atomic_write(model_dir / f"fold{k}.txt", lambda p: booster.save_model(str(p)))
+        write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_iteration": booster.best_iteration,
+                                                 "seconds": time.perf_counter() - t0})
+        return booster, f"trained {booster.best_iteration} rounds"
+
+    res = run_folds(cfg, td, "lgbm", load_fold, fit_fold,
+                    lambda booster, v, va: lgbm_predict_proba([booster], np.ones(1), x[v][va]))
+    gain = np.mean([b.feature_importance("gain") for b in res["models"]], axis=0)
+    imp = pl.DataFrame({"feature": names, "gain": gain}).sort("gain", descending=True)
     atomic_write(out / "feature_importance.csv", lambda p: imp.write_csv(p))
-    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
-    return {"oof": oof, "files": [f"lgbm/fold{k}.txt" for k in range(cfg.folds)],
-            "fold_weights": weights.tolist(), "feature_names": names}
+    return {"oof": res["oof"], "files": [f"lgbm/fold{k}.txt" for k in range(cfg.folds)],
+            "fold_weights": res["fold_weights"], "feature_names": names}
 
 
 def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
@@ -2152,8 +2196,8 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
 
 
 def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
-    """All folds of the PyTorch net: checkpoint per fold (skipped when present, still predicted),
-    OOF for both views, per-epoch log in OUT/logs/torch.jsonl."""
+    """All folds of the PyTorch net: a checkpoint per fold (in_ch, n_classes, config, scaler,
+    state_dict), OOF for both views, per-epoch log in OUT/logs/torch.jsonl."""
     torch = _torch_lib().torch
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -2163,46 +2207,27 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     fp = _fold_fingerprint(cfg, td, names, "torch")
     model_dir = bundle / "torch"
     model_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out / "logs" / "torch.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
-    fold_scores, trained_now = [], 0
-    for k in progress(range(cfg.folds), desc="torch folds", total=cfg.folds):
-        va, tr = td.folds == k, td.folds != k
+
+    def load_fold(k: int) -> Any:
         path = model_dir / f"fold{k}.pt"
-        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-        if ckpt is not None and ckpt.get("fingerprint") == fp:
-            model, scaler, _ = load_torch_checkpoint(path, device)
-            how = f"resumed (best epoch {ckpt['best_epoch']})"
-        else:
-            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
-                raise StopRequested(f"torch: stopped after {trained_now} new fold(s); rerun to resume")
+        if not path.exists() or torch.load(path, map_location="cpu", weights_only=True).get("fingerprint") != fp:
+            return None
+        return load_torch_checkpoint(path, device)[:2]
 
-            def log(rec: dict[str, Any], k: int = k) -> None:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps({"fold": k, **rec}) + "\n")
-                say(f"  torch fold {k} epoch {rec['epoch']:>3}: loss {rec['loss'] or float('nan'):.3f} "
-                    f"full {rec['full']:.4f} imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} "
-                    f"({rec['seconds']:.1f}s)")
+    def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
+        res = train_torch_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
+                               td.y[va], cfg.seed + k, epoch_logger(out, "torch", k))
+        ckpt = {"in_ch": len(names), "n_classes": len(GESTURES), "config": dataclasses.asdict(cfg),
+                "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"],
+                "fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"],
+                "bad_steps": res["bad_steps"], "uncertainty_s": res["uncertainty_s"]}
+        atomic_write(model_dir / f"fold{k}.pt", lambda p: torch.save(ckpt, p))
+        return load_torch_checkpoint(model_dir / f"fold{k}.pt", device)[:2], f"trained, best epoch {res['epoch']}"
 
-            res = train_torch_fold(cfg, inputs["full"].subset(tr), td.y[tr],
-                                   {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k, log)
-            ckpt = {"in_ch": len(names), "n_classes": len(GESTURES), "config": dataclasses.asdict(cfg),
-                    "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"],
-                    "fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"],
-                    "bad_steps": res["bad_steps"], "uncertainty_s": res["uncertainty_s"]}
-            atomic_write(path, lambda p: torch.save(ckpt, p))
-            model, scaler, _ = load_torch_checkpoint(path, device)
-            trained_now += 1
-            how = f"trained, best epoch {res['epoch']}"
-        for v in VIEWS:
-            oof[v][va] = torch_predict_proba([(model, scaler)], np.ones(1), inputs[v].subset(va))
-        scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
-        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
-        say(f"torch fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
-    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
-    return {"oof": oof, "files": [f"torch/fold{k}.pt" for k in range(cfg.folds)],
-            "fold_weights": weights.tolist(), "channel_names": names}
+    res = run_folds(cfg, td, "torch", load_fold, fit_fold,
+                    lambda net, v, va: torch_predict_proba([net], np.ones(1), inputs[v].subset(va)))
+    return {"oof": res["oof"], "files": [f"torch/fold{k}.pt" for k in range(cfg.folds)],
+            "fold_weights": res["fold_weights"], "channel_names": names}
 
 
 # %% [markdown]
@@ -2464,43 +2489,28 @@ def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     fp = _fold_fingerprint(cfg, td, names, "torch")  # the twin shares the torch_* architecture fields
     model_dir = bundle / "keras"
     model_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out / "logs" / "keras.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
-    fold_scores, trained_now = [], 0
-    for k in progress(range(cfg.folds), desc="keras folds", total=cfg.folds):
-        va, tr = td.folds == k, td.folds != k
-        path, meta_path = model_dir / f"fold{k}.keras", model_dir / f"fold{k}.json"
-        if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
-            model, scaler = load_keras_fold(path)
-            how = "resumed"
-        else:
-            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
-                raise StopRequested(f"keras: stopped after {trained_now} new fold(s); rerun to resume")
 
-            def log(rec: dict[str, Any], k: int = k) -> None:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps({"fold": k, **rec}) + "\n")
-                say(f"  keras fold {k} epoch {rec['epoch']:>3}: loss {rec['loss']:.3f} full {rec['full']:.4f} "
-                    f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
+    def load_fold(k: int) -> Any:
+        path = model_dir / f"fold{k}.keras"
+        if not (path.exists() and fold_meta_matches(model_dir / f"fold{k}.json", fp)):
+            return None
+        model, scaler = load_keras_fold(path)
+        return KerasPredictor(model, len(scaler.mean)), scaler
 
-            res = train_keras_fold(cfg, inputs["full"].subset(tr), td.y[tr],
-                                   {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k, log)
-            model, scaler = res["model"], res["scaler"]
-            atomic_write(path.with_suffix(".scaler.json"), lambda p: p.write_text(json.dumps(scaler.state())))
-            atomic_write(path, lambda p: model.save(p))
-            write_json(meta_path, {"fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"]})
-            trained_now += 1
-            how = f"trained, best epoch {res['epoch']}"
-        predictor = KerasPredictor(model, len(scaler.mean))
-        for v in VIEWS:
-            oof[v][va] = keras_predict_proba([predictor], np.ones(1), inputs[v].subset(va), [scaler])
-        scores = {v: score_probabilities(td.labels["gesture"].to_numpy()[va], oof[v][va])["metric"] for v in VIEWS}
-        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
-        say(f"keras fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
-    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
-    return {"oof": oof, "files": [f"keras/fold{k}.keras" for k in range(cfg.folds)],
-            "fold_weights": weights.tolist(), "channel_names": names}
+    def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
+        res = train_keras_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
+                               td.y[va], cfg.seed + k, epoch_logger(out, "keras", k))
+        path, scaler = model_dir / f"fold{k}.keras", res["scaler"]
+        atomic_write(path.with_suffix(".scaler.json"), lambda p: p.write_text(json.dumps(scaler.state())))
+        atomic_write(path, lambda p: res["model"].save(p))
+        write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_epoch": res["epoch"],
+                                                 "best_score": res["score"]})
+        return (KerasPredictor(res["model"], len(scaler.mean)), scaler), f"trained, best epoch {res['epoch']}"
+
+    res = run_folds(cfg, td, "keras", load_fold, fit_fold,
+                    lambda m, v, va: keras_predict_proba([m[0]], np.ones(1), inputs[v].subset(va), [m[1]]))
+    return {"oof": res["oof"], "files": [f"keras/fold{k}.keras" for k in range(cfg.folds)],
+            "fold_weights": res["fold_weights"], "channel_names": names}
 
 
 # %% [markdown]
