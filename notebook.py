@@ -85,7 +85,8 @@ class Config:
     demo: bool = _doc("force the generated demo dataset even when real data exists", False)
     out_dir: str | None = _doc("output folder; default /kaggle/working on Kaggle, else ./working")
     model_path: str | None = _doc("bundle folder, or a folder containing one (a mounted Kaggle "
-                                  "dataset); default OUT/bundle")
+                                  "dataset); default OUT/bundle, else (on Kaggle) the first bundle "
+                                  "found under /kaggle/input")
     # --- what to run
     profile: str | None = _doc("smoke (seconds, for tests) | quick (minutes on a 2-core CPU, the "
                                "local default) | full (competition settings, the Kaggle default)")
@@ -155,6 +156,16 @@ class Config:
     torch_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
                                          "channels (as an IMU-only test sequence)", 0.5)
     torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0)
+    torch_arch: str = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
+                           "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
+                           "each is its own ensemble member (torch, torch_sqz) with the same recipe", "gru")
+    torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)")
+    torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks")
+    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4)
+    torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31)
+    torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1)
+    torch_sqz_reduction: int = _doc("time steps averaged into one after the input projection "
+                                    "(attention cost falls with its square); 1 = off", 2)
     aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5)
     aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3)
     aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3)
@@ -170,11 +181,14 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, torch_conv="16,32", torch_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
+    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, torch_conv="16,32", torch_hidden=16,
+                  torch_arch="gru,squeezeformer", torch_sqz_dim=32, torch_sqz_layers=1, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
+    "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48,
+                  torch_sqz_dim=64, torch_sqz_layers=2, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
-    "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, torch_conv="64,128", torch_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
+    "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, torch_conv="64,128", torch_hidden=128,
+                 torch_sqz_dim=128, torch_sqz_layers=3, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
 
@@ -243,12 +257,17 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     unknown_models = set(cfg.models.split(",")) - set(MODEL_FAMILIES)
     if unknown_models:
         raise ValueError(f"--models: unknown {sorted(unknown_models)}; choose from {MODEL_FAMILIES}")
+    cfg.torch_arch = ",".join(a.strip() for a in cfg.torch_arch.split(",") if a.strip())
+    unknown_archs = set(cfg.torch_arch.split(",")) - set(TORCH_ARCHS)
+    if unknown_archs or not cfg.torch_arch:
+        raise ValueError(f"--torch-arch: unknown {sorted(unknown_archs)}; choose from {tuple(TORCH_ARCHS)}")
     if cfg.out_dir is None:
         cfg.out_dir = str(KAGGLE_WORKING if on_kaggle() else Path("working"))
     return cfg
 
 
 MODEL_FAMILIES = ("lgbm", "torch", "keras")
+TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
 
 # %% [markdown]
 # ## 2. Competition constants
@@ -267,6 +286,7 @@ NON_TARGET_GESTURES = [
 ]
 GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES
 GESTURE_INDEX = {g: i for i, g in enumerate(GESTURES)}
+TARGET_MASK = np.array([g in TARGET_GESTURES for g in GESTURES])
 NON_TARGET_CLASS = "non_target"
 
 ORIENTATIONS = ["Seated Straight", "Seated Lean Non Dom - FACE DOWN", "Lie on Back",
@@ -1486,9 +1506,14 @@ def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
     return keep
 
 
-def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], family: str) -> str:
-    keys = {k: getattr(cfg, k) for k in sorted(vars(cfg)) if k.startswith((family, "aug_")) or k in (
-        "seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout")}
+def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], prefix: str) -> str:
+    """What a saved fold depends on: data, inputs and the settings that shape this family's models
+    (so changing another family's settings never retrains it)."""
+    shared = ("seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout")
+    own_arch = cfg.torch_arch == "squeezeformer"
+    keys = {k: getattr(cfg, k) for k in sorted(vars(cfg))
+            if (k.startswith((prefix, "aug_")) or k in shared) and k != "torch_arch"
+            and (own_arch or not k.startswith("torch_sqz_"))}
     payload = json.dumps([keys, td.fingerprint, names, FEATURE_VERSION], sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -1804,7 +1829,7 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
 
 # %% [markdown]
-# ## 12. PyTorch CNN-BiGRU-attention
+# ## 12. PyTorch nets: CNN-BiGRU-attention and Squeezeformer
 #
 # Residual Conv1D blocks with squeeze-excitation and max-pooling, a bidirectional GRU fed through
 # `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
@@ -1812,6 +1837,12 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 # (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty weights
 # (Kendall & Gal 2018). Padding is re-zeroed after every convolution, so a sequence's output does
 # not depend on how much padding its batch adds.
+#
+# `--torch-arch squeezeformer` swaps the encoder (same inputs, heads, losses and recipe): input
+# projection, 2x time reduction, sinusoidal positions, Squeezeformer blocks (half-step feed-forward,
+# self-attention with the padding mask, convolution module, half-step feed-forward), then a learnable
+# [CLS] token and a small `torch.nn` transformer encoder whose [CLS] output replaces pooling.
+# `--torch-arch gru,squeezeformer` trains both as separate ensemble members (`torch`, `torch_sqz`).
 
 # %%
 def torch_device() -> str:
@@ -1884,8 +1915,29 @@ def _torch_lib() -> Any:
             w = torch.softmax(s, dim=1).to(h.dtype)
             return (h * w.unsqueeze(-1)).sum(1)
 
+    class Heads(nn.Module):
+        """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary logits; both encoders end here."""
+
+        def __init__(self, dim: int, n_demo: int, dropout: float, use_demographics: bool) -> None:
+            super().__init__()
+            self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU()) if use_demographics else None
+            self.trunk = nn.Sequential(nn.Linear(dim + (16 if use_demographics else 0), 256), nn.ReLU(),
+                                       nn.Dropout(dropout))
+            self.head18 = nn.Linear(256, len(GESTURES))
+            self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
+            self.head2 = nn.Linear(256, 1)
+
+        def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
+            if self.demo is not None:
+                z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
+            z = self.trunk(z)
+            return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1)}
+
+    def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None].to(x.device)
+
     class GestureNet(nn.Module):
-        """CNN -> packed BiGRU -> masked attention -> (+ demographics) -> 18 / 9 / binary heads."""
+        """CNN -> packed BiGRU -> masked attention -> heads."""
 
         def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
                      use_demographics: bool) -> None:
@@ -1894,24 +1946,17 @@ def _torch_lib() -> Any:
             self.blocks = nn.ModuleList([ResBlock(a, b, 3, dropout) for a, b in zip(chans[:-1], chans[1:])])
             self.gru = nn.GRU(chans[-1], hidden, batch_first=True, bidirectional=True)
             self.pool = MaskedAttentionPool(2 * hidden)
-            self.use_demographics = use_demographics
-            self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU()) if use_demographics else None
-            dim = 2 * hidden + (16 if use_demographics else 0)
-            self.trunk = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Dropout(dropout))
-            self.head18 = nn.Linear(256, len(GESTURES))
-            self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
-            self.head2 = nn.Linear(256, 1)
+            self.heads = Heads(2 * hidden, n_demo, dropout, use_demographics)
 
         def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
                     packed: bool = True) -> dict[str, torch.Tensor]:
-            t = torch.arange(x.shape[1], device=x.device)
-            mask = t[None, :] < lengths[:, None].to(x.device)
+            mask = time_mask(x, lengths)
             h = x.transpose(1, 2) * mask.unsqueeze(1).to(x.dtype)
             for block in self.blocks:
                 h, mask = block(h, mask)
             h = h.transpose(1, 2)
             lens = mask.sum(1).clamp(min=1)
-            mask = torch.arange(h.shape[1], device=h.device)[None, :] < lens[:, None]
+            mask = time_mask(h, lens)
             # Packing only matters when some row is padded (a single sequence never is).
             if packed and bool((lens < h.shape[1]).any()):
                 pk = pack_padded_sequence(h, lens.cpu(), batch_first=True, enforce_sorted=False)
@@ -1919,11 +1964,102 @@ def _torch_lib() -> Any:
                 out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
             else:
                 out, _ = self.gru(h)
-            z = self.pool(out, mask)
-            if self.use_demographics:
-                z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
-            z = self.trunk(z)
-            return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1)}
+            return self.heads(self.pool(out, mask), demo)
+
+    def sinusoidal_positions(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(n, device=like.device, dtype=torch.float32)[:, None]
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=like.device) / dim)
+        pe = torch.zeros(n, dim, device=like.device)
+        pe[:, 0::2] = torch.sin(pos * freq)
+        pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+        return pe.to(like.dtype)
+
+    class FeedForward(nn.Module):
+        def __init__(self, dim: int, dropout: float) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Dropout(dropout),
+                                     nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    class ConvModule(nn.Module):
+        """LayerNorm, pointwise conv to 2x channels, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv."""
+
+        def __init__(self, dim: int, kernel: int, dropout: float) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(dim)
+            self.expand = nn.Conv1d(dim, 2 * dim, 1)
+            self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+            self.bn = nn.BatchNorm1d(dim)
+            self.project = nn.Conv1d(dim, dim, 1)
+            self.drop = nn.Dropout(dropout)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            m = mask.unsqueeze(1).to(x.dtype)
+            # Padding is zeroed before the depthwise conv, else its kernel would carry it into valid steps.
+            h = nn.functional.glu(self.expand(self.norm(x).transpose(1, 2)), dim=1) * m
+            h = nn.functional.silu(self.bn(self.depthwise(h))) * m
+            return self.drop(self.project(h)).transpose(1, 2)
+
+    class SqueezeformerBlock(nn.Module):
+        """Half-step feed-forward, masked self-attention, conv module, half-step feed-forward."""
+
+        def __init__(self, dim: int, heads: int, kernel: int, dropout: float) -> None:
+            super().__init__()
+            self.ff1 = FeedForward(dim, dropout)
+            self.attn_norm = nn.LayerNorm(dim)
+            self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+            self.attn_drop = nn.Dropout(dropout)
+            self.conv = ConvModule(dim, kernel, dropout)
+            self.ff2 = FeedForward(dim, dropout)
+            self.norm = nn.LayerNorm(dim)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = x + 0.5 * self.ff1(x)
+            h = self.attn_norm(x)
+            a, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
+            x = x + self.attn_drop(a)
+            x = x + self.conv(x, mask)
+            x = x + 0.5 * self.ff2(x)
+            return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
+
+    class SqueezeformerNet(nn.Module):
+        """Projection + positions -> Squeezeformer blocks -> [CLS] + transformer encoder -> heads."""
+
+        def __init__(self, in_ch: int, n_demo: int, dim: int, layers: int, heads: int, kernel: int,
+                     cls_layers: int, reduction: int, dropout: float, use_demographics: bool) -> None:
+            super().__init__()
+            self.project = nn.Sequential(nn.Linear(in_ch, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
+            self.reduction = max(int(reduction), 1)
+            self.blocks = nn.ModuleList([SqueezeformerBlock(dim, heads, kernel, dropout) for _ in range(layers)])
+            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.cls_encoder = nn.TransformerEncoder(layer, cls_layers, norm=nn.LayerNorm(dim),
+                                                     enable_nested_tensor=False)
+            self.heads = Heads(dim, n_demo, dropout, use_demographics)
+
+        def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            """The [CLS] output: the sequence summary the heads see."""
+            mask = time_mask(x, lengths)
+            h = self.project(x) * mask.unsqueeze(-1).to(x.dtype)
+            if self.reduction > 1:  # pad to a multiple first, so the grouping never depends on batch padding
+                r = self.reduction
+                h = nn.functional.pad(h, (0, 0, 0, (-h.shape[1]) % r))
+                h = h.view(h.shape[0], h.shape[1] // r, r, h.shape[2]).mean(2)
+                lengths = (lengths.to(x.device) + r - 1) // r
+                mask = time_mask(h, lengths)
+            h = (h + sinusoidal_positions(h.shape[1], h.shape[2], h)) * mask.unsqueeze(-1).to(h.dtype)
+            for block in self.blocks:
+                h = block(h, mask)
+            h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+            keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            return self.cls_encoder(h, src_key_padding_mask=~keep)[:, 0]
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
+                    packed: bool = True) -> dict[str, torch.Tensor]:
+            return self.heads(self.encode(x, lengths), demo)
 
     class UncertaintyWeights(nn.Module):
         """loss = sum_i exp(-s_i) L_i + s_i with learnable, clamped s_i (Kendall & Gal 2018)."""
@@ -1937,7 +2073,7 @@ def _torch_lib() -> Any:
             s = self.s.clamp(-self.clamp, self.clamp)
             return sum(torch.exp(-s[i]) * l + s[i] for i, l in enumerate(losses))
 
-    _TORCH_LIB = SimpleNamespace(torch=torch, nn=nn, GestureNet=GestureNet,
+    _TORCH_LIB = SimpleNamespace(torch=torch, nn=nn, GestureNet=GestureNet, SqueezeformerNet=SqueezeformerNet,
                                  UncertaintyWeights=UncertaintyWeights)
     return _TORCH_LIB
 
@@ -1946,7 +2082,14 @@ _TORCH_LIB: Any = None
 
 
 def build_torch_model(cfg: Config, in_ch: int) -> Any:
+    """The net of `cfg.torch_arch` (one architecture: train_torch runs each --torch-arch choice apart)."""
     lib = _torch_lib()
+    if cfg.torch_arch == "squeezeformer":
+        return lib.SqueezeformerNet(in_ch, len(DEFAULT_DEMOGRAPHICS), cfg.torch_sqz_dim, cfg.torch_sqz_layers,
+                                    cfg.torch_sqz_heads, cfg.torch_sqz_kernel, cfg.torch_sqz_cls_layers,
+                                    cfg.torch_sqz_reduction, cfg.torch_dropout, cfg.torch_demographics)
+    if cfg.torch_arch != "gru":
+        raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
     conv = tuple(int(c) for c in str(cfg.torch_conv).split(","))
     return lib.GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.torch_hidden, cfg.torch_dropout,
                           cfg.torch_demographics)
@@ -1958,7 +2101,7 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
     p18 = _softmax(y18)
     p9 = _softmax(y9)
     pt = 1.0 / (1.0 + np.exp(-y2))[:, None]
-    is_t = TARGET_INDEX_9 < len(TARGET_GESTURES)
+    is_t = TARGET_MASK
     nt_share = np.where(is_t, 0.0, p18) / np.maximum(np.where(is_t, 0.0, p18).sum(1, keepdims=True), 1e-12)
     t_share = np.where(is_t, p18, 0.0) / np.maximum(np.where(is_t, p18, 0.0).sum(1, keepdims=True), 1e-12)
     from9 = np.where(is_t, p9[:, TARGET_INDEX_9], p9[:, [len(TARGET_GESTURES)]] * nt_share)
@@ -2109,7 +2252,7 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, steps_per_epoch)] * len(groups))
     grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     targets = soft_targets(y_tr, cfg.torch_label_smoothing)
-    is_target = torch.tensor(TARGET_INDEX_9 < len(TARGET_GESTURES), device=device)
+    is_target = torch.tensor(TARGET_MASK, device=device)
     to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
     fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
     best = {"score": -1.0, "state": None, "epoch": -1}
@@ -2196,16 +2339,18 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
 
 
 def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
-    """All folds of the PyTorch net: a checkpoint per fold (in_ch, n_classes, config, scaler,
-    state_dict), OOF for both views, per-epoch log in OUT/logs/torch.jsonl."""
+    """All folds of the PyTorch net of `cfg.torch_arch` (one architecture; its ensemble member name
+    is TORCH_ARCHS[arch]): a checkpoint per fold (in_ch, n_classes, config, scaler, state_dict),
+    OOF for both views, per-epoch log in OUT/logs/<member>.jsonl."""
     torch = _torch_lib().torch
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = torch_device()
+    member = TORCH_ARCHS[cfg.torch_arch]
     inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
     names = inputs["full"].names
     fp = _fold_fingerprint(cfg, td, names, "torch")
-    model_dir = bundle / "torch"
+    model_dir = bundle / member
     model_dir.mkdir(parents=True, exist_ok=True)
 
     def load_fold(k: int) -> Any:
@@ -2216,7 +2361,7 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         res = train_torch_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
-                               td.y[va], cfg.seed + k, epoch_logger(out, "torch", k))
+                               td.y[va], cfg.seed + k, epoch_logger(out, member, k))
         ckpt = {"in_ch": len(names), "n_classes": len(GESTURES), "config": dataclasses.asdict(cfg),
                 "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"],
                 "fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"],
@@ -2224,9 +2369,9 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
         atomic_write(model_dir / f"fold{k}.pt", lambda p: torch.save(ckpt, p))
         return load_torch_checkpoint(model_dir / f"fold{k}.pt", device)[:2], f"trained, best epoch {res['epoch']}"
 
-    res = run_folds(cfg, td, "torch", load_fold, fit_fold,
+    res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda net, v, va: torch_predict_proba([net], np.ones(1), inputs[v].subset(va)))
-    return {"oof": res["oof"], "files": [f"torch/fold{k}.pt" for k in range(cfg.folds)],
+    return {"oof": res["oof"], "files": [f"{member}/fold{k}.pt" for k in range(cfg.folds)],
             "fold_weights": res["fold_weights"], "channel_names": names}
 
 
@@ -2563,6 +2708,51 @@ def nested_blend_scores(y_true: list[str], probas: list[np.ndarray], folds: np.n
     return {**score_probabilities(y, blended), "per_fold": per_fold}
 
 
+TARGET_SCALES = (1.0, 0.5, 0.67, 0.8, 1.25, 1.5, 2.0)  # 1.0 first: a tie keeps the plain blend
+
+
+def target_scaled(proba: np.ndarray, scale: float) -> np.ndarray:
+    """Probabilities with the 8 target gestures' mass multiplied by `scale`, renormalised: moves the
+    target vs non-target decision (the binary half of the metric) without reordering either group."""
+    q = np.asarray(proba, dtype=np.float64).copy()
+    q[:, TARGET_MASK] *= scale
+    return (q / q.sum(1, keepdims=True)).astype(np.float32)
+
+
+def fit_target_scale(y_true: Iterable[str], proba: np.ndarray) -> float:
+    scores = [score_probabilities(y_true, target_scaled(proba, s))["metric"] for s in TARGET_SCALES]
+    return float(TARGET_SCALES[int(np.argmax(scores))])
+
+
+def target_scale_check(y_true: list[str], proba: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+    """Class-prior adjustment of target vs non-target, kept only if it helps out of sample: the
+    scale is fitted on the other folds and scored on fold k (nested), like the blend weights."""
+    y = np.asarray(y_true, dtype=object)
+    adjusted = np.zeros_like(proba)
+    for k in sorted(set(folds.tolist())):
+        fit, hold = folds != k, folds == k
+        adjusted[hold] = target_scaled(proba[hold], fit_target_scale(y[fit], proba[fit]))
+    base = score_probabilities(y, proba)["metric"]
+    nested = score_probabilities(y, adjusted)["metric"]
+    scale = fit_target_scale(y, proba)
+    return {"scale": scale, "base": base, "nested": nested, "gain": nested - base,
+            "enabled": bool(nested > base and scale != 1.0)}
+
+
+def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """What each member adds: the expected LB of the blend refitted without it (in-sample, like
+    the ensemble figure it is compared with)."""
+    out = {}
+    for drop in (oof if len(oof) > 1 else []):
+        rest = [n for n in oof if n != drop]
+        views = {}
+        for v in VIEWS:
+            probas = [oof[n][v] for n in rest]
+            views[v] = score_probabilities(y_true, blend(probas, fit_blend_weights(y_true, probas)))["metric"]
+        out[drop] = {**views, "expected_lb": 0.5 * (views["full"] + views["imu_only"])}
+    return out
+
+
 # %% [markdown]
 # ### 14.1 Per-subject label assignment
 #
@@ -2677,10 +2867,8 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
         save(fig, "per_gesture_f1.png")
 
     def curves() -> None:
-        for family in ("torch", "keras"):
-            log = out / "logs" / f"{family}.jsonl"
-            if not log.exists():
-                continue
+        for log in sorted((out / "logs").glob("*.jsonl")):
+            family = log.stem
             recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             fig, axes = plt.subplots(1, 2, figsize=(11, 4))
             for k in sorted({r["fold"] for r in recs}):
@@ -2758,7 +2946,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # `kaggle datasets create -p OUT/bundle` publishes it as is for an inference-only submission.
 
 # %%
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: shared net heads, torch_sqz member, target_scale
 
 
 def library_versions() -> dict[str, str]:
@@ -2783,7 +2971,8 @@ def kaggle_username() -> str:
 
 
 def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
-                 blend_weights: dict[str, list[float]], report: dict[str, Any]) -> None:
+                 blend_weights: dict[str, list[float]], target_scale: dict[str, float],
+                 report: dict[str, Any]) -> None:
     prior = np.bincount(td.y, minlength=len(GESTURES)) / len(td.y)
     manifest = {
         "format_version": BUNDLE_FORMAT,
@@ -2792,6 +2981,7 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "feature_version": FEATURE_VERSION,
         "families": {name: {k: v for k, v in fam.items() if k != "oof"} for name, fam in families.items()},
         "blend_weights": blend_weights,
+        "target_scale": target_scale,
         "subject_assignment": bool(report.get("subject_assignment", {}).get("enabled", False)),
         "fallback_gesture": GESTURES[int(np.argmax(prior))],
         "class_prior": prior.tolist(),
@@ -2841,9 +3031,16 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     families: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"models": {}, "n_sequences": len(y_true), "folds": cfg.folds,
                               "profile": cfg.profile}
-    for name in cfg.models.split(","):
+    members = []  # (ensemble member, trainer, its config): one torch member per --torch-arch choice
+    for family in cfg.models.split(","):
+        if family == "torch":
+            members += [(TORCH_ARCHS[a], train_torch, dataclasses.replace(cfg, torch_arch=a))
+                        for a in cfg.torch_arch.split(",")]
+        else:
+            members.append((family, {"lgbm": train_lgbm, "keras": train_keras}[family], cfg))
+    for name, trainer, member_cfg in members:
         with watch(f"train_{name}"):
-            fam = {"lgbm": train_lgbm, "torch": train_torch, "keras": train_keras}[name](cfg, td, bundle, out)
+            fam = trainer(member_cfg, td, bundle, out)
         families[name] = fam
         for view in VIEWS:
             suffix = "" if view == "full" else "_imu"
@@ -2861,10 +3058,20 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     names = list(families)
     blend_weights = {v: fit_blend_weights(y_true, [families[n]["oof"][v] for n in names]) for v in VIEWS}
     ens = {v: blend([families[n]["oof"][v] for n in names], blend_weights[v]) for v in VIEWS}
+    report["target_scale"] = {v: target_scale_check(y_true, ens[v], td.folds) for v in VIEWS}
+    target_scale = {v: c["scale"] if c["enabled"] else 1.0 for v, c in report["target_scale"].items()}
+    say("target vs non-target scale (fitted on other folds): " + ", ".join(
+        f"{v} x{c['scale']:g} {c['base']:.4f} -> {c['nested']:.4f} ({c['gain']:+.4f}, "
+        f"{'on' if c['enabled'] else 'off'})" for v, c in report["target_scale"].items()))
+    ens = {v: target_scaled(ens[v], target_scale[v]) for v in VIEWS}  # what predict() will serve
     report["models"]["ensemble"] = model_report(y_true, ens, td.folds)
     report["ensemble_weights"] = {v: dict(zip(names, w)) for v, w in blend_weights.items()}
     nested = {v: nested_blend_scores(y_true, [families[n]["oof"][v] for n in names], td.folds) for v in VIEWS}
     report["ensemble_nested"] = {**nested, "expected_lb": 0.5 * (nested["full"]["metric"] + nested["imu_only"]["metric"])}
+    report["ensemble_without"] = ensemble_ablation(y_true, {n: families[n]["oof"] for n in names})
+    if report["ensemble_without"]:
+        say(f"ensemble expected LB {report['models']['ensemble']['expected_lb']:.4f}; refitted without "
+            + ", ".join(f"{n}: {r['expected_lb']:.4f}" for n, r in report["ensemble_without"].items()))
     say(f"ensemble weights: {report['ensemble_weights']}; nested (weights fitted on other folds): "
         f"full {nested['full']['metric']:.4f} imu_only {nested['imu_only']['metric']:.4f}")
     subjects = td.labels["subject"].to_numpy()
@@ -2876,7 +3083,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
         + f"; {'on' if use_assignment else 'off'} at inference")
     report["expected_lb"] = report["models"]["ensemble"]["expected_lb"]
     write_json(out / "cv_report.json", report)
-    write_bundle(bundle, cfg, td, families, blend_weights, report)
+    write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report)
     print_cv_table(report)
     with watch("plots"):
         plots = make_plots(out, y_true, ens, report)
@@ -2906,7 +3113,13 @@ class Runtime:
         self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
 
     def bundle_path(self) -> Path:
-        return Path(self.cfg.model_path) if self.cfg.model_path else Path(self.cfg.out_dir) / "bundle"
+        """--model-path; else OUT/bundle; else, on Kaggle, whatever bundle dataset is attached."""
+        if self.cfg.model_path:
+            return Path(self.cfg.model_path)
+        own = Path(self.cfg.out_dir) / "bundle"
+        if not (own / "manifest.json").exists() and KAGGLE_DATA_DIR.parent.exists():
+            return KAGGLE_DATA_DIR.parent
+        return own
 
     def load(self) -> None:
         self.loaded = True
@@ -2943,7 +3156,7 @@ class Runtime:
                 if name == "lgbm":
                     boosters = [lgb.Booster(model_file=str(path / f)) for f in fam["files"]]
                     self.models[name] = (boosters, np.asarray(fam["fold_weights"]), fam["feature_names"])
-                elif name == "torch":
+                elif name in TORCH_ARCHS.values():
                     torch = _torch_lib().torch
                     torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
                     nets = [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]]
@@ -3010,13 +3223,15 @@ class Runtime:
             boosters, weights, names = self.models["lgbm"]
             table = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
             out["lgbm"] = lgbm_predict_proba(boosters, weights, table.matrix(names))
-        if "torch" in self.models or "keras" in self.models:
+        nets = [n for n in self.models if n != "lgbm"]
+        if nets:
             inputs = net_inputs_from(prepared, channels)
-            if "torch" in self.models:
-                out["torch"] = torch_predict_proba(*self.models["torch"], inputs)
-            if "keras" in self.models:
-                predictors, weights, scalers = self.models["keras"]
-                out["keras"] = keras_predict_proba(predictors, weights, inputs, scalers)
+            for name in nets:
+                if name == "keras":
+                    predictors, weights, scalers = self.models["keras"]
+                    out["keras"] = keras_predict_proba(predictors, weights, inputs, scalers)
+                else:
+                    out[name] = torch_predict_proba(*self.models[name], inputs)
         return out
 
     def predict(self, sequence: Any, demographics: Any) -> str:
@@ -3036,7 +3251,8 @@ class Runtime:
             probas = self.proba(seq, demo)
             table_view = "imu_only" if is_imu_only(seq) else "full"
             weights = self.manifest["blend_weights"][table_view]
-            p = blend([probas[n] for n in self.manifest["families"]], weights)[0]
+            p = blend([probas[n] for n in self.manifest["families"]], weights)
+            p = target_scaled(p, self.manifest.get("target_scale", {}).get(table_view, 1.0))[0]
             if not np.isfinite(p).all():
                 self.note("non-finite probabilities")
                 return self.fallback

@@ -1,7 +1,8 @@
 """Neural-net throughput and latency on this machine.
 
-Prints, for the PyTorch net (packed and unpacked GRU) and the Keras twin:
-  - training throughput (sequences/second, one epoch over demo sequences, no validation),
+Prints, for the PyTorch nets (BiGRU packed and unpacked, Squeezeformer) and the Keras twin:
+  - training throughput (sequences/second, one epoch over demo sequences; torch in fp32 and in
+    CPU bf16 autocast, the measurement behind torch_precision=auto choosing fp32 on CPU),
   - single-sequence inference latency for N folds (p50/p95 over real-length sequences).
 Usage: python bench/nets.py [--profile quick] [--folds 5] [--n 200]
 """
@@ -40,34 +41,42 @@ def main() -> None:
     inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     sample = inputs.subset(np.arange(len(y)) < 256)
-    print(f"profile {args.profile}: conv {cfg.torch_conv}, hidden {cfg.torch_hidden}, {len(inputs.names)} channels, "
+    print(f"profile {args.profile}: conv {cfg.torch_conv}, hidden {cfg.torch_hidden}, squeezeformer d "
+          f"{cfg.torch_sqz_dim} x {cfg.torch_sqz_layers}, {len(inputs.names)} channels, "
           f"torch threads {nb._torch_lib().torch.get_num_threads()}")
 
-    # --- PyTorch: training throughput (one epoch over 256 sequences)
+    # --- PyTorch, each --torch-arch: training throughput (one epoch over 256 sequences, fp32 and CPU
+    # bf16 autocast) and single-sequence latency for all folds
     torch = nb._torch_lib().torch
-    one = nb.dataclasses.replace(cfg, epochs=1)
-    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
     tiny_va = {"full": sample.subset(np.arange(256) < 16)}  # early stopping needs a validation set; keep it small
-    res = nb.train_torch_fold(one, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
-    print(f"torch train: {256 / (time.perf_counter() - t0):7.1f} sequences/s (one epoch, batch {cfg.torch_batch_size})")
-    model = nb.build_torch_model(cfg, len(inputs.names))
-    model.load_state_dict(res["state"])
-    models = [(model, res["scaler"])] * args.folds
-    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(inputs.arrays), args.n)
-    for packed in (True, False):  # identical outputs for one unpadded sequence (tested)
-        ms = []
-        for i in picks:
-            single = inputs.subset(np.arange(len(y)) == i)
+    for arch in ("gru", "squeezeformer"):
+        torch.set_num_threads(threads)
+        for precision in ("fp32", "bf16"):
+            one = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch, torch_precision=precision)
             t0 = time.perf_counter()
-            nb.torch_predict_proba(models, np.ones(args.folds), single, packed=packed)
-            ms.append((time.perf_counter() - t0) * 1000)
-        print(f"torch single sequence, {args.folds} folds, {'packed  ' if packed else 'unpacked'}: {percentiles(ms)}")
+            res = nb.train_torch_fold(one, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
+            print(f"torch {arch} train {precision}: {256 / (time.perf_counter() - t0):7.1f} sequences/s "
+                  f"(one epoch, batch {cfg.torch_batch_size})")
+        model = nb.build_torch_model(one, len(inputs.names))
+        model.load_state_dict(res["state"])
+        models = [(model, res["scaler"])] * args.folds
+        torch.set_num_threads(1)  # as predict() runs it
+        for packed in ((True, False) if arch == "gru" else (True,)):  # same output unpadded (tested)
+            ms = []
+            for i in picks:
+                single = inputs.subset(np.arange(len(y)) == i)
+                t0 = time.perf_counter()
+                nb.torch_predict_proba(models, np.ones(args.folds), single, packed=packed)
+                ms.append((time.perf_counter() - t0) * 1000)
+            how = ("packed  " if packed else "unpacked") if arch == "gru" else ""
+            print(f"torch {arch} single sequence, {args.folds} folds {how}: {percentiles(ms)}")
 
     # --- Keras: training throughput and tf.function latency
     t0 = time.perf_counter()
-    kres = nb.train_keras_fold(one, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
+    kres = nb.train_keras_fold(nb.dataclasses.replace(cfg, epochs=1), sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
     print(f"keras train: {256 / (time.perf_counter() - t0):7.1f} sequences/s (one epoch incl. first trace)")
     pred = nb.KerasPredictor(kres["model"], len(kres["scaler"].mean))
     preds, scalers = [pred] * args.folds, [kres["scaler"]] * args.folds

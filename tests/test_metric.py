@@ -45,3 +45,37 @@ def test_matches_sklearn_definition():
 def test_prediction_outside_the_18_names_is_an_error():
     with pytest.raises(ValueError):
         nb.competition_metric([T[0]], ["text on phone"])
+
+
+def _biased_probabilities(n=400, seed=0):
+    """Every target sequence loses to a non-target gesture by a small margin; non-targets win clearly."""
+    rng = np.random.default_rng(seed)
+    targets = [nb.GESTURE_INDEX[g] for g in nb.TARGET_GESTURES]
+    others = [nb.GESTURE_INDEX[g] for g in nb.NON_TARGET_GESTURES]
+    y, p = [], np.full((n, 18), 0.01)
+    for i in range(n):
+        if i % 2 == 0:
+            t = rng.choice(targets)
+            p[i, t], p[i, rng.choice(others)] = 0.30, 0.35
+        else:
+            t = rng.choice(others)
+            p[i, t], p[i, rng.choice(targets)] = 0.40, 0.30
+        y.append(nb.GESTURES[t])
+    return y, p / p.sum(1, keepdims=True), rng.integers(0, 4, n)
+
+
+def test_target_scale_keeps_each_group_in_order_and_sums_to_one():
+    _, p, _ = _biased_probabilities(50)
+    q = nb.target_scaled(p, 1.5)
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(nb.target_scaled(p, 1.0), p, rtol=1e-6)
+    for mask in (nb.TARGET_MASK, ~nb.TARGET_MASK):
+        assert (np.argsort(q[:, mask], 1, kind="stable") == np.argsort(p[:, mask], 1, kind="stable")).all()
+
+
+def test_target_scale_is_fitted_when_it_helps_out_of_sample_and_off_when_not():
+    y, p, folds = _biased_probabilities()
+    check = nb.target_scale_check(y, p, folds)
+    assert check["enabled"] and check["scale"] == 1.25 and check["gain"] > 0.1
+    y_right = [nb.GESTURES[i] for i in p.argmax(1)]  # the same probabilities, already right
+    assert not nb.target_scale_check(y_right, p, folds)["enabled"]

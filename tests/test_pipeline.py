@@ -88,7 +88,7 @@ def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
     assert not nb._RUNTIME.problems
 
 
-@pytest.mark.parametrize("family", ["lgbm", "torch", "keras"])
+@pytest.mark.parametrize("family", ["lgbm", "torch", "torch_sqz", "keras"])
 def test_cv_imu_view_is_the_predict_path(trained, family):
     """The imu_only OOF equals what predict()'s runtime computes for a blanked raw sequence."""
     cfg, _ = trained

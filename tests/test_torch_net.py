@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 
 def tiny_model(in_ch=10, **kw):
-    cfg = nb.parse_config(["--profile", "smoke"], environ={})
+    cfg = nb.parse_config(["--profile", "smoke", "--torch-arch", "gru"], environ={})
     for k, v in kw.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
@@ -47,6 +47,39 @@ def test_more_padding_does_not_change_a_sequence_output(length):
         torch.testing.assert_close(batch[k][:1], alone[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [37, 5, 1])
+def test_squeezeformer_cls_output_ignores_padding(length):
+    """The [CLS] summary of a sequence is the same alone and in a batch padded with garbage."""
+    model = tiny_model(torch_arch="squeezeformer")
+    torch.manual_seed(2)
+    seq = torch.randn(1, length, 10)
+    with torch.no_grad():
+        alone = model.encode(torch.nn.functional.pad(seq, (0, 0, 0, max(4 - length, 0))), torch.tensor([length]))
+        padded = torch.randn(2, 91, 10) * 100  # padding that would show if it leaked
+        padded[0, :length] = seq[0]
+        batch = model.encode(padded, torch.tensor([length, 91]))
+    torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_squeezeformer_attention_mask_excludes_padding():
+    """No gradient reaches padded steps from valid outputs, and without the mask it would."""
+    model = tiny_model(torch_arch="squeezeformer", torch_sqz_reduction=1)
+    block = model.blocks[0]
+    x = torch.randn(1, 12, block.norm.normalized_shape[0], requires_grad=True)
+    valid = torch.arange(12)[None, :] < 7
+    w = torch.randn(7, x.shape[-1])  # a plain sum of a LayerNorm output is constant: weight it
+    (block(x, valid)[0, :7] * w).sum().backward()
+    assert x.grad[0, 7:].abs().max() == 0 and x.grad[0, :7].abs().max() > 1e-3
+    x.grad = None
+    (block(x, torch.ones_like(valid))[0, :7] * w).sum().backward()  # the control: attention over everything
+    assert x.grad[0, 7:].abs().max() > 1e-3
+    # and end to end, from the raw input to the [CLS] output
+    raw = torch.randn(1, 12, 10, requires_grad=True)
+    summary = model.encode(raw, torch.tensor([7]))
+    (summary * torch.randn_like(summary)).sum().backward()  # a plain sum of a LayerNorm output is constant
+    assert raw.grad[0, 7:].abs().max() == 0 and raw.grad[0, :7].abs().max() > 1e-3
+
+
 def test_uncertainty_weighting_gives_gradients_to_its_log_variances():
     w = nb._torch_lib().UncertaintyWeights(3)
     losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True),
@@ -69,7 +102,8 @@ def test_combined_heads_are_a_distribution_and_respect_agreement():
     assert nb.combine_heads(y18, y9, np.array([20.0])).argmax() == 2
 
 
-def test_tiny_model_overfits_a_handful_of_sequences(tmp_path):
+@pytest.mark.parametrize("arch", ["gru", "squeezeformer"])
+def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
     cfg = smoke_config(tmp_path)
     nb.resolve_data_dir(cfg)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
@@ -83,7 +117,7 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path):
               "aug_mixup", "torch_modality_dropout", "torch_label_smoothing", "torch_ema", "torch_dropout"):
         setattr(cfg, k, 0.0)
     cfg.epochs, cfg.torch_lr, cfg.torch_patience, cfg.torch_batch_size = 60, 5e-3, 1000, 12
-    cfg.torch_conv, cfg.torch_hidden = "32,32", 32
+    cfg.torch_conv, cfg.torch_hidden, cfg.torch_arch = "32,32", 32, arch
     res = nb.train_torch_fold(cfg, sub, y, {"full": sub}, y, 0, lambda rec: None)
     model = nb.build_torch_model(cfg, len(sub.names))
     model.load_state_dict(res["state"])
