@@ -2919,15 +2919,17 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
     return written
 
 
-def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """OUT/run_summary.json: wall time per stage, peak memory, versions, device, config."""
+def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str, Any] | None = None,
+                      continues: bool = True) -> dict[str, Any]:
+    """OUT/run_summary.json: wall time per stage, peak memory, versions, device, config.
+    `continues`: add to the summary on disk (serving after training in one run), else start anew."""
     try:
         import resource
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except Exception:
         peak_mb = None
     path = out / "run_summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = json.loads(path.read_text()) if continues and path.exists() else {}
     stages = {**summary.get("stage_seconds", {}), **{k: round(v, 2) for k, v in watch.seconds.items()}}
     device = "cuda" if "torch" in sys.modules and sys.modules["torch"].cuda.is_available() else "cpu"
     summary = {**summary, "stage_seconds": stages, "total_seconds": round(sum(stages.values()), 2),
@@ -3088,7 +3090,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     with watch("plots"):
         plots = make_plots(out, y_true, ens, report)
     say(f"plots: {len(plots)} written to {out / 'plots'}")
-    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]})
+    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]}, continues=False)
     return report
 
 
@@ -3392,7 +3394,8 @@ def serve(cfg: Config) -> None:
           f"{time.perf_counter() - t0:.1f}s; {runtime.summary()}")
     watch = Stopwatch()
     watch.seconds["serve"] = time.perf_counter() - t0
-    write_run_summary(out, cfg, watch, {"predict_calls": runtime.calls, "predict_problems": dict(runtime.problems)})
+    write_run_summary(out, cfg, watch, {"predict_calls": runtime.calls, "predict_problems": dict(runtime.problems)},
+                      continues=cfg.stage != "infer")
 
 
 # %% [markdown]

@@ -47,7 +47,8 @@ def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
     # Folds are grouped by subject.
     assert (seqs.group_by("subject").agg(pl.col("fold").n_unique())["fold"] == 1).all()
     # Plots: written, non-empty, real PNG files.
-    for name in ("confusion_matrix", "per_gesture_f1", "training_curves_torch", "training_curves_keras",
+    for name in ("confusion_matrix", "per_gesture_f1", "training_curves_torch", "training_curves_torch_sqz",
+                 "training_curves_keras",
                  "ensemble_weights", "lgbm_feature_importance"):
         png = (out / "plots" / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
@@ -63,6 +64,7 @@ def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
 def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
     cfg, _ = trained
     bundle = os.path.join(cfg.out_dir, "bundle")
+    (tmp_path / "run_summary.json").write_text(json.dumps({"stage_seconds": {"train_lgbm": 99.0}}))
     res = run_script("--stage", "infer", "--model-path", os.path.dirname(bundle), "--data-dir",
                      str(sample_dir), "--out-dir", str(tmp_path), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -70,6 +72,8 @@ def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
     assert sorted(sub["sequence_id"]) == ["SEQ_000001", "SEQ_000011"]
     assert set(sub["gesture"]) <= set(nb.GESTURES)
     assert "problems: none" in res.stdout
+    # An inference-only run reports its own stages, not those of an earlier training run.
+    assert set(json.loads((tmp_path / "run_summary.json").read_text())["stage_seconds"]) == {"serve"}
 
 
 def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
