@@ -1,7 +1,8 @@
 """predict() latency for the whole bundle over the demo test sequences, as the gateway calls it.
 
 Usage: python bench/inference.py [--model-path working/bundle] [--data-dir demo_data] [--n 300]
-Prints the first call (bundle load) apart, then p50/p95/max over the following calls.
+Prints the first call (bundle load) apart, then p50/p95/max over the following calls, then where
+the time of a call goes (signals, LightGBM features and folds, each net's folds).
 """
 from __future__ import annotations
 
@@ -45,6 +46,40 @@ def main() -> None:
     print(f"predict(): first call (loads the bundle) {first:.0f} ms; next {len(rest)} calls: "
           f"p50 {np.percentile(rest, 50):.1f} ms, p95 {np.percentile(rest, 95):.1f} ms, max {rest.max():.1f} ms "
           f"(models: {', '.join(nb._RUNTIME.models)}); {nb._RUNTIME.summary()}")
+    breakdown(nb._RUNTIME, [frames[sid] for sid in calls[1:]], demo)
+
+
+def breakdown(rt: "nb.Runtime", sequences: list[pl.DataFrame], demo: pl.DataFrame) -> None:
+    """Where a call's time goes: the steps of Runtime.proba timed one by one (median ms per call)."""
+    laps: dict[str, list[float]] = {}
+
+    def lap(name: str, t0: float) -> float:
+        laps.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+        return time.perf_counter()
+
+    for seq in sequences:
+        one = seq.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
+        d = demo.filter(pl.col("subject") == seq["subject"][0]).head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
+        t = time.perf_counter()
+        prepared, channels = nb.derive(one, d, rt.cfg)
+        t = lap("signals (derive)", t)
+        if "lgbm" in rt.models:
+            table = nb.aggregate_features(prepared, channels, rt.cfg.sample_rate_hz)
+            t = lap("lgbm: aggregate features", t)
+            boosters, weights, names = rt.models["lgbm"]
+            nb.lgbm_predict_proba(boosters, weights, table.matrix(names))
+            t = lap(f"lgbm: {len(boosters)} folds predict", t)
+        inputs = nb.net_inputs_from(prepared, channels)
+        t = lap("net inputs", t)
+        for name, model in rt.models.items():
+            if name == "keras":
+                nb.keras_predict_proba(model[0], model[1], inputs, model[2])
+            elif name != "lgbm":
+                nb.torch_predict_proba(*model, inputs)
+            else:
+                continue
+            t = lap(f"{name}: {len(model[0])} folds predict", t)
+    print("per-call breakdown (median ms): " + ", ".join(f"{k} {np.median(v):.1f}" for k, v in laps.items()))
 
 
 if __name__ == "__main__":

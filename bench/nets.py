@@ -54,6 +54,8 @@ def main() -> None:
     picks = rng.integers(0, len(inputs.arrays), args.n)
     for arch in ("gru", "squeezeformer"):
         torch.set_num_threads(threads)
+        warm = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch)
+        nb.train_torch_fold(warm, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)  # untimed: first-call costs
         for precision in ("fp32", "bf16"):
             one = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch, torch_precision=precision)
             t0 = time.perf_counter()
