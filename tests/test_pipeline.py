@@ -76,6 +76,59 @@ def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
     assert set(json.loads((tmp_path / "run_summary.json").read_text())["stage_seconds"]) == {"serve"}
 
 
+# A stand-in for the competition's kaggle_evaluation package (shipped only with the competition
+# data, not on the package index), written from its documented interface: CMIInferenceServer(predict),
+# run_local_gateway(data_paths=(test_csv, demographics_csv)) calls predict once per sequence in a
+# random order with polars frames, requires a plain str and writes submission.parquet to the cwd.
+FAKE_SERVER = """
+import numpy as np
+import polars as pl
+
+
+class CMIInferenceServer:
+    def __init__(self, predict_fn):
+        self.predict_fn = predict_fn
+
+    def serve(self):
+        raise RuntimeError("serve() only runs inside the Kaggle rerun")
+
+    def run_local_gateway(self, data_paths):
+        test = pl.read_csv(data_paths[0], infer_schema_length=100)
+        demo = pl.read_csv(data_paths[1], infer_schema_length=100)
+        ids = test["sequence_id"].unique().to_list()
+        rows = []
+        for i in np.random.default_rng(7).permutation(len(ids)):
+            seq = test.filter(pl.col("sequence_id") == ids[i])
+            out = self.predict_fn(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+            assert type(out) is str, type(out)
+            rows.append((ids[i], out))
+        pl.DataFrame(rows, schema=["sequence_id", "gesture"], orient="row").write_parquet("submission.parquet")
+"""
+
+
+def test_kaggle_evaluation_and_builtin_gateways_give_the_same_submission(trained, tmp_path):
+    cfg, _ = trained
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("test.csv", "test_demographics.csv"):
+        (data / name).write_bytes((nb.Path(cfg.data_dir) / name).read_bytes())
+    subs = {}
+    for gateway in ("builtin", "kaggle_evaluation"):
+        if gateway == "kaggle_evaluation":  # found beside the data, as the competition ships it
+            (data / "kaggle_evaluation").mkdir()
+            (data / "kaggle_evaluation" / "__init__.py").write_text("")
+            (data / "kaggle_evaluation" / "cmi_inference_server.py").write_text(FAKE_SERVER)
+        out = tmp_path / gateway
+        # Assignment depends on call order, which differs between the gateways: compare without it.
+        res = run_script("--stage", "infer", "--model-path", os.path.join(cfg.out_dir, "bundle"), "--data-dir",
+                         str(data), "--out-dir", str(out), "--subject-assignment", "false", cwd=tmp_path)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert f"gateway: {gateway}" in res.stdout
+        subs[gateway] = pl.read_parquet(out / "submission.parquet").sort("sequence_id")
+    assert subs["builtin"].height == pl.read_csv(data / "test.csv")["sequence_id"].n_unique()
+    assert subs["builtin"].equals(subs["kaggle_evaluation"])
+
+
 def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
     cfg, _ = trained
     nb.set_runtime(cfg)
