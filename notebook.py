@@ -229,13 +229,13 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
         if key in environ:
             explicit[name] = _parse_value(environ[key], str(f.type))
     parser = argparse.ArgumentParser(description="CMI BFRB pipeline", add_help=True)
+    helps = {name: f.metadata["doc"].replace("%", "%%") for name, f in fields.items()}  # argparse formats help with %
     for name, f in fields.items():
         flag = "--" + name.replace("_", "-")
         if "bool" in str(f.type):  # --flag alone means true; --flag false turns it off
-            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None,
-                                help=f.metadata["doc"])
+            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, help=helps[name])
         else:
-            parser.add_argument(flag, dest=name, default=None, help=f.metadata["doc"])
+            parser.add_argument(flag, dest=name, default=None, help=helps[name])
     known, _unknown = parser.parse_known_args(argv)
     for name, value in vars(known).items():
         if value is not None:

@@ -41,3 +41,14 @@ def test_boolean_flags_can_be_switched_both_ways():
     assert nb.parse_config(["--demo"], environ={}).demo is True
     assert nb.parse_config(["--subject-assignment", "false"], environ={}).subject_assignment is False
     assert nb.parse_config([], environ={"CMI_SUBJECT_ASSIGNMENT": "0"}).subject_assignment is False
+
+
+def test_help_lists_every_option():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, str(nb.Path(nb.__file__)), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for f in nb.dataclasses.fields(nb.Config):
+        assert "--" + f.name.replace("_", "-") in res.stdout
+    assert "10% of" in res.stdout  # help texts with a percent sign print as written
