@@ -257,3 +257,18 @@ def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
         out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
         assert type(out) is str and out in nb.GESTURES
     assert len(runtime.history[seq["subject"][0]]) == 3
+
+
+def test_top_k_features_restricts_lightgbm_and_keeps_the_folds(trained, tmp_path):
+    cfg, _ = trained
+    imp = pl.read_csv(nb.Path(cfg.out_dir) / "feature_importance.csv")
+    assert imp.columns == ["feature", "gain"] and imp.height > 100
+    top = smoke_config(tmp_path, models="lgbm", lgbm_imu_reference=False, top_k_features=20,
+                       importance_path=str(nb.Path(cfg.out_dir) / "feature_importance.csv"))
+    nb.train(top)
+    names = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())["families"]["lgbm"]["feature_names"]
+    best = imp.sort("gain", descending=True)["feature"].head(20).to_list()
+    assert names[:20] == best and set(names) - set(best) <= {"mod_present_thm", "mod_present_tof"}
+    before = pl.read_csv(nb.Path(cfg.out_dir) / "oof" / "sequences.csv")
+    after = pl.read_csv(tmp_path / "out" / "oof" / "sequences.csv")
+    assert before.equals(after)
