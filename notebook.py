@@ -365,13 +365,15 @@ def _json_default(o: Any) -> Any:
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, **kw: Any) -> Iterable:
-    """tqdm when available; one line per update when stderr is not a terminal (Kaggle logs)."""
+    """A tqdm bar in a terminal or a notebook (widget); in a plain log file (a script's output
+    redirected, CI) no bar, whose carriage returns would garble it: the per-epoch and per-fold
+    lines printed with say() tell the progress there."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional at inference time
         return iterable
-    mininterval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(iterable, desc=desc, total=total, mininterval=mininterval, leave=False, **kw)
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return tqdm(iterable, desc=desc, total=total, mininterval=0.5, leave=False, disable=not interactive, **kw)
 
 
 def say(message: str) -> None:
