@@ -133,6 +133,29 @@ def test_single_sequence_features_equal_its_batch_row(sample_dir):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_statistics_do_not_depend_on_the_channel_block_width(sample_dir, monkeypatch):
+    """Big tables take 16 channels per block (memory), small ones all at once (speed): same numbers."""
+    train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
+    demo = nb.load_demographics(sample_dir / "train_demographics.csv")
+    cfg = smoke_config_tmp()
+    wide = nb.build_features(train, demo, cfg)
+    monkeypatch.setattr(nb, "STAT_BLOCK_CELLS", 1)
+    narrow = nb.build_features(train, demo, cfg)
+    assert wide.columns == narrow.columns
+    np.testing.assert_array_equal(wide.drop("sequence_id").to_numpy(), narrow.drop("sequence_id").to_numpy())
+
+
+def test_imu_only_is_judged_on_sanitised_cells(sample_dir):
+    train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
+    one = train.filter(pl.col("sequence_id") == train["sequence_id"][0])
+    assert not nb.is_imu_only(nb.sanitize_sequences(one).sensors)
+    assert nb.is_imu_only(nb.sanitize_sequences(nb.blank_modalities(one)).sensors)
+    texty = nb.blank_modalities(one).with_columns(pl.lit("inf").alias("thm_2"), pl.lit("n/a").alias("tof_1_v0"))
+    assert nb.is_imu_only(nb.sanitize_sequences(texty).sensors)
+    partial = nb.blank_modalities(one).with_columns(pl.lit(31.5).alias("thm_2"))
+    assert not nb.is_imu_only(nb.sanitize_sequences(partial).sensors)
+
+
 def test_feature_level_blanking_equals_the_raw_imu_only_path(sample_dir):
     train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
     demo = nb.load_demographics(sample_dir / "train_demographics.csv")

@@ -166,8 +166,9 @@ def test_cv_imu_view_is_the_predict_path(trained, family):
         if family == "keras":  # per-fold scalers travel beside the predictors
             one_fold[2] = [folds_models[2][fold]]
         runtime.models = {family: tuple(one_fold)}
-        p = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)[family]
-        np.testing.assert_allclose(p[0], oof_imu[i], rtol=1e-4, atol=1e-5)
+        probas, view = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)
+        assert view == "imu_only"
+        np.testing.assert_allclose(probas[family][0], oof_imu[i], rtol=1e-4, atol=1e-5)
 
 
 def test_resumed_run_gives_the_same_oof(tmp_path):
