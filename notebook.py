@@ -37,7 +37,7 @@
 #    always returns one of the 18 gesture names, served by `kaggle_evaluation` or a built-in gateway.
 #
 # Speed on a 2-core CPU without GPU: `quick` (the local default) runs the whole demo end to end in
-# 3 min 42 s (expected LB 0.83 on the demo data) and then serves a sequence in ~40 ms; `smoke`
+# 3.5 min (expected LB 0.83 on the demo data) and then serves a sequence in ~32 ms; `smoke`
 # runs in seconds and is what the tests use; `full` (the Kaggle default) is estimated at 1.5-2 h
 # on a Kaggle GPU.
 
