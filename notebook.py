@@ -1518,14 +1518,15 @@ def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
     return keep
 
 
-def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], prefix: str) -> str:
+def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], prefix: str, arch: str = "gru") -> str:
     """What a saved fold depends on: data, inputs and the settings that shape this family's models
-    (so changing another family's settings never retrains it)."""
+    (so changing another family's settings never retrains it). `arch` is the torch encoder the
+    models are built as: only a Squeezeformer depends on the torch_sqz_* fields (the Keras twin
+    is a GRU net whatever --torch-arch says)."""
     shared = ("seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout")
-    own_arch = cfg.torch_arch == "squeezeformer"
     keys = {k: getattr(cfg, k) for k in sorted(vars(cfg))
             if (k.startswith((prefix, "aug_")) or k in shared) and k != "torch_arch"
-            and (own_arch or not k.startswith("torch_sqz_"))}
+            and (arch == "squeezeformer" or not k.startswith("torch_sqz_"))}
     payload = json.dumps([keys, td.fingerprint, names, FEATURE_VERSION], sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -2364,7 +2365,7 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     member = TORCH_ARCHS[cfg.torch_arch]
     inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
     names = inputs["full"].names
-    fp = _fold_fingerprint(cfg, td, names, "torch")
+    fp = _fold_fingerprint(cfg, td, names, "torch", arch=cfg.torch_arch)
     model_dir = bundle / member
     model_dir.mkdir(parents=True, exist_ok=True)
 

@@ -188,6 +188,17 @@ def test_resumed_run_gives_the_same_oof(tmp_path):
                                        np.load(tmp_path / "b" / "out" / "oof" / f), rtol=1e-5, atol=1e-6)
 
 
+def test_fold_fingerprints_follow_only_their_own_settings():
+    td = nb.SimpleNamespace(fingerprint="data")
+    base = nb.parse_config(["--profile", "smoke", "--torch-arch", "squeezeformer"], environ={})
+    wider = nb.dataclasses.replace(base, torch_sqz_dim=base.torch_sqz_dim * 2)
+    sqz = lambda cfg: nb._fold_fingerprint(cfg, td, ["c"], "torch", arch="squeezeformer")  # noqa: E731
+    twin = lambda cfg: nb._fold_fingerprint(cfg, td, ["c"], "torch")  # noqa: E731  (Keras: a GRU net)
+    assert sqz(base) != sqz(wider)
+    assert twin(base) == twin(wider) == twin(nb.dataclasses.replace(base, torch_arch="gru"))
+    assert twin(base) != twin(nb.dataclasses.replace(base, torch_hidden=base.torch_hidden + 1))
+
+
 def test_missing_bundle_falls_back_with_a_clear_message(tmp_path, caplog, sample_dir):
     cfg = smoke_config(tmp_path, model_path=str(tmp_path / "nowhere"))
     runtime = nb.set_runtime(cfg)
