@@ -45,6 +45,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,12 +55,13 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -198,6 +200,17 @@ PROFILES: dict[str, dict[str, Any]] = {
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
 
+def config_from(saved: dict[str, Any]) -> Config:
+    """The Config a model was trained with, from its saved dict (fields this code no longer has
+    are ignored; fields it added since keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return dataclasses.replace(Config(), **{k: v for k, v in saved.items() if k in names})
+
+
+MODEL_FAMILIES = ("lgbm", "torch", "keras")
+PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path")
+TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
+
 
 def on_kaggle() -> bool:
     return KAGGLE_WORKING.exists() or "KAGGLE_KERNEL_RUN_TYPE" in os.environ
@@ -269,11 +282,19 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
         raise ValueError(f"--torch-arch: unknown {sorted(unknown_archs)}; choose from {tuple(TORCH_ARCHS)}")
     if cfg.out_dir is None:
         cfg.out_dir = str(KAGGLE_WORKING if on_kaggle() else Path("working"))
+    if cfg.data_dir is None:  # the competition folder when attached, else demo data in ./demo_data
+        if not cfg.demo and KAGGLE_DATA_DIR.exists():
+            cfg.data_dir = str(KAGGLE_DATA_DIR)
+        else:
+            cfg.data_dir, cfg.demo = "demo_data", True
+    # Every path is made absolute here, once: the evaluation gateway runs in another working
+    # directory, and a relative path read after that would point somewhere else.
+    for name in PATH_FIELDS:
+        if getattr(cfg, name):
+            setattr(cfg, name, os.path.abspath(os.path.expanduser(getattr(cfg, name))))
     return cfg
 
 
-MODEL_FAMILIES = ("lgbm", "torch", "keras")
-TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
 
 # %% [markdown]
 # ## 2. Competition constants
@@ -410,6 +431,36 @@ class _Lap:
 
     def __exit__(self, *exc: Any) -> None:
         self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+# What native libraries print at start-up straight to file descriptor 2, past Python's logging.
+NATIVE_START_UP_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                           "cpu_feature_guard", "To enable the following instructions",
+                           "rebuild TensorFlow with the appropriate compiler flags")
+
+
+@contextlib.contextmanager
+def native_notices_hidden() -> Iterator[None]:
+    """Hide the start-up notices a native library prints to file descriptor 2 (TensorFlow's C++
+    core logs through absl before Python can configure anything): the descriptor is captured
+    meanwhile, and every other line is passed on. --log-level DEBUG shows everything."""
+    if LOG.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(n in line for n in NATIVE_START_UP_NOTICES):
+                    print(line, file=sys.stderr)
 
 
 def set_seed(seed: int) -> None:
@@ -662,12 +713,10 @@ def generate_demo_dataset(out: Path, cfg: Config) -> Path:
 
 
 def resolve_data_dir(cfg: Config) -> Path:
-    """The data folder; generates the demo dataset when no competition data is available."""
-    if cfg.data_dir and not cfg.demo:
+    """The data folder; (re)generates the demo dataset there when the config asks for demo data."""
+    if not cfg.demo:
         return Path(cfg.data_dir)
-    if not cfg.demo and KAGGLE_DATA_DIR.exists():
-        return KAGGLE_DATA_DIR
-    demo_dir = Path(cfg.data_dir) if cfg.data_dir else Path("demo_data")
+    demo_dir = Path(cfg.data_dir)
     wanted = demo_settings(cfg)
     stamp = demo_dir / "demo_config.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted
@@ -696,8 +745,9 @@ def _sensor_schema(columns: Iterable[str]) -> dict[str, pl.DataType]:
 
 
 def read_csv_header(path: Path) -> list[str]:
-    with open(path, "r", encoding="utf-8") as fh:
-        return fh.readline().strip().split(",")
+    # utf-8-sig: a file saved by Excel starts with a byte-order mark, which polars skips too.
+    with open(path, "r", encoding="utf-8-sig") as fh:
+        return [c.strip().strip('"') for c in fh.readline().strip().split(",")]
 
 
 def load_sensor_csv(path: Path, required: list[str]) -> pl.DataFrame:
@@ -726,6 +776,9 @@ def load_sensor_csv(path: Path, required: list[str]) -> pl.DataFrame:
                                 f"{bad[c][0]!r} (row_id {bad['row_id'][0] if 'row_id' in bad.columns else '?'}). "
                                 f"Fix: clean or drop those rows; {c} must be numeric.") from err
         raise DataError(f"{path}: could not be parsed ({err}).") from err
+    if frame.height == 0:
+        raise DataError(f"{path}: has a header but no data rows. Fix: use the complete competition "
+                        f"file (an interrupted download or copy leaves it like this).")
     return frame
 
 
@@ -894,6 +947,7 @@ def mirror_sensors(x: np.ndarray) -> np.ndarray:
     return x[:, MIRROR_PERM] * MIRROR_SIGN
 
 
+
 def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
     """Any incoming frame -> (n, len(SENSOR_COLS)) float32 in frame row order; missing columns,
     unparsable text and non-finite values become NaN. Works column-block-wise (one numpy
@@ -920,6 +974,18 @@ def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
         arr[:, [i for i, _ in texty]] = parsed.to_numpy().astype(np.float32)
     arr[~np.isfinite(arr)] = np.nan
     return arr
+
+
+def _sensor_limits() -> tuple[np.ndarray, np.ndarray]:
+    """Physical range of every SENSOR_COLS channel: accelerometer +-16 g, unit quaternion,
+    thermopile -40..125 C (the sensor's rating), ToF -1 (no response) .. 254 mm."""
+    bounds = {"acc_": (-16 * GRAVITY, 16 * GRAVITY), "rot_": (-1.0, 1.0), "thm_": (-40.0, 125.0),
+              "tof_": (-1.0, 254.0)}
+    pairs = [bounds[c[:4]] for c in SENSOR_COLS]
+    return np.array([p[0] for p in pairs], np.float32), np.array([p[1] for p in pairs], np.float32)
+
+
+SENSOR_LOW, SENSOR_HIGH = _sensor_limits()
 
 
 @dataclass
@@ -956,6 +1022,9 @@ def sanitize_sequences(frame: pl.DataFrame) -> Sequences:
     sensors = sensor_matrix(frame)
     if not np.array_equal(rows, np.arange(len(rows))):
         sensors = sensors[rows]
+    # Clipped to the physical ranges (NaN stays NaN): one absurd value such as 1e30 would
+    # otherwise overflow the derived channels and turn a net's output into NaN.
+    np.clip(sensors, SENSOR_LOW, SENSOR_HIGH, out=sensors)
     return Sequences(meta.drop("_row"), sensors)
 
 
@@ -1639,6 +1708,28 @@ def print_fold_table(name: str, rep: dict[str, Any]) -> None:
 # validation fold in both views.
 
 # %%
+class _NativeLogAtDebug:
+    """LightGBM's native messages (e.g. a model file from a newer LightGBM naming a parameter this
+    one does not know) go to the 'lightgbm' logger at DEBUG instead of straight to stdout."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("lightgbm")
+
+    def info(self, message: str) -> None:
+        if message.strip():
+            self.log.debug(message.rstrip())
+
+    warning = info
+
+
+def lightgbm() -> Any:
+    """lightgbm, imported on first use, its native log routed through Python logging."""
+    import lightgbm as lgb
+    if not isinstance(getattr(lgb.basic, "_LOGGER", None), _NativeLogAtDebug):
+        lgb.register_logger(_NativeLogAtDebug())
+    return lgb
+
+
 def class_weights(y: np.ndarray, mode: str) -> np.ndarray:
     if mode == "none":
         return np.ones(len(y), dtype=np.float64)
@@ -1659,7 +1750,7 @@ def lgbm_params(cfg: Config, seed: int, n_rows: int) -> dict[str, Any]:
 
 def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
                     y_va: np.ndarray, names: list[str], seed: int):
-    import lightgbm as lgb
+    lgb = lightgbm()
     rng = np.random.default_rng(seed)
     if cfg.modality_dropout > 0:
         pick = rng.random(len(x_tr)) < cfg.modality_dropout
@@ -1691,7 +1782,7 @@ def feature_matrix(table: pl.DataFrame, names: list[str]) -> np.ndarray:
 
 
 def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[str, Any]:
-    import lightgbm as lgb
+    lgb = lightgbm()
     names = select_features(td.views["full"], cfg, out)
     x = {v: feature_matrix(td.views[v], names) for v in VIEWS}
     fp = _fold_fingerprint(cfg, td, names, "lgbm")
@@ -1719,7 +1810,7 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
     imp = pl.DataFrame({"feature": names, "gain": gain}).sort("gain", descending=True)
     atomic_write(out / "feature_importance.csv", lambda p: imp.write_csv(p))
     return {"oof": res["oof"], "files": [f"lgbm/fold{k}.txt" for k in range(cfg.folds)],
-            "fold_weights": res["fold_weights"], "feature_names": names}
+            "fold_weights": res["fold_weights"], "feature_names": names, "fingerprint": fp}
 
 
 def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
@@ -1860,10 +1951,44 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 # `--torch-arch gru,squeezeformer` trains both as separate ensemble members (`torch`, `torch_sqz`).
 
 # %%
+def cuda_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a PyTorch build with kernels for `arch_list` (torch.cuda.get_arch_list(), e.g.
+    ['sm_75', 'sm_80', 'compute_90']) runs on a GPU of compute `capability`: a cubin runs on its
+    major version with an equal or higher minor, PTX (compute_XY) on any GPU at or above it."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+_TORCH_DEVICE: str | None = None
+
+
 def torch_device() -> str:
-    """The one place that picks the device: CUDA when present, else CPU."""
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The one place that picks the device, once: CUDA when present and supported by the installed
+    build, else CPU. Kaggle's PyTorch builds since March 2026 have no P100 (sm_60) kernels: there
+    the first CUDA call would fail, so the nets train and serve on the CPU and say so once."""
+    global _TORCH_DEVICE
+    if _TORCH_DEVICE is None:
+        import torch
+        _TORCH_DEVICE = "cpu"
+        if torch.cuda.is_available():
+            cap, archs = torch.cuda.get_device_capability(0), torch.cuda.get_arch_list()
+            if cuda_supported(cap, archs):
+                _TORCH_DEVICE = "cuda"
+            else:
+                LOG.warning("torch: GPU %s (compute %d.%d) is not supported by this PyTorch build "
+                            "(kernels for %s); the nets run on the CPU. Fix: on Kaggle choose the "
+                            "T4 x2 accelerator (the P100 has no kernels in current builds).",
+                            torch.cuda.get_device_name(0), cap[0], cap[1], ", ".join(archs) or "none")
+    return _TORCH_DEVICE
 
 
 def torch_precision(cfg: Config, device: str) -> str:
@@ -2346,8 +2471,7 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
 def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
     torch = _torch_lib().torch
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = dataclasses.replace(Config(), **{k: v for k, v in ckpt["config"].items()
-                                          if k in {f.name for f in dataclasses.fields(Config)}})
+    cfg = config_from(ckpt["config"])
     model = build_torch_model(cfg, ckpt["in_ch"]).to(device)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
@@ -2388,7 +2512,7 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda net, v, va: torch_predict_proba([net], np.ones(1), inputs[v].subset(va)))
     return {"oof": res["oof"], "files": [f"{member}/fold{k}.pt" for k in range(cfg.folds)],
-            "fold_weights": res["fold_weights"], "channel_names": names}
+            "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
 
 
 # %% [markdown]
@@ -2414,9 +2538,16 @@ def _keras_lib() -> Any:
         return _KERAS_LIB
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-    import tensorflow as tf
-    tf.get_logger().setLevel("ERROR")
+    with native_notices_hidden():
+        import keras
+        import tensorflow as tf
+        tf.get_logger().setLevel("ERROR")
+        # TensorFlow maps almost all GPU memory at start; the torch nets share the device.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # the device was initialised before: too late, and harmless
+                pass
     ops = keras.ops
 
     def downsample_mask(m: Any, steps: Any) -> Any:
@@ -2636,11 +2767,28 @@ def train_keras_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
     return {**best, "model": model, "scaler": scaler}
 
 
-def load_keras_fold(path: Path) -> tuple[Any, InputScaler]:
-    keras = _keras_lib().keras
-    model = keras.saving.load_model(path, compile=False)
-    scaler = InputScaler.from_state(json.loads(path.with_suffix(".scaler.json").read_text()))
+def save_keras_fold(path: Path, model: Any, scaler: InputScaler) -> None:
+    """A fold as plain arrays: the weights in model order plus the scaler. The architecture is
+    rebuilt from this notebook's code and config when loading, because a `.keras` file stores
+    layer configs that other Keras 3 versions reject (3.15's files fail under Kaggle's 3.8-3.13)."""
+    arrays = {f"w{i:03d}": w for i, w in enumerate(model.get_weights())}
+    arrays.update({f"scaler_{k}": np.asarray(v, np.float32) for k, v in scaler.state().items()})
+    atomic_write(path, lambda p: np.savez(p, **arrays))
+
+
+def load_keras_fold(path: Path, cfg: Config) -> tuple[Any, InputScaler]:
+    """The net of `cfg` (the config it was trained with) rebuilt, with the saved weights set."""
+    with np.load(path, allow_pickle=False) as z:
+        scaler = InputScaler.from_state({k[len("scaler_"):]: z[k] for k in z.files if k.startswith("scaler_")})
+        weights = [z[k] for k in sorted(k for k in z.files if k.startswith("w"))]
+    model = build_keras_model(cfg, len(scaler.mean))
+    model.set_weights(weights)  # checks every shape against the rebuilt architecture
     return model, scaler
+
+
+def keras_fold_predictor(fold: tuple[Any, InputScaler]) -> tuple[Any, InputScaler]:
+    model, scaler = fold
+    return KerasPredictor(model, len(scaler.mean)), scaler
 
 
 def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
@@ -2652,26 +2800,25 @@ def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     model_dir.mkdir(parents=True, exist_ok=True)
 
     def load_fold(k: int) -> Any:
-        path = model_dir / f"fold{k}.keras"
+        path = model_dir / f"fold{k}.weights.npz"
         if not (path.exists() and fold_meta_matches(model_dir / f"fold{k}.json", fp)):
             return None
-        model, scaler = load_keras_fold(path)
-        return KerasPredictor(model, len(scaler.mean)), scaler
+        return keras_fold_predictor(load_keras_fold(path, cfg))
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         res = train_keras_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
                                td.y[va], cfg.seed + k, epoch_logger(out, "keras", k))
-        path, scaler = model_dir / f"fold{k}.keras", res["scaler"]
-        atomic_write(path.with_suffix(".scaler.json"), lambda p: p.write_text(json.dumps(scaler.state())))
-        atomic_write(path, lambda p: res["model"].save(p))
+        path = model_dir / f"fold{k}.weights.npz"
+        save_keras_fold(path, res["model"], res["scaler"])
         write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_epoch": res["epoch"],
                                                  "best_score": res["score"]})
-        return (KerasPredictor(res["model"], len(scaler.mean)), scaler), f"trained, best epoch {res['epoch']}"
+        # OOF comes from the saved artefact, exactly as a resumed fold or predict() sees it.
+        return keras_fold_predictor(load_keras_fold(path, cfg)), f"trained, best epoch {res['epoch']}"
 
     res = run_folds(cfg, td, "keras", load_fold, fit_fold,
                     lambda m, v, va: keras_predict_proba([m[0]], np.ones(1), inputs[v].subset(va), [m[1]]))
-    return {"oof": res["oof"], "files": [f"keras/fold{k}.keras" for k in range(cfg.folds)],
-            "fold_weights": res["fold_weights"], "channel_names": names}
+    return {"oof": res["oof"], "files": [f"keras/fold{k}.weights.npz" for k in range(cfg.folds)],
+            "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
 
 
 # %% [markdown]
@@ -2822,41 +2969,50 @@ def assignment_gain(y_true: list[str], probs: np.ndarray, subjects: np.ndarray, 
 #
 # PNG files in `OUT/plots/` (shown inline when run as a notebook): the ensemble's confusion matrix,
 # per-gesture F1 in both views, the nets' training curves, ensemble weights and LightGBM's top
-# features. Rendered headless; a plotting failure is logged and never stops training.
+# features. Figures are drawn with matplotlib's object API (no pyplot, so the session's backend is
+# never touched) and, in a Jupyter kernel, the saved PNG is displayed: that works whichever
+# matplotlib and ipykernel are installed and whether pyplot was imported before or not (with
+# matplotlib 3.7 under ipykernel 7, `plt.show()` in the cell that first imports pyplot shows
+# nothing). A plotting failure is logged and never stops training.
 
 # %%
+def show_png(path: Path) -> None:
+    """Display a PNG file in the notebook's output (no-op outside a Jupyter kernel)."""
+    if "ipykernel" not in sys.modules:
+        return
+    from IPython.display import Image, display
+    display(Image(filename=str(path)))
+
+
 def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report: dict[str, Any]) -> list[Path]:
     try:
-        import matplotlib
-        if "ipykernel" not in sys.modules:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except Exception as err:
         LOG.warning("plots skipped: matplotlib unavailable (%s)", err)
         return []
     folder = out / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    inline = "ipykernel" in sys.modules
+
+    def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (8, 5)) -> tuple[Any, Any]:
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols)
 
     def save(fig: Any, name: str) -> None:
         path = folder / name
         fig.tight_layout()
         atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-        if inline:
-            plt.show()
-        plt.close(fig)
+        show_png(path)
         written.append(path)
 
     y = np.array([GESTURE_INDEX[g] for g in y_true])
-    steps: list[tuple[str, Callable[[], None]]] = []
 
     def confusion() -> None:
         pred = ens["full"].argmax(1)
         cm = np.zeros((len(GESTURES), len(GESTURES)))
         np.add.at(cm, (y, pred), 1)
         cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        fig, ax = plt.subplots(figsize=(11, 9.5))
+        fig, ax = figure(figsize=(11, 9.5))
         im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
         ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=8)
@@ -2869,7 +3025,7 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
         save(fig, "confusion_matrix.png")
 
     def per_gesture_f1() -> None:
-        fig, ax = plt.subplots(figsize=(11, 5))
+        fig, ax = figure(figsize=(11, 5))
         width = 0.4
         for j, view in enumerate(VIEWS):
             pred = ens[view].argmax(1)
@@ -2886,7 +3042,7 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
         for log in sorted((out / "logs").glob("*.jsonl")):
             family = log.stem
             recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            fig, axes = figure(1, 2, figsize=(11, 4))
             for k in sorted({r["fold"] for r in recs}):
                 rk = [r for r in recs if r["fold"] == k]
                 color = f"C{k % 10}"
@@ -2905,7 +3061,7 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
         if not w:
             return
         names = list(next(iter(w.values())))
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = figure(figsize=(6, 3.5))
         for j, view in enumerate(VIEWS):
             ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, [w[view][n] for n in names], 0.4, label=view)
         ax.set_xticks(range(len(names)), names)
@@ -2919,7 +3075,7 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
         if not path.exists():
             return
         imp = pl.read_csv(path).head(30)
-        fig, ax = plt.subplots(figsize=(8, 8))
+        fig, ax = figure(figsize=(8, 8))
         ax.barh(imp["feature"].to_list()[::-1], imp["gain"].to_list()[::-1])
         ax.tick_params(axis="y", labelsize=7)
         ax.set_title("LightGBM top-30 features (gain, mean over folds)")
@@ -2931,7 +3087,6 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
             fn()
         except Exception as err:  # a plot is never worth a lost training run
             LOG.warning("plot %s failed: %s", name, err)
-            plt.close("all")
     return written
 
 
@@ -2947,7 +3102,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
     path = out / "run_summary.json"
     summary = json.loads(path.read_text()) if continues and path.exists() else {}
     stages = {**summary.get("stage_seconds", {}), **{k: round(v, 2) for k, v in watch.seconds.items()}}
-    device = "cuda" if "torch" in sys.modules and sys.modules["torch"].cuda.is_available() else "cpu"
+    device = _TORCH_DEVICE or "cpu"
     summary = {**summary, "stage_seconds": stages, "total_seconds": round(sum(stages.values()), 2),
                "peak_rss_mb": peak_mb, "device": device, "versions": library_versions(),
                "config": dataclasses.asdict(cfg), **(extra or {})}
@@ -2962,9 +3117,69 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 #
 # `OUT/bundle` holds the manifest, the model files and `dataset-metadata.json`, so
 # `kaggle datasets create -p OUT/bundle` publishes it as is for an inference-only submission.
+# The manifest lists every model file with its size and SHA-256 and the fingerprint of the run
+# that produced it; loading checks them before any file reaches LightGBM, torch or Keras (a
+# truncated LightGBM file aborts the whole process inside LightGBM's parser). A training run whose
+# settings or data differ from the bundle's removes the old manifest before it writes any fold,
+# so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 2  # 2: shared net heads, torch_sqz member, target_scale
+BUNDLE_FORMAT = 3  # 3: file sizes + SHA-256, run fingerprint, Keras folds as weights; 2: torch_sqz, target_scale
+# Settings that say where things are or how to serve, not what is trained.
+NOT_TRAINING_FIELDS = (*PATH_FIELDS, "demo", "stage", "log_level", "stop_after_folds", "feature_cache",
+                       "subject_assignment", "fallback_gesture", "lgbm_imu_reference")
+
+
+class BundleError(RuntimeError):
+    """The bundle cannot serve (or one family of it cannot); the message names the path and the fix."""
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_bundle_files(bundle: Path, files: list[str], listed: dict[str, dict[str, Any]]) -> None:
+    """Raise BundleError unless each file exists with the size and SHA-256 the manifest lists."""
+    for name in files:
+        path, want = bundle / name, listed.get(name)
+        if want is None:
+            raise BundleError(f"{path}: not listed in manifest.json. Fix: retrain the bundle with this "
+                              f"notebook version (manifest format {BUNDLE_FORMAT}).")
+        if not path.is_file():
+            raise BundleError(f"{path}: missing. Fix: upload the whole bundle folder, manifest and model files together.")
+        got = file_digest(path)
+        if got["bytes"] != want["bytes"]:
+            raise BundleError(f"{path}: {got['bytes']:,} bytes where the manifest lists {want['bytes']:,} "
+                              f"(truncated by an interrupted copy or upload?). Fix: copy or upload the bundle again.")
+        if got["sha256"] != want["sha256"]:
+            raise BundleError(f"{path}: content differs from the manifest's SHA-256 (written by another "
+                              f"training run?). Fix: retrain into an empty folder, or restore the bundle as it was.")
+
+
+def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
+    """What a bundle's models as a whole depend on: the training settings and the data."""
+    keys = {k: v for k, v in sorted(dataclasses.asdict(cfg).items()) if k not in NOT_TRAINING_FIELDS}
+    payload = json.dumps([keys, data_fingerprint, FEATURE_VERSION, BUNDLE_FORMAT], sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def invalidate_stale_manifest(bundle: Path, fingerprint: str) -> None:
+    """Remove a manifest written by a run with other settings or data, before any fold changes."""
+    path = bundle / "manifest.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("run_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if old != fingerprint:
+        path.unlink()
+        say(f"bundle: removed {path}: this run's settings or data differ from the bundle's, so it cannot "
+            f"serve until this run writes its own manifest at the end")
 
 
 def library_versions() -> dict[str, str]:
@@ -2997,12 +3212,13 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "class_names": GESTURES,
         "feature_version": FEATURE_VERSION,
+        "run_fingerprint": run_fingerprint(cfg, td.fingerprint),
         "families": {name: {k: v for k, v in fam.items() if k != "oof"} for name, fam in families.items()},
+        "files": {f: file_digest(bundle / f) for fam in families.values() for f in fam["files"]},
         "blend_weights": blend_weights,
         "target_scale": target_scale,
         "subject_assignment": bool(report.get("subject_assignment", {}).get("enabled", False)),
         "fallback_gesture": GESTURES[int(np.argmax(prior))],
-        "class_prior": prior.tolist(),
         "data_fingerprint": td.fingerprint,
         "config": dataclasses.asdict(cfg),
         "versions": library_versions(),
@@ -3013,6 +3229,31 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
     write_json(bundle / "dataset-metadata.json", {
         "title": "CMI BFRB model bundle", "id": f"{kaggle_username()}/cmi-bfrb-bundle",
         "licenses": [{"name": "CC0-1.0"}]})
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """The manifest, checked for what the whole bundle depends on (format, class order, features)."""
+    path = bundle / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable ({err}). Fix: copy or upload the bundle again.") from err
+    version = manifest.get("format_version")
+    try:
+        number = int(str(version).strip())  # a hand-edited "3" is still format 3
+    except ValueError:
+        number = None
+    fix = "Fix: retrain the bundle with this notebook version."
+    if number != BUNDLE_FORMAT:
+        raise BundleError(f"{path} has format_version {version!r}; this code reads format {BUNDLE_FORMAT}. {fix}")
+    if manifest.get("class_names") != GESTURES:
+        raise BundleError(f"{path}: class order differs from this code's 18 gestures. {fix}")
+    if manifest.get("feature_version") != FEATURE_VERSION:
+        raise BundleError(f"{path}: feature_version {manifest.get('feature_version')!r}, this code computes "
+                          f"feature version {FEATURE_VERSION}. {fix}")
+    if not isinstance(manifest.get("families"), dict) or not manifest["families"]:
+        raise BundleError(f"{path}: lists no model family. {fix}")
+    return manifest
 
 
 def find_bundle(path: Path) -> Path:
@@ -3042,6 +3283,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
         ds = load_training_data(resolve_data_dir(cfg))
     with watch("features"):
         td = prepare_training_data(ds, cfg, out)
+    invalidate_stale_manifest(bundle, run_fingerprint(cfg, td.fingerprint))
     write_sequences = td.labels.select("sequence_id", "subject", "gesture").with_columns(
         pl.Series("fold", td.folds))
     atomic_write(out / "oof" / "sequences.csv", lambda p: write_sequences.write_csv(p))
@@ -3119,14 +3361,23 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
 
 # %%
 class Runtime:
+    """The serving state: the bundle (loaded on the first call), per-subject history, and what
+    was served. Each family loads and predicts on its own: one that fails is left out of the blend
+    (weights renormalised over the rest) and counted, never dragging the others down with it."""
+
     def __init__(self, cfg: Config) -> None:
+        self.requested = cfg  # the config serving was asked with (self.cfg takes the bundle's feature settings)
         self.cfg = cfg
         self.loaded = False
-        self.error: str | None = None
+        self.error: str | None = None  # set when nothing can serve: every call then raises it
         self.manifest: dict[str, Any] = {}
         self.models: dict[str, Any] = {}
+        self.left_out: dict[str, str] = {}  # family -> why it could not be loaded
         self.problems: Counter[str] = Counter()
         self.calls = 0
+        self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> family -> calls
+        self.reduced = 0  # calls blended from fewer families than the bundle's blend weights name
+        self.fallbacks = 0  # calls answered with the fallback gesture
         self.history: dict[str, list[np.ndarray]] = {}  # subject -> probability rows seen so far
         self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
 
@@ -3144,57 +3395,47 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             path = find_bundle(self.bundle_path())
-            manifest = json.loads((path / "manifest.json").read_text())
-            if manifest.get("format_version") != BUNDLE_FORMAT:
-                raise ValueError(f"{path}/manifest.json has format_version "
-                                 f"{manifest.get('format_version')}, this code expects {BUNDLE_FORMAT}. "
-                                 f"Fix: retrain the bundle with this notebook version.")
-            if manifest.get("class_names") != GESTURES:
-                raise ValueError(f"{path}/manifest.json: class order differs from this code's 18 gestures. "
-                                 f"Fix: retrain the bundle with this notebook version.")
-            # Features must be computed as in training, whatever the serving config says.
-            trained = manifest.get("config", {})
-            self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling")
-                                                        if k in trained})
-            made = produced_names(self.cfg)
-            for name, fam in manifest["families"].items():
-                wanted = fam.get("feature_names") or fam.get("channel_names") or []
-                have = made["features"] if "feature_names" in fam else made["channels"]
-                unknown = [c for c in wanted if c not in set(have)]
-                if unknown or ("channel_names" in fam and wanted != have):
-                    raise ValueError(f"{path}/manifest.json: the {name} models expect feature/channel "
-                                     f"names this code does not produce in that order (e.g. "
-                                     f"{(unknown or wanted)[:2]}). Fix: retrain the bundle with this "
-                                     f"notebook version (manifest format {BUNDLE_FORMAT}).")
-            if manifest.get("feature_version") != FEATURE_VERSION:
-                raise ValueError(f"{path}/manifest.json: feature_version {manifest.get('feature_version')} "
-                                 f"!= {FEATURE_VERSION}. Fix: retrain the bundle with this notebook version.")
-            import lightgbm as lgb
-            for name, fam in manifest["families"].items():
-                if name == "lgbm":
-                    boosters = [lgb.Booster(model_file=str(path / f)) for f in fam["files"]]
-                    self.models[name] = (boosters, np.asarray(fam["fold_weights"]), fam["feature_names"])
-                elif name in TORCH_ARCHS.values():
-                    torch = _torch_lib().torch
-                    torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
-                    nets = [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]]
-                    self.models[name] = (nets, np.asarray(fam["fold_weights"]))
-                elif name == "keras":
-                    folds = [load_keras_fold(path / f) for f in fam["files"]]
-                    self.models[name] = ([KerasPredictor(m, len(sc.mean)) for m, sc in folds], np.asarray(fam["fold_weights"]),
-                                         [sc for _, sc in folds])
-            self.manifest = manifest
-            self.fallback = manifest.get("fallback_gesture", self.fallback)
-            print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s "
-                  f"({', '.join(self.models)})")
-        except Exception as err:  # never fail the submission: serve the fallback, say why once
-            self.error = f"{type(err).__name__}: {err}"
-            LOG.error("predict: could not load the model bundle (%s); every call returns %r",
-                      self.error, self.fallback)
+            manifest = read_manifest(path)
+        except Exception as err:
+            self.error = str(err) if isinstance(err, (BundleError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
+            LOG.error("predict: the model bundle cannot serve: %s", self.error)
+            return
+        # Features must be computed as in training, whatever the serving config says.
+        trained = manifest.get("config", {})
+        self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling")
+                                                    if k in trained})
+        made = produced_names(self.cfg)
+        for name, fam in manifest["families"].items():
+            try:
+                self.models[name] = load_family(path, name, fam, manifest, made)
+            except Exception as err:
+                self.left_out[name] = str(err) if isinstance(err, BundleError) else f"{type(err).__name__}: {err}"
+                LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
+        self.manifest = manifest
+        if manifest.get("fallback_gesture") in GESTURES:
+            self.fallback = manifest["fallback_gesture"]
+        else:
+            LOG.warning("predict: %s/manifest.json: fallback_gesture %r is not one of the 18 gestures; "
+                        "using %r", path, manifest.get("fallback_gesture"), self.fallback)
+        if not self.models:
+            self.error = (f"no model family of the bundle {path} can be loaded ("
+                          + "; ".join(f"{n}: {why}" for n, why in self.left_out.items()) + ")")
+            LOG.error("predict: %s", self.error)
+            return
+        print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s; serving {', '.join(self.models)}"
+              + (f"; left out: {', '.join(self.left_out)} (reason logged above)" if self.left_out else ""))
 
-    def note(self, problem: str) -> None:
+    def require(self) -> None:
+        """Load the bundle if needed; raise BundleError naming the path when nothing can serve."""
+        if not self.loaded:
+            self.load()
+        if self.error:
+            raise BundleError(f"{self.error.rstrip('.')}. Nothing can serve: a submission of fallback answers "
+                              f"would score near zero, so this stops here.")
+
+    def note(self, problem: str, detail: str = "") -> None:
         if not self.problems[problem]:
-            LOG.warning("predict: %s (logged once; counted in the summary)", problem)
+            LOG.warning("predict: %s%s (logged once; counted in the summary)", problem, f": {detail}" if detail else "")
         self.problems[problem] += 1
 
     def check_input(self, sequence: Any) -> pl.DataFrame | None:
@@ -3231,53 +3472,71 @@ class Runtime:
             return pl.DataFrame({"subject": ["SUBJ_CALL"]})
 
     def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> tuple[dict[str, np.ndarray], str]:
-        """Per family, the (1, 18) class probabilities (the same code the CV imu_only view runs),
-        and the view whose blend weights apply."""
+        """Per family that gave finite numbers, the (1, 18) class probabilities (the same code the
+        CV imu_only view runs), and the view whose blend weights apply."""
         # One sequence, one demographics row: tie them by a fixed subject key, whatever they say.
         seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
         demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
         prepared, channels = derive(seq, demo, self.cfg)
+        inputs: NetInputs | None = None
         out = {}
-        if "lgbm" in self.models:
-            boosters, weights, names = self.models["lgbm"]
-            table = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
-            out["lgbm"] = lgbm_predict_proba(boosters, weights, table.matrix(names))
-        nets = [n for n in self.models if n != "lgbm"]
-        if nets:
-            inputs = net_inputs_from(prepared, channels)
-            for name in nets:
-                if name == "keras":
-                    predictors, weights, scalers = self.models["keras"]
-                    out["keras"] = keras_predict_proba(predictors, weights, inputs, scalers)
+        for name, model in self.models.items():
+            try:
+                if name == "lgbm":
+                    boosters, weights, names = model
+                    table = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
+                    p = lgbm_predict_proba(boosters, weights, table.matrix(names))
                 else:
-                    out[name] = torch_predict_proba(*self.models[name], inputs)
+                    inputs = inputs or net_inputs_from(prepared, channels)
+                    p = keras_predict_proba(*model[:2], inputs, model[2]) if name == "keras" \
+                        else torch_predict_proba(*model, inputs)
+            except Exception as err:
+                self.note(f"{name} raised {type(err).__name__}; left out of that call's blend", str(err)[:200])
+                continue
+            if not np.isfinite(p).all():
+                self.note(f"{name} gave non-finite probabilities; left out of that call's blend")
+                continue
+            out[name] = p
         return out, ("imu_only" if is_imu_only(prepared.sensors) else "full")
+
+    def blend(self, probas: dict[str, np.ndarray], view: str) -> np.ndarray | None:
+        """The bundle's blend for `view` over the families that answered, weights renormalised."""
+        if not probas:
+            return None
+        weights = dict(zip(self.manifest["families"], self.manifest["blend_weights"][view]))
+        names = list(probas)
+        w = np.array([weights.get(n, 0.0) for n in names], dtype=np.float64)
+        if w.sum() <= 0:  # only zero-weight families answered: they are all there is
+            w = np.ones(len(names))
+        if any(weights[n] > 0 and n not in probas for n in weights):
+            self.reduced += 1
+        self.served[view].update(n for n, wn in zip(names, w) if wn > 0)
+        p = blend([probas[n] for n in names], w)
+        return target_scaled(p, self.manifest.get("target_scale", {}).get(view, 1.0))[0]
+
+    def fall_back(self) -> str:
+        self.fallbacks += 1
+        return self.fallback
 
     def predict(self, sequence: Any, demographics: Any) -> str:
         self.calls += 1
-        if not self.loaded:
-            self.load()
-        if self.error or not self.models:
-            return self.fallback
+        self.require()
         try:
             seq = self.check_input(sequence)
             if seq is None:
-                return self.fallback
+                return self.fall_back()
             if seq.height > 5000:
                 self.note("very long sequence; last 5000 rows used")
                 seq = seq.tail(5000)
             demo = self.check_demographics(demographics)
-            probas, view = self.proba(seq, demo)
-            weights = self.manifest["blend_weights"][view]
-            p = blend([probas[n] for n in self.manifest["families"]], weights)
-            p = target_scaled(p, self.manifest.get("target_scale", {}).get(view, 1.0))[0]
-            if not np.isfinite(p).all():
-                self.note("non-finite probabilities")
-                return self.fallback
+            p = self.blend(*self.proba(seq, demo))
+            if p is None:
+                self.note("no model family gave finite probabilities")
+                return self.fall_back()
             return str(GESTURES[self.choose(p, subject_of(sequence, demographics))])
         except Exception as err:
             self.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
-            return self.fallback
+            return self.fall_back()
 
     def choose(self, p: np.ndarray, subject: str | None) -> int:
         """argmax, or the per-subject assignment when the bundle says it helped in CV."""
@@ -3287,9 +3546,45 @@ class Runtime:
         rows.append(p)
         return int(assign_labels(np.vstack(rows))[-1])
 
+    def record(self) -> dict[str, Any]:
+        """What served, for run_summary.json (the summary line says the same)."""
+        return {"calls": self.calls, "served": {v: dict(c) for v, c in self.served.items()},
+                "reduced_blend_calls": self.reduced, "fallback_calls": self.fallbacks,
+                "left_out_at_load": dict(self.left_out), "problems": dict(self.problems),
+                "bundle_error": self.error}
+
     def summary(self) -> str:
+        served = "; ".join(f"{v} served by " + (", ".join(f"{n} ({c})" for n, c in self.served[v].items()) or "none")
+                           for v in VIEWS)
         probs = ", ".join(f"{k}: {v}" for k, v in self.problems.most_common()) or "none"
-        return f"predict: {self.calls} calls; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else "")
+        left = f"; left out at load: {', '.join(self.left_out)}" if self.left_out else ""
+        return (f"predict: {self.calls} calls; {served}; reduced blend: {self.reduced} calls; fallback: "
+                f"{self.fallbacks} calls{left}; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else ""))
+
+
+def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
+                made: dict[str, list[str]]) -> Any:
+    """One family's fold models, after checking its inputs and its files against the manifest."""
+    wanted = fam.get("feature_names") or fam.get("channel_names") or []
+    have = made["features"] if "feature_names" in fam else made["channels"]
+    unknown = [c for c in wanted if c not in set(have)]
+    if unknown or ("channel_names" in fam and wanted != have):
+        raise BundleError(f"{path}/manifest.json: the {name} models expect feature/channel names this code "
+                          f"does not produce in that order (e.g. {(unknown or wanted)[:2]}). Fix: retrain the "
+                          f"bundle with this notebook version (manifest format {BUNDLE_FORMAT}).")
+    verify_bundle_files(path, fam["files"], manifest.get("files", {}))
+    weights = np.asarray(fam["fold_weights"], dtype=np.float64)
+    if name == "lgbm":
+        return [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]], weights, fam["feature_names"]
+    if name in TORCH_ARCHS.values():
+        torch = _torch_lib().torch
+        torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
+        return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
+    if name == "keras":
+        folds = [keras_fold_predictor(load_keras_fold(path / f, config_from(manifest["config"]))) for f in fam["files"]]
+        return [p for p, _ in folds], weights, [sc for _, sc in folds]
+    raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
+                      f"this notebook version.")
 
 
 def produced_names(cfg: Config) -> dict[str, list[str]]:
@@ -3331,6 +3626,8 @@ def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
         if _RUNTIME is None:
             _RUNTIME = Runtime(parse_config())
         return _RUNTIME.predict(sequence, demographics)
+    except BundleError:  # nothing can serve: a visible scoring error beats a silent all-fallback submission
+        raise
     except Exception as err:  # the last line of defence: a failed call fails the submission
         LOG.error("predict: unexpected %s: %s", type(err).__name__, err)
         return GESTURES[0] if _RUNTIME is None else _RUNTIME.fallback
@@ -3382,36 +3679,49 @@ def run_builtin_gateway(test_csv: Path, demographics_csv: Path, out_path: Path, 
     return sub
 
 
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """The kaggle_evaluation gateway writes submission.parquet into the working directory: run it
+    inside OUT and come back. Every path the notebook uses is absolute (parse_config), so nothing
+    it reads depends on where the process stands meanwhile."""
+    before = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def serve(cfg: Config) -> None:
+    """Serve test.csv through kaggle_evaluation (scoring rerun: its server, loading lazily; else its
+    local gateway) or the built-in gateway. Raises BundleError before any gateway starts when no
+    model family can serve (in the rerun: from the first predict() call)."""
     data_dir = resolve_data_dir(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runtime = _RUNTIME if _RUNTIME is not None and _RUNTIME.cfg is cfg else set_runtime(cfg)
+    runtime = _RUNTIME if _RUNTIME is not None and _RUNTIME.requested is cfg else set_runtime(cfg)
     server_module = import_kaggle_evaluation(data_dir)
+    if server_module is not None and is_competition_rerun():
+        print("gateway: kaggle_evaluation (scoring rerun)")
+        server_module.CMIInferenceServer(predict).serve()  # blocks; the bundle loads on the first call
+        return
+    runtime.require()
     test_csv, demo_csv = data_dir / "test.csv", data_dir / "test_demographics.csv"
     t0 = time.perf_counter()
     if server_module is not None:
         print("gateway: kaggle_evaluation")
-        server = server_module.CMIInferenceServer(predict)
-        if is_competition_rerun():
-            server.serve()
-            return
-        cwd = Path.cwd()
-        os.chdir(out)  # the local gateway writes submission.parquet to the working directory
-        try:
-            server.run_local_gateway(data_paths=(str(test_csv.resolve()), str(demo_csv.resolve())))
-        finally:
-            os.chdir(cwd)
+        with working_directory(out):
+            server_module.CMIInferenceServer(predict).run_local_gateway(data_paths=(str(test_csv), str(demo_csv)))
         sub = pl.read_parquet(out / "submission.parquet")
     else:
         print("gateway: builtin")
         sub = run_builtin_gateway(test_csv, demo_csv, out / "submission.parquet", cfg.seed)
     print(f"submission: {sub.height} sequences -> {out / 'submission.parquet'} in "
-          f"{time.perf_counter() - t0:.1f}s; {runtime.summary()}")
+          f"{time.perf_counter() - t0:.1f}s")
+    print(runtime.summary())
     watch = Stopwatch()
     watch.seconds["serve"] = time.perf_counter() - t0
-    write_run_summary(out, cfg, watch, {"predict_calls": runtime.calls, "predict_problems": dict(runtime.problems)},
-                      continues=cfg.stage != "infer")
+    write_run_summary(out, cfg, watch, {"serving": runtime.record()}, continues=cfg.stage != "infer")
 
 
 # %% [markdown]
@@ -3419,9 +3729,13 @@ def serve(cfg: Config) -> None:
 
 # %%
 def configure_logging(cfg: Config) -> None:
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s", force=False)
-    LOG.setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
+    """The notebook's own messages at --log-level; other libraries' only from WARNING up (their
+    INFO lines, such as matplotlib's font cache notice, are not the Kaggler's business), all of
+    them at DEBUG."""
+    level = getattr(logging, cfg.log_level.upper(), logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", force=False)
+    logging.getLogger().setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
+    LOG.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> Config:

@@ -1,5 +1,6 @@
 """Shared fixtures: the real sample files, a smoke demo dataset and a smoke-trained bundle."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,3 +39,20 @@ def trained(tmp_path_factory):
     cfg = smoke_config(tmp)
     report = nb.train(cfg)
     return cfg, report
+
+
+def run_script(*args, cwd, env_extra=None, timeout=600, python=None):
+    """notebook.py as a user runs it: a subprocess in `cwd` (outside any scoring rerun)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env_extra or {})}
+    env.pop("KAGGLE_IS_COMPETITION_RERUN", None)
+    return subprocess.run([python or sys.executable, str(ROOT / "notebook.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def install_standin_gateway(data: Path) -> None:
+    """The stand-in kaggle_evaluation package (tests/standin, whose docstring lists what it reproduces
+    of the real one), placed beside the data as the competition download ships it."""
+    (data / "kaggle_evaluation").mkdir(parents=True, exist_ok=True)
+    (data / "kaggle_evaluation" / "__init__.py").write_text("")
+    (data / "kaggle_evaluation" / "cmi_inference_server.py").write_text(
+        (ROOT / "tests" / "standin" / "cmi_inference_server.py").read_text())

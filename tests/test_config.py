@@ -52,3 +52,15 @@ def test_help_lists_every_option():
     for f in nb.dataclasses.fields(nb.Config):
         assert "--" + f.name.replace("_", "-") in res.stdout
     assert "10% of" in res.stdout  # help texts with a percent sign print as written
+
+
+def test_every_path_is_absolute_once_parsed(tmp_path, monkeypatch):
+    """The gateway runs in OUT; a relative path read after that would point elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    cfg = nb.parse_config(["--data-dir", "data", "--model-path", "working/bundle", "--importance-path",
+                           "imp.csv"], environ={})
+    assert cfg.data_dir == str(tmp_path / "data") and cfg.model_path == str(tmp_path / "working" / "bundle")
+    assert cfg.out_dir == str(tmp_path / "working") and cfg.importance_path == str(tmp_path / "imp.csv")
+    assert cfg.demo is False
+    demo = nb.parse_config([], environ={})  # no competition data attached: demo data in ./demo_data
+    assert demo.data_dir == str(tmp_path / "demo_data") and demo.demo is True

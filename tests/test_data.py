@@ -122,3 +122,18 @@ def test_demo_dataset_follows_the_competition_schema(tmp_path, sample_dir):
 
 def test_study_design_has_51_pairs():
     assert len(nb.allowed_pairs()) == 51
+
+
+def test_header_only_train_csv_stops_with_the_file_and_fix(tmp_path, sample_dir):
+    header = (sample_dir / "train_sample.csv").read_text().splitlines()[0]
+    (tmp_path / "train.csv").write_text(header + "\n")
+    with pytest.raises(nb.DataError, match=r"train.csv: has a header but no data rows.*Fix:"):
+        nb.load_sensor_csv(tmp_path / "train.csv", nb.TRAIN_COLS)
+
+
+def test_train_csv_with_a_byte_order_mark_loads(tmp_path, sample_dir):
+    """Excel saves UTF-8 with a BOM; its first column name must still read as row_id."""
+    raw = (sample_dir / "train_sample.csv").read_bytes()
+    (tmp_path / "train.csv").write_bytes(b"\xef\xbb\xbf" + raw)
+    frame = nb.load_sensor_csv(tmp_path / "train.csv", nb.TRAIN_COLS)
+    assert frame.columns[0] == "row_id" and frame.height == 1000

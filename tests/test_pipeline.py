@@ -9,14 +9,7 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import ROOT, smoke_config
-
-
-def run_script(*args, cwd, env_extra=None, timeout=600):
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env_extra or {})}
-    env.pop("KAGGLE_IS_COMPETITION_RERUN", None)
-    return subprocess.run([sys.executable, str(ROOT / "notebook.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from conftest import ROOT, install_standin_gateway, run_script, smoke_config
 
 
 def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
@@ -76,36 +69,6 @@ def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
     assert set(json.loads((tmp_path / "run_summary.json").read_text())["stage_seconds"]) == {"serve"}
 
 
-# A stand-in for the competition's kaggle_evaluation package (shipped only with the competition
-# data, not on the package index), written from its documented interface: CMIInferenceServer(predict),
-# run_local_gateway(data_paths=(test_csv, demographics_csv)) calls predict once per sequence in a
-# random order with polars frames, requires a plain str and writes submission.parquet to the cwd.
-FAKE_SERVER = """
-import numpy as np
-import polars as pl
-
-
-class CMIInferenceServer:
-    def __init__(self, predict_fn):
-        self.predict_fn = predict_fn
-
-    def serve(self):
-        raise RuntimeError("serve() only runs inside the Kaggle rerun")
-
-    def run_local_gateway(self, data_paths):
-        test = pl.read_csv(data_paths[0], infer_schema_length=100)
-        demo = pl.read_csv(data_paths[1], infer_schema_length=100)
-        ids = test["sequence_id"].unique().to_list()
-        rows = []
-        for i in np.random.default_rng(7).permutation(len(ids)):
-            seq = test.filter(pl.col("sequence_id") == ids[i])
-            out = self.predict_fn(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
-            assert type(out) is str, type(out)
-            rows.append((ids[i], out))
-        pl.DataFrame(rows, schema=["sequence_id", "gesture"], orient="row").write_parquet("submission.parquet")
-"""
-
-
 def test_kaggle_evaluation_and_builtin_gateways_give_the_same_submission(trained, tmp_path):
     cfg, _ = trained
     data = tmp_path / "data"
@@ -115,9 +78,7 @@ def test_kaggle_evaluation_and_builtin_gateways_give_the_same_submission(trained
     subs = {}
     for gateway in ("builtin", "kaggle_evaluation"):
         if gateway == "kaggle_evaluation":  # found beside the data, as the competition ships it
-            (data / "kaggle_evaluation").mkdir()
-            (data / "kaggle_evaluation" / "__init__.py").write_text("")
-            (data / "kaggle_evaluation" / "cmi_inference_server.py").write_text(FAKE_SERVER)
+            install_standin_gateway(data)
         out = tmp_path / gateway
         # Assignment depends on call order, which differs between the gateways: compare without it.
         res = run_script("--stage", "infer", "--model-path", os.path.join(cfg.out_dir, "bundle"), "--data-dir",
@@ -199,13 +160,14 @@ def test_fold_fingerprints_follow_only_their_own_settings():
     assert twin(base) != twin(nb.dataclasses.replace(base, torch_hidden=base.torch_hidden + 1))
 
 
-def test_missing_bundle_falls_back_with_a_clear_message(tmp_path, caplog, sample_dir):
+def test_missing_bundle_raises_with_a_clear_message(tmp_path, sample_dir):
+    """Nothing to serve: predict() raises (a visible scoring error), it never answers the fallback."""
     cfg = smoke_config(tmp_path, model_path=str(tmp_path / "nowhere"))
     runtime = nb.set_runtime(cfg)
     test = pl.read_csv(sample_dir / "test.csv")
-    out = nb.predict(test.head(20), pl.DataFrame())
-    assert type(out) is str and out in nb.GESTURES
-    assert "manifest.json" in runtime.error and "format" in runtime.error
+    with pytest.raises(nb.BundleError, match="manifest.json"):
+        nb.predict(test.head(20), pl.DataFrame())
+    assert str(tmp_path / "nowhere") in runtime.error and runtime.fallbacks == 0
 
 
 def test_notebook_ipynb_is_in_sync_with_notebook_py():

@@ -1,0 +1,278 @@
+"""No silent zero: serving survives the real gateway's habits and broken or foreign bundles, and
+stops loudly when nothing can serve. One test per fault seen by a user (issue: no silent zero)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+import notebook as nb
+from conftest import ROOT, install_standin_gateway, run_script, smoke_config
+
+ALL_FAMILIES = {"lgbm", "torch", "torch_sqz", "keras"}
+
+
+def copy_bundle(cfg, dest):
+    shutil.copytree(nb.Path(cfg.out_dir) / "bundle", dest)
+    return dest
+
+
+def test_readme_local_rerun_with_relative_paths(trained, tmp_path):
+    """The README's rerun command verbatim, from a project folder holding data/ (with the gateway
+    package) and working/bundle: the same submission as the same bundle served with absolute paths."""
+    cfg, _ = trained
+    project = tmp_path / "project"
+    copy_bundle(cfg, project / "working" / "bundle")
+    data = project / "data"
+    data.mkdir()
+    for name in ("test.csv", "test_demographics.csv"):
+        shutil.copy(nb.Path(cfg.data_dir) / name, data / name)
+    install_standin_gateway(data)
+    # Per-subject assignment depends on the call order, which is random per run: compare without it.
+    res = run_script("--stage", "infer", "--model-path", "working/bundle", "--data-dir", "data",
+                     "--subject-assignment", "false", cwd=project)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "gateway: kaggle_evaluation" in res.stdout and "fallback: 0 calls" in res.stdout
+    assert "problems: none" in res.stdout
+    relative = pl.read_parquet(project / "working" / "submission.parquet").sort("sequence_id")
+    absolute_out = tmp_path / "absolute"
+    res = run_script("--stage", "infer", "--model-path", str(project / "working" / "bundle"), "--data-dir",
+                     str(data), "--out-dir", str(absolute_out), "--subject-assignment", "false", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert relative.equals(pl.read_parquet(absolute_out / "submission.parquet").sort("sequence_id"))
+    assert relative.height == pl.read_csv(data / "test.csv")["sequence_id"].n_unique()
+    assert not (project / "submission.parquet").exists()  # written into OUT, not where the user stands
+
+
+def test_serve_in_process_leaves_the_working_directory_and_reads_paths_as_given(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    project = tmp_path / "project"
+    copy_bundle(cfg, project / "working" / "bundle")
+    (project / "data").mkdir(parents=True)
+    for name in ("test.csv", "test_demographics.csv"):
+        shutil.copy(nb.Path(cfg.data_dir) / name, project / "data" / name)
+    install_standin_gateway(project / "data")
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project / "data"))
+    serving = nb.parse_config(["--stage", "infer", "--model-path", "working/bundle", "--data-dir", "data"], environ={})
+    assert all(os.path.isabs(getattr(serving, f)) for f in ("data_dir", "out_dir", "model_path"))
+    nb.serve(serving)
+    assert nb.Path.cwd() == project
+    assert (project / "working" / "submission.parquet").exists()
+    sys.modules.pop("kaggle_evaluation.cmi_inference_server", None)
+    sys.modules.pop("kaggle_evaluation", None)
+
+
+def test_bundle_load_names_every_family(trained, capsys):
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    runtime.load()
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "loaded in" in ln][0]
+    assert "serving lgbm, torch, torch_sqz, keras" in line and set(runtime.models) == ALL_FAMILIES
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import polars as pl
+import notebook as nb
+test = pl.read_csv({test!r})
+demo = pl.read_csv({demo!r})
+seq = test.filter(pl.col("sequence_id") == test["sequence_id"][0])
+result = {{}}
+for bundle in {bundles!r}:
+    cfg = nb.parse_config(["--model-path", bundle, "--profile", "smoke"], environ={{}})
+    runtime = nb.Runtime(cfg)
+    answer = runtime.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+    result[bundle] = {{"models": sorted(runtime.models), "left_out": runtime.left_out, "answer": answer}}
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_truncated_lightgbm_file_is_left_out_and_never_crashes_the_process(trained, sample_dir, tmp_path):
+    """LightGBM's parser aborts the whole process on a cut file: the size/SHA-256 check must stop it
+    first. Several cut points; in a subprocess, so a regression fails this test, not the suite."""
+    cfg, _ = trained
+    bundles = []
+    for cut in (0.05, 0.5, 0.999):
+        bundle = copy_bundle(cfg, tmp_path / f"cut{cut}")
+        path = bundle / "lgbm" / "fold0.txt"
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * cut)])
+        bundles.append(str(bundle))
+    code = LOAD_AND_PREDICT.format(root=str(ROOT), test=str(sample_dir / "test.csv"),
+                                   demo=str(sample_dir / "test_demographics.csv"), bundles=bundles)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert res.returncode == 0, f"exit {res.returncode}: " + res.stderr[-3000:]
+    result = json.loads(res.stdout.split("RESULT ", 1)[1])
+    for bundle in bundles:
+        r = result[bundle]
+        assert set(r["models"]) == ALL_FAMILIES - {"lgbm"} and r["answer"] in nb.GESTURES, r
+        assert "fold0.txt" in r["left_out"]["lgbm"] and "bytes" in r["left_out"]["lgbm"], r
+
+
+def test_a_fold_from_another_run_is_refused_by_its_sha256(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    path = bundle / "lgbm" / "fold1.txt"
+    text = path.read_text()
+    i = text.index("num_class=") + len("num_class=")  # "18" -> "19": same size, other content
+    path.write_text(text[:i + 1] + ("9" if text[i + 1] != "9" else "7") + text[i + 2:])
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES - {"lgbm"}
+    assert "SHA-256" in runtime.left_out["lgbm"] and str(path) in runtime.left_out["lgbm"]
+
+
+def test_killed_retrain_with_other_settings_leaves_no_bundle_that_loads(trained, tmp_path):
+    """A finished run, then a retrain into the same folder with another seed, killed after its first
+    fold: the old manifest is gone before that fold was written, so nothing mixed can serve."""
+    cfg, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data_dir, data)
+    out = tmp_path / "out"
+    shutil.copytree(cfg.out_dir, out)
+    before = (out / "bundle" / "lgbm" / "fold0.txt").read_bytes()
+    retrain = nb.dataclasses.replace(cfg, data_dir=str(data), demo=False, out_dir=str(out), seed=cfg.seed + 1,
+                                     stop_after_folds=1, model_path=None)
+    with pytest.raises(nb.StopRequested):
+        nb.train(retrain)
+    assert (out / "bundle" / "lgbm" / "fold0.txt").read_bytes() != before  # a fold of the new run
+    assert not (out / "bundle" / "manifest.json").exists()
+    runtime = nb.Runtime(nb.dataclasses.replace(retrain, stop_after_folds=0))
+    with pytest.raises(nb.BundleError, match="manifest.json"):
+        runtime.require()
+    # The run finished (resumed): its manifest serves, and a rerun with the same settings keeps it.
+    resumed = nb.dataclasses.replace(retrain, stop_after_folds=0, models="lgbm", lgbm_imu_reference=False)
+    nb.train(resumed)
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert set(manifest["families"]) == {"lgbm"}
+    nb.invalidate_stale_manifest(out / "bundle", nb.run_fingerprint(resumed, manifest["data_fingerprint"]))
+    assert (out / "bundle" / "manifest.json").exists()
+    nb.invalidate_stale_manifest(out / "bundle", nb.run_fingerprint(retrain, manifest["data_fingerprint"]))
+    assert not (out / "bundle" / "manifest.json").exists()
+
+
+def test_one_absurd_value_poisons_no_family(trained, sample_dir):
+    """1e30 in acc_z made the Squeezeformer answer NaN and the whole call fall back: inputs are
+    clipped to physical ranges before any model."""
+    cfg, _ = trained
+    runtime = nb.set_runtime(cfg)
+    test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=None)
+    demo = pl.read_csv(sample_dir / "test_demographics.csv")
+    seq = test.filter(pl.col("sequence_id") == "SEQ_000011")
+    seq = seq.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(1e30).otherwise(pl.col("acc_z")).alias("acc_z"))
+    runtime.require()
+    probas, view = runtime.proba(seq, demo)
+    assert set(probas) == ALL_FAMILIES and all(np.isfinite(p).all() for p in probas.values())
+    assert nb.predict(seq, demo) in nb.GESTURES and not runtime.problems and runtime.fallbacks == 0
+
+
+def test_a_family_that_fails_per_call_is_left_out_of_that_blend_only(trained, sample_dir):
+    cfg, _ = trained
+    runtime = nb.set_runtime(cfg)
+    runtime.require()
+    test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=None)
+    demo = pl.read_csv(sample_dir / "test_demographics.csv")
+    seq = test.filter(pl.col("sequence_id") == "SEQ_000001")
+    weights = runtime.manifest["blend_weights"]["full"]
+    heaviest = max(zip(weights, runtime.manifest["families"]))[1]
+    predictors, *rest = runtime.models[heaviest]
+    if heaviest == "lgbm":
+        class NaNBooster:
+            best_iteration = 0
+
+            def predict(self, x, **kw):
+                return np.full((len(x), 18), np.nan)
+        runtime.models["lgbm"] = ([NaNBooster() for _ in predictors], *rest)
+    elif heaviest == "keras":
+        runtime.models["keras"] = ([lambda batch: np.full((len(batch["x"]), 18), np.nan, np.float32)
+                                    for _ in predictors], *rest)
+    else:
+        def broken(*a, **k):
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+        for net, _ in predictors:
+            net.forward = broken
+    out = nb.predict(seq, demo)
+    assert type(out) is str and out in nb.GESTURES
+    assert runtime.fallbacks == 0 and runtime.reduced == 1
+    assert heaviest not in runtime.served["full"] and runtime.served["full"]
+    assert any(p.startswith(heaviest) for p in runtime.problems), runtime.problems
+    assert "reduced blend: 1 calls" in runtime.summary()
+
+
+def test_empty_bundle_stops_before_the_gateway_with_a_non_zero_exit(tmp_path, sample_dir):
+    empty = tmp_path / "empty_bundle"
+    empty.mkdir()
+    res = run_script("--stage", "infer", "--model-path", str(empty), "--data-dir", str(sample_dir),
+                     "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode != 0
+    assert str(empty) in res.stderr and "manifest.json" in res.stderr and "Fix:" in res.stderr
+    assert "gateway:" not in res.stdout and not (tmp_path / "out" / "submission.parquet").exists()
+
+
+def test_bundle_where_no_family_loads_stops_and_names_each_reason(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    for f in json.loads((bundle / "manifest.json").read_text())["files"]:
+        (bundle / f).write_bytes(b"")
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    with pytest.raises(nb.BundleError) as err:
+        runtime.require()
+    assert str(bundle) in str(err.value) and all(f"{n}:" in str(err.value) for n in ALL_FAMILIES)
+
+
+def test_manifest_fallback_outside_the_18_is_never_served(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["fallback_gesture"] = "Jump up and down"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error is None and runtime.fallback in nb.GESTURES
+    assert runtime.predict(pl.DataFrame(), pl.DataFrame()) in nb.GESTURES  # an empty call answers the fallback
+
+
+def test_format_version_as_text(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = str(nb.BUNDLE_FORMAT)  # a hand-edited manifest: the same number
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert nb.read_manifest(bundle)["format_version"] == str(nb.BUNDLE_FORMAT)
+    manifest["format_version"] = "2"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(nb.BundleError, match=r"format_version '2'; this code reads format 3"):
+        nb.read_manifest(bundle)
+
+
+@pytest.mark.parametrize("capability,expected", [((6, 0), False), ((7, 5), True), ((8, 6), True), ((9, 0), True)])
+def test_cuda_support_follows_the_build_arch_list(capability, expected):
+    # Kaggle's PyTorch builds since March 2026: no sm_60 (P100) kernels.
+    archs = ["sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]
+    assert nb.cuda_supported(capability, archs) is expected
+    assert nb.cuda_supported((6, 0), ["sm_50", "sm_60", "sm_70"]) is True  # older builds kept the P100
+    assert nb.cuda_supported((8, 9), ["compute_80"]) is True  # PTX runs on newer GPUs
+
+
+def test_unsupported_gpu_means_cpu_with_one_warning(monkeypatch, caplog):
+    import torch
+    monkeypatch.setattr(nb, "_TORCH_DEVICE", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    with caplog.at_level("WARNING", logger="cmi"):
+        assert nb.torch_device() == "cpu" and nb.torch_device() == "cpu"
+    warnings = [r for r in caplog.records if "not supported" in r.getMessage()]
+    assert len(warnings) == 1 and "T4" in warnings[0].getMessage() and "P100" in warnings[0].getMessage()
+    monkeypatch.setattr(nb, "_TORCH_DEVICE", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert nb.torch_device() == "cuda"
+    monkeypatch.setattr(nb, "_TORCH_DEVICE", None)
