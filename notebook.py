@@ -473,37 +473,66 @@ def set_seed(seed: int) -> None:
 # ## 4. Demo dataset
 #
 # Without competition data the notebook generates one in the exact competition schema, so every
-# step runs anywhere. The signals follow the physics of the real device: gravity is seen through
-# the wrist rotation, each gesture has its own hand pose and motion (pulls, pinches, scratches,
-# waves, writing), thermopiles warm up and ToF distances shrink as the hand nears the body, and
-# each subject has its own pose offsets and tempo. The study design is kept: a subject performs
-# each allowed (orientation, gesture) pair once per starting behaviour.
+# step runs anywhere. It is built to be as hard as the real data in the ways a model could exploit:
+#
+# - **Study design**: each subject performs each allowed (orientation, gesture) pair once per
+#   starting behaviour; the sequence runs through a still start or a relaxing movement, the move to
+#   the target, a pause there ("Hand at target location"), then about 30 steps of the gesture. No
+#   duration depends on the gesture, so length alone predicts nothing (`bench/demo_references.py`).
+# - **Confusable gestures move alike**: the four hair pulls are one pulling motion at neighbouring
+#   places on the head, cheek and neck pinch one pinch, forehead and neck scratch one scratch. What
+#   separates them is a few degrees of hand pose, less than how differently subjects wear the device
+#   and reach their head, and what the sensors face there. Glasses, pulling air and drinking also
+#   reach the head.
+# - **The surface decides what the ToF and thermopiles see**: at each target, each of the five
+#   sensors faces hair (sparse, noisy returns, ~30 C), skin (dense, smooth, ~34 C), clothing, a phone,
+#   a tray, a cup or nothing; which zones of the 8x8 grid return follows the geometry of the place.
+# - **People differ**: wear rotation of the device on the wrist, reach habits, tempo, amplitude, the
+#   direction in which they perform a motion, left-handed wearers (mirrored), and a few training
+#   subjects who wore the device upside down (as two of the 81 real ones did).
+# - **Posture** tilts gravity (seated, leaning, lying on back or side).
 
 # %%
-# Hand pose at the target (roll, pitch, yaw in radians, in the canonical right-hand frame),
-# motion style, motion axis, and which thermopile/ToF sensors face the body there.
-_GESTURE_PROFILE: dict[str, dict[str, Any]] = {
-    "Above ear - pull hair":     dict(pose=(1.2, 0.3, 0.9), motion="pull", axis=1, near=(2, 3), dist=35),
-    "Cheek - pinch skin":        dict(pose=(1.0, 0.1, 0.4), motion="pinch", axis=0, near=(1, 2), dist=25),
-    "Eyebrow - pull hair":       dict(pose=(0.9, 0.6, 0.2), motion="pull", axis=2, near=(1, 4), dist=30),
-    "Eyelash - pull hair":       dict(pose=(0.9, 0.5, 0.3), motion="pull", axis=0, near=(1, 4), dist=28),
-    "Forehead - pull hairline":  dict(pose=(0.8, 0.8, 0.1), motion="pull", axis=2, near=(4, 5), dist=35),
-    "Forehead - scratch":        dict(pose=(0.8, 0.8, 0.1), motion="scratch", axis=0, near=(4, 5), dist=30),
-    "Neck - pinch skin":         dict(pose=(1.3, -0.3, 0.6), motion="pinch", axis=1, near=(2, 5), dist=25),
-    "Neck - scratch":            dict(pose=(1.3, -0.3, 0.6), motion="scratch", axis=1, near=(2, 5), dist=25),
-    "Write name on leg":         dict(pose=(0.1, -0.9, 0.0), motion="write", axis=0, near=(1, 3), dist=60),
-    "Wave hello":                dict(pose=(1.5, 0.2, -0.3), motion="wave", axis=2, near=(), dist=0),
-    "Glasses on/off":            dict(pose=(1.0, 0.7, 0.5), motion="lift", axis=1, near=(1, 4), dist=45),
-    "Text on phone":             dict(pose=(0.3, 0.4, 0.0), motion="tap", axis=2, near=(3,), dist=120),
-    "Write name in air":         dict(pose=(0.9, 0.2, -0.2), motion="write", axis=1, near=(), dist=0),
-    "Feel around in tray and pull out an object":
-                                 dict(pose=(-0.2, -0.6, 0.3), motion="feel", axis=0, near=(3,), dist=90),
-    "Scratch knee/leg skin":     dict(pose=(0.2, -1.0, 0.2), motion="scratch", axis=0, near=(1, 3), dist=40),
-    "Pull air toward your face": dict(pose=(1.1, 0.4, -0.4), motion="pull", axis=1, near=(), dist=0),
-    "Drink from bottle/cup":     dict(pose=(1.2, 0.9, 0.2), motion="lift", axis=2, near=(1,), dist=70),
-    "Pinch knee/leg skin":       dict(pose=(0.2, -1.0, 0.2), motion="pinch", axis=0, near=(1, 3), dist=40),
+DEMO_VERSION = 2  # part of the demo settings: a demo folder from another generator is regenerated
+
+# What each sensor faces at a target: (ToF answer rate, distance noise in mm, temperature in C or
+# None for the ambient temperature).
+_SURFACES = {"hair": (0.35, 18.0, 30.5), "skin": (0.85, 5.0, 34.0), "clothing": (0.9, 4.0, 29.5),
+             "phone": (0.7, 6.0, 27.0), "tray": (0.55, 10.0, None), "object": (0.6, 8.0, 21.0)}
+# Motions: frequency range (Hz), rotation amplitude (degrees), translation amplitude (cm), shape.
+_MOTIONS = {"pull": ((0.5, 0.9), 12.0, 4.0, "pulse"), "pinch": ((0.8, 1.3), 5.0, 0.6, "osc"),
+            "scratch": ((2.2, 3.4), 8.0, 1.0, "osc"), "leg_write": ((0.9, 1.6), 10.0, 3.0, "write"),
+            "leg_scratch": ((2.0, 3.2), 7.0, 1.0, "osc"), "leg_pinch": ((0.8, 1.3), 4.0, 0.6, "osc"),
+            "wave": ((1.2, 2.0), 35.0, 8.0, "osc"), "air_write": ((0.8, 1.4), 20.0, 10.0, "write"),
+            "draw": ((0.4, 0.7), 15.0, 12.0, "pulse"), "lift": ((0.3, 0.5), 25.0, 6.0, "lift"),
+            "tilt": ((0.25, 0.4), 40.0, 3.0, "lift"), "tap": ((1.6, 2.6), 3.0, 0.4, "taps"),
+            "feel": ((0.6, 1.0), 15.0, 5.0, "write")}
+# Per gesture: hand pose at the target (roll, pitch, yaw in degrees, canonical right hand), motion,
+# and {sensor: (surface, distance in mm)} for the sensors that face something there.
+_DEMO_GESTURES: dict[str, dict[str, Any]] = {
+    "Above ear - pull hair": dict(pose=(68, 14, 47), motion="pull", view={2: ("hair", 45), 3: ("hair", 35), 5: ("skin", 90)}),
+    "Forehead - pull hairline": dict(pose=(61, 25, 39), motion="pull", view={1: ("hair", 50), 4: ("hair", 40), 5: ("skin", 75)}),
+    "Eyebrow - pull hair": dict(pose=(63, 21, 42), motion="pull", view={1: ("skin", 40), 4: ("hair", 32), 5: ("skin", 65)}),
+    "Eyelash - pull hair": dict(pose=(64, 18, 44), motion="pull", view={1: ("skin", 32), 4: ("skin", 28), 5: ("skin", 60)}),
+    "Cheek - pinch skin": dict(pose=(67, 8, 45), motion="pinch", view={1: ("skin", 28), 2: ("skin", 38), 4: ("skin", 65)}),
+    "Neck - pinch skin": dict(pose=(72, -3, 48), motion="pinch", view={2: ("skin", 28), 5: ("skin", 34), 3: ("clothing", 85)}),
+    "Forehead - scratch": dict(pose=(60, 27, 38), motion="scratch", view={1: ("skin", 42), 4: ("skin", 36), 5: ("hair", 70)}),
+    "Neck - scratch": dict(pose=(72, -5, 47), motion="scratch", view={2: ("skin", 32), 5: ("skin", 30), 3: ("clothing", 75)}),
+    "Glasses on/off": dict(pose=(63, 23, 40), motion="lift", view={1: ("object", 22), 4: ("skin", 55)}),
+    "Pull air toward your face": dict(pose=(58, 16, 30), motion="draw", view={}),
+    "Drink from bottle/cup": dict(pose=(52, 33, 18), motion="tilt", view={1: ("object", 14), 2: ("object", 20), 4: ("skin", 70)}),
+    "Write name on leg": dict(pose=(5, -55, 0), motion="leg_write", view={1: ("clothing", 16), 2: ("clothing", 22), 3: ("clothing", 30)}),
+    "Scratch knee/leg skin": dict(pose=(8, -57, 4), motion="leg_scratch", view={1: ("clothing", 13), 2: ("clothing", 18), 3: ("skin", 26)}),
+    "Pinch knee/leg skin": dict(pose=(7, -56, 2), motion="leg_pinch", view={1: ("clothing", 11), 2: ("skin", 16), 3: ("clothing", 26)}),
+    "Wave hello": dict(pose=(85, 10, -20), motion="wave", view={}),
+    "Write name in air": dict(pose=(50, 5, -10), motion="air_write", view={}),
+    "Text on phone": dict(pose=(15, 25, 0), motion="tap", view={3: ("phone", 110), 1: ("phone", 140)}),
+    "Feel around in tray and pull out an object": dict(pose=(-10, -35, 20), motion="feel",
+                                                       view={3: ("tray", 90), 2: ("tray", 120), 1: ("object", 45)}),
 }
-# Gravity direction changes with body posture: a rotation applied to the whole hand trajectory.
+# At rest the hand lies in the lap: the lower sensors see the legs.
+_REST_VIEW = {1: ("clothing", 90), 2: ("clothing", 110)}
+# Gravity direction changes with body posture: (roll, pitch, yaw) in radians applied to the whole hand path.
 _ORIENTATION_TILT = {"Seated Straight": (0.0, 0.0, 0.0),
                      "Seated Lean Non Dom - FACE DOWN": (0.3, 0.6, 0.0),
                      "Lie on Back": (0.0, 1.4, 0.0),
@@ -537,75 +566,150 @@ def quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v + w * t + np.cross(u, t)
 
 
-def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, behavior: str,
-                   subj: dict[str, Any], fs: float, noise: float) -> dict[str, np.ndarray]:
-    """One sequence in the canonical right-hand frame: arrays for acc, rot, thm, tof, phase.
-    `noise` scales every source of variation (1.0: classes well above chance, well below perfect)."""
-    prof = _GESTURE_PROFILE[gesture]
-    tempo = subj["tempo"] * (1 + noise * rng.uniform(-0.25, 0.25))
-    n_trans = max(8, int(rng.gamma(6.0, 4.5) / tempo)) + (8 if behavior == START_BEHAVIORS[0] else 0)
-    n_gest = max(14, int(rng.gamma(5.0, 7.0) / tempo))
-    n = int(min(n_trans + n_gest, 700))
-    n_trans = min(n_trans, n - 14)
-    t = np.arange(n) / fs
-    # Pose: from a resting pose to the target pose during the transition, then hold + motion.
-    rest = np.array([0.1, -0.8, 0.0]) + rng.normal(0, 0.3 * noise, 3)
-    target = np.array(prof["pose"]) + subj["pose_offset"] * noise + rng.normal(0, 0.3 * noise, 3)
-    ramp = np.clip(np.arange(n) / max(n_trans, 1), 0, 1)
-    ramp = 0.5 - 0.5 * np.cos(np.pi * ramp)
-    euler = rest[None, :] * (1 - ramp[:, None]) + target[None, :] * ramp[:, None]
-    gest = (np.arange(n) >= n_trans).astype(float)
-    motion = prof["motion"]
-    freq = {"pull": 0.6, "pinch": 1.0, "scratch": 2.6, "wave": 1.6, "write": 1.1, "tap": 2.0,
-            "lift": 0.3, "feel": 0.8}[motion] * tempo * (1 + noise * rng.uniform(-0.35, 0.35))
-    amp = {"pull": 0.25, "pinch": 0.08, "scratch": 0.12, "wave": 0.5, "write": 0.25, "tap": 0.05,
-           "lift": 0.6, "feel": 0.3}[motion] * subj["amp"] * (1 + noise * rng.uniform(-0.5, 0.5))
-    phase0 = rng.uniform(0, 2 * np.pi)
-    osc = np.sin(2 * np.pi * freq * t + phase0)
-    if motion == "write":
-        osc = osc + 0.6 * np.sin(2 * np.pi * freq * 1.7 * t + rng.uniform(0, 6))
-    elif motion == "pull":
-        osc = np.maximum(osc, 0) ** 2
-    euler[:, prof["axis"]] += gest * amp * osc
-    euler += np.cumsum(rng.normal(0, 0.02 * noise, (n, 3)), axis=0)  # slow drift of a real wrist
-    q_hand = quat_from_euler(euler[:, 0], euler[:, 1], euler[:, 2])
-    q_body = quat_from_euler(*[np.full(n, a) for a in _ORIENTATION_TILT[orientation]])
-    q = quat_multiply(q_body, q_hand)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    # Linear acceleration (world frame) is the second derivative of the hand path.
-    pos = np.zeros((n, 3))
-    pos[:, prof["axis"]] = gest * amp * 0.08 * osc
-    pos += ramp[:, None] * rng.normal(0, 0.3, 3)
-    lin_world = np.gradient(np.gradient(pos, 1 / fs, axis=0), 1 / fs, axis=0)
-    specific_force = lin_world + np.array([0.0, 0.0, GRAVITY])
-    acc = quat_rotate(quat_conjugate(q), specific_force) + rng.normal(0, 0.5 * noise, (n, 3))
-    # Thermopiles warm up near the body; ToF sees the body at a gesture-specific distance.
-    near = np.zeros(5)
-    for s in prof["near"]:
-        if rng.random() > 0.25 * noise:  # the band sits differently on each wrist and day
-            near[s - 1] = 1.0
-    if prof["near"] and rng.random() < 0.3 * noise:
-        near[int(rng.integers(0, 5))] = 1.0
-    closeness = ramp if prof["near"] else np.zeros(n)
-    thm = (subj["ambient"] + rng.normal(0, 0.3, 5)[None, :]
-           + closeness[:, None] * near[None, :] * rng.uniform(1.0, 6.0)
-           + rng.normal(0, 0.6 * noise, (n, 5)))
-    tof = np.full((n, 5, 64), -1.0)
+def _motion_wave(shape: str, t: np.ndarray, freq: float, phase0: float, rng: np.random.Generator) -> np.ndarray:
+    """The motion's time course in [-1, 1] (pulses in [0, 1])."""
+    x = 2 * np.pi * freq * t + phase0
+    if shape == "pulse":
+        return np.maximum(np.sin(x), 0) ** 2
+    if shape == "write":
+        return 0.7 * np.sin(x) + 0.45 * np.sin(1.7 * x + rng.uniform(0, 6)) + 0.25 * np.sin(2.9 * x + rng.uniform(0, 6))
+    if shape == "lift":
+        return np.sin(np.clip(x - phase0, 0, np.pi)) if freq > 0 else np.zeros_like(t)
+    if shape == "taps":
+        return (np.sin(x) > 0.6).astype(float) * rng.uniform(0.6, 1.0, len(t))
+    return np.sin(x)
+
+
+def _demo_timeline(rng: np.random.Generator, behavior: str, tempo: float) -> tuple[int, int, int, int]:
+    """(still or relaxing steps, steps moving to the target, pause at the target, gesture steps):
+    drawn independently of the gesture."""
+    if behavior == START_BEHAVIORS[0]:  # relaxes first: a movement down to rest
+        n_start = int(rng.integers(8, 16) / tempo)
+    elif rng.random() < 0.08:  # already at rest and waiting, sometimes for a long time
+        n_start = int(rng.uniform(60, 450) / tempo)
+    else:
+        n_start = int(rng.gamma(1.1, 11.0) / tempo)
+    n_move = max(5, int(rng.integers(7, 17) / tempo))
+    n_pause = max(3, int(rng.gamma(3.0, 3.5) / tempo))
+    n_gest = max(14, int(rng.gamma(12.0, 2.6) / tempo))
+    return n_start, n_move, n_pause, n_gest
+
+
+def _tof_view(rng: np.random.Generator, view: dict[int, tuple[str, float]], dist_t: np.ndarray,
+              angles: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 5, 64) distances (NaN = no return) and (n, 5) distance of each grid's centre, for the
+    surfaces in `view` at centre distance dist_t (mm, per step; > 249 = out of range)."""
+    n = len(dist_t)
     gy, gx = np.mgrid[0:8, 0:8]
-    for s in range(5):
-        if near[s] == 0 and rng.random() < 0.7:
+    out = np.full((n, 5, 64), np.nan)
+    centre = np.full((n, 5), np.inf)
+    for s, (surface, base) in view.items():
+        rate, noise, _ = _SURFACES[surface]
+        theta = angles[s] + rng.normal(0, 0.35)
+        slope = rng.uniform(4.0, 10.0)
+        plane = (np.cos(theta) * (gx - 3.5) + np.sin(theta) * (gy - 3.5)).ravel() * slope
+        d_centre = base + dist_t
+        d = d_centre[:, None] + plane[None, :] + rng.normal(0, noise, (n, 64))
+        seen = (rng.random((n, 64)) < rate) & (d >= 0) & (d <= 249)
+        out[:, s - 1, :] = np.where(seen, np.clip(d, 0, 249), np.nan)
+        centre[:, s - 1] = d_centre
+    return out, centre
+
+
+def _sequence_view(rng: np.random.Generator, site_view: dict[int, tuple[str, float]], subj: dict[str, Any],
+                   noise: float) -> dict[int, tuple[str, float]]:
+    """What each sensor faces in this sequence: the band sits a little differently every time, so a
+    sensor may miss the surface or catch it from further away; people's hair differs (short hair
+    reads like skin); arm length and reach scale every distance."""
+    view = {}
+    for s in range(1, 6):
+        if s in site_view:
+            if rng.random() < 0.35 * noise:
+                continue
+            surface, dist = site_view[s]
+        elif site_view and rng.random() < 0.35 * noise:
+            surface, dist = list(site_view.values())[int(rng.integers(0, len(site_view)))]
+            dist = dist * rng.uniform(1.3, 2.5)
+        else:
             continue
-        base = prof["dist"] * (1 + noise * rng.uniform(-0.4, 0.6)) if near[s] else rng.uniform(150, 240)
-        slope = rng.normal(0, 3, 2)
-        grid = base + slope[0] * (gx - 3.5) + slope[1] * (gy - 3.5)
-        dist = grid[None] * (1.6 - 0.6 * closeness[:, None, None]) + rng.normal(0, 10 * noise, (n, 8, 8))
-        dist = np.clip(np.round(dist), 0, 249).reshape(n, 64)
-        seen = (rng.random((n, 64)) < (0.25 + 0.7 * closeness[:, None] * (near[s] or 0.3)))
-        tof[:, s, :] = np.where(seen, dist, -1.0)
-    return dict(acc=acc, rot=q, thm=thm, tof=tof.reshape(n, 320), n_trans=n_trans, n=n)
+        surface = subj["surface_as"].get(surface, surface)
+        view[s] = (surface, dist * subj["reach_scale"] * rng.uniform(1 - 0.25 * noise, 1 + 0.3 * noise))
+    return view
 
 
-def _demo_subjects(rng: np.random.Generator, n: int, used: set[int]) -> list[dict[str, Any]]:
+def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, behavior: str,
+                   subj: dict[str, Any], fs: float, noise: float) -> dict[str, Any]:
+    """One sequence in the canonical right-hand frame: arrays acc (n,3), rot (n,4), thm (n,5),
+    tof (n,320), the phase boundaries and n. `noise` scales every source of variation."""
+    site = _DEMO_GESTURES[gesture]
+    freq_range, rot_amp, trans_amp, shape = _MOTIONS[site["motion"]]
+    tempo = subj["tempo"] * (1 + noise * rng.uniform(-0.15, 0.15))
+    n_start, n_move, n_pause, n_gest = _demo_timeline(rng, behavior, tempo)
+    n = int(min(n_start + n_move + n_pause + n_gest, 700))
+    n_gest = n - n_start - n_move - n_pause
+    t = np.arange(n) / fs
+    at_target = n_start + n_move
+    gesture_start = at_target + n_pause
+    # Closeness to the target: 0 at rest, a smooth reach, 1 from the pause on.
+    reach = np.clip((np.arange(n) - n_start) / max(n_move, 1), 0, 1)
+    reach = 0.5 - 0.5 * np.cos(np.pi * reach)
+    # Pose (degrees): rest -> target; relaxing starts from a raised hand and comes down first.
+    rest = subj["rest_pose"] + rng.normal(0, 6 * noise, 3)
+    target = np.array(site["pose"], float) + subj["reach_habit"] * noise + rng.normal(0, 4 * noise, 3)
+    euler = rest[None, :] * (1 - reach[:, None]) + target[None, :] * reach[:, None]
+    if behavior == START_BEHAVIORS[0]:
+        raised = rest + np.array([30.0, 25.0, 10.0]) + rng.normal(0, 8 * noise, 3)
+        fall = np.clip(np.arange(n) / max(n_start, 1), 0, 1)
+        fall = 0.5 - 0.5 * np.cos(np.pi * fall)
+        euler += (raised - rest)[None, :] * (1 - fall[:, None]) * (reach[:, None] < 1e-9)
+    in_gesture = (np.arange(n) >= gesture_start).astype(float)
+    freq = rng.uniform(*freq_range) * tempo
+    wave = _motion_wave(shape, t - gesture_start / fs, freq, rng.uniform(0, 2 * np.pi), rng) * in_gesture
+    # Each subject performs a motion along their own direction, not one the gesture dictates.
+    axis = subj["motion_axes"][shape] + rng.normal(0, 0.25 * noise, 3)
+    axis /= np.linalg.norm(axis)
+    amp = subj["amp"] * (1 + noise * rng.uniform(-0.3, 0.3))
+    euler += wave[:, None] * axis[None, :] * rot_amp * amp
+    euler += np.cumsum(rng.normal(0, 0.4 * noise, (n, 3)), axis=0) + rng.normal(0, 0.5, (n, 3))  # drift, tremor
+    rad = np.deg2rad(euler)
+    q_hand = quat_from_euler(rad[:, 0], rad[:, 1], rad[:, 2])
+    q_body = quat_from_euler(*[np.full(n, a) for a in _ORIENTATION_TILT[orientation]])
+    q = quat_multiply(quat_multiply(q_body, q_hand), np.broadcast_to(subj["wear"], (n, 4)))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    # Linear acceleration (world frame): the second derivative of the hand path.
+    pos = reach[:, None] * subj["reach_vector"][None, :] + wave[:, None] * axis[None, ::-1] * trans_amp * amp / 100
+    lin_world = np.gradient(np.gradient(pos, 1 / fs, axis=0), 1 / fs, axis=0)
+    acc = quat_rotate(quat_conjugate(q), lin_world + np.array([0.0, 0.0, GRAVITY]))
+    acc += rng.normal(0, 0.12, (n, 3)) + rng.normal(0, 0.08, 3)
+    # ToF: the rest view fades as the target view comes in; the motion moves the hand off the surface.
+    away = (1 - reach) * 320 + np.abs(wave) * trans_amp * amp * (6 if shape == "pulse" else 3)
+    view = _sequence_view(rng, site["view"], subj, noise)
+    tgt, tgt_centre = _tof_view(rng, view, away, subj["tof_angles"][gesture])
+    rst, rst_centre = _tof_view(rng, _REST_VIEW, reach * 320, subj["tof_angles"]["rest"])
+    grid = np.fmin(tgt, rst)
+    stray = rng.random((n, 5, 64)) < 0.03  # occasional far echoes from the room
+    grid = np.where(np.isnan(grid) & stray, rng.uniform(150, 249, (n, 5, 64)), grid)
+    tof = np.where(np.isnan(grid), -1.0, np.round(grid))
+    # Thermopiles: each sensor drifts towards the temperature of what it faces, with a lag.
+    ambient = subj["ambient"]
+    goal = np.full((n, 5), ambient)
+    gain = subj["thm_gain"] * rng.uniform(0.5, 1.2)  # skin contact and airflow differ every time
+    for faced, centre in ((view, tgt_centre), (_REST_VIEW, rst_centre)):
+        for s, (surface, _) in faced.items():
+            temp = _SURFACES[surface][2]
+            w = gain * np.exp(-np.clip(centre[:, s - 1], 0, None) / 35.0)
+            goal[:, s - 1] += w * ((ambient if temp is None else temp) - ambient)
+    thm = np.empty((n, 5))
+    level = goal[0] + rng.normal(0, 0.3, 5)
+    for i in range(n):
+        level = level + 0.12 * (goal[i] - level)
+        thm[i] = level
+    thm += subj["thm_offset"] + rng.normal(0, 0.6 * noise, 5) + rng.normal(0, 0.08, (n, 5))
+    return dict(acc=acc, rot=q, thm=thm, tof=tof.reshape(n, 320), n=n, at_target=at_target,
+                gesture_start=gesture_start)
+
+
+def _demo_subjects(rng: np.random.Generator, n: int, used: set[int], n_upside_down: int) -> list[dict[str, Any]]:
     subjects = []
     while len(subjects) < n:
         sid = int(rng.integers(0, 65000))
@@ -615,21 +719,43 @@ def _demo_subjects(rng: np.random.Generator, n: int, used: set[int]) -> list[dic
         adult = int(rng.random() < 0.6)
         age = int(rng.integers(18, 54)) if adult else int(rng.integers(10, 18))
         height = float(np.round(rng.uniform(150, 190.5) if adult else rng.uniform(135, 175), 1))
+        wear = np.deg2rad(rng.normal(0, 10, 3))
         subjects.append(dict(
             subject=f"SUBJ_{sid:06d}", adult_child=adult, age=age, sex=int(rng.random() < 0.55),
-            handedness=int(rng.random() > 0.15), height_cm=height,
+            handedness=int(rng.random() > 0.12), height_cm=height,
             shoulder_to_wrist_cm=int(np.clip(round(height * 0.3 + rng.normal(0, 2)), 41, 71)),
             elbow_to_wrist_cm=float(np.clip(np.round(height * 0.15 + rng.normal(0, 1.5), 1), 18, 44)),
-            tempo=rng.uniform(0.75, 1.3), amp=rng.uniform(0.7, 1.3),
-            pose_offset=rng.normal(0, 0.2, 3), ambient=rng.uniform(23.0, 27.0)))
+            tempo=rng.uniform(0.75, 1.3), amp=rng.uniform(0.6, 1.4),
+            wear=quat_from_euler(*wear), rest_pose=np.array([5.0, -50.0, 0.0]) + rng.normal(0, 10, 3),
+            reach_habit=rng.normal(0, 6, 3), reach_vector=rng.normal(0, 0.15, 3) + np.array([0.0, 0.1, 0.35]),
+            reach_scale=rng.uniform(0.65, 1.5), thm_gain=rng.uniform(0.3, 1.0),
+            surface_as={"hair": "skin"} if rng.random() < 0.3 else {},
+            motion_axes={m: rng.normal(0, 1, 3) for m in ("pulse", "osc", "write", "lift", "taps")},
+            ambient=rng.uniform(23.0, 27.0), thm_offset=rng.normal(0, 0.3, 5),
+            upside_down=False))
+    # The grid of what each sensor sees at a place is the place's geometry, shared by everyone up to
+    # a turn of the device on the wrist: one table, each subject's rotated by their own wear angle.
+    shared = {g: {s: float(np.random.default_rng(1000 + 7 * i + s).uniform(0, 2 * np.pi)) for s in range(1, 6)}
+              for i, g in enumerate([*_DEMO_GESTURES, "rest"])}
+    for subj in subjects:
+        turn = rng.normal(0, 0.3)
+        subj["tof_angles"] = {g: {s: a + turn for s, a in row.items()} for g, row in shared.items()}
+    for subj in subjects[:n_upside_down]:
+        subj["upside_down"] = True
     return subjects
 
 
 def demo_settings(cfg: Config) -> dict[str, Any]:
     """The settings a generated demo dataset depends on (regenerated when any of them changes)."""
-    return {k: getattr(cfg, k) for k in ("seed", "sample_rate_hz", "demo_train_subjects",
-                                         "demo_test_subjects", "demo_pairs_per_subject",
-                                         "demo_noise", "demo_imu_only_share")}
+    return {"demo_version": DEMO_VERSION, **{k: getattr(cfg, k) for k in (
+        "seed", "sample_rate_hz", "demo_train_subjects", "demo_test_subjects", "demo_pairs_per_subject",
+        "demo_noise", "demo_imu_only_share")}}
+
+
+def demo_upside_down_count(n_train_subjects: int) -> int:
+    """Training subjects who wear the device upside down: 2 of the 81 real ones, at least one in any
+    demo of 10 or more subjects."""
+    return 0 if n_train_subjects < 10 else max(1, round(n_train_subjects * 2 / 81))
 
 
 def generate_demo_dataset(out: Path, cfg: Config) -> Path:
@@ -639,65 +765,62 @@ def generate_demo_dataset(out: Path, cfg: Config) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[int] = set()
-    train_subj = _demo_subjects(rng, cfg.demo_train_subjects, used)
-    test_subj = _demo_subjects(rng, cfg.demo_test_subjects, used)
-    seq_ids = rng.permutation(np.arange(1, 65000))
-    seq_iter = iter(seq_ids.tolist())
+    train_subj = _demo_subjects(rng, cfg.demo_train_subjects, used, demo_upside_down_count(cfg.demo_train_subjects))
+    test_subj = _demo_subjects(rng, cfg.demo_test_subjects, used, 0)
+    seq_iter = iter(rng.permutation(np.arange(1, 65000)).tolist())
     pairs = allowed_pairs()
     n_pairs = max(1, min(cfg.demo_pairs_per_subject, len(pairs)))
 
     def build(subjects: list[dict[str, Any]], is_train: bool) -> pl.DataFrame:
-        blocks = []
+        sensors, text = [], {c: [] for c in ("row_id", "sequence_type", "sequence_id", "subject", "orientation",
+                                             "behavior", "phase", "gesture")}
+        counters = []
         for subj in subjects:
             chosen = [pairs[i] for i in np.sort(rng.choice(len(pairs), n_pairs, replace=False))]
-            imu_only_subject_share = cfg.demo_imu_only_share if not is_train else 0.0
+            imu_only_share = cfg.demo_imu_only_share if not is_train else 0.0
             for orientation, gesture in chosen:
                 for behavior in START_BEHAVIORS:
                     sid = f"SEQ_{next(seq_iter):06d}"
                     s = _demo_sequence(rng, gesture, orientation, behavior, subj, fs, cfg.demo_noise)
-                    acc, rot, thm, tof = s["acc"], s["rot"], s["thm"], s["tof"]
+                    x = np.hstack([s["acc"], s["rot"], s["thm"], s["tof"]])
                     if subj["handedness"] == 0:  # a left hand: the mirror image of the motion
-                        x = mirror_sensors(np.hstack([acc, rot, thm, tof]))
-                        acc, rot, thm, tof = x[:, :3], x[:, 3:7], x[:, 7:12], x[:, 12:]
-                    rot = np.where(rot[:, :1] < 0, -rot, rot)  # stored with rot_w >= 0
+                        x = mirror_sensors(x)
+                    if subj["upside_down"]:
+                        x = turn_upside_down(x)
                     n = s["n"]
+                    rot = x[:, 3:7]
+                    rot[:] = np.where(rot[:, :1] < 0, -rot, rot)  # stored with rot_w >= 0
                     if rng.random() < 0.01:
                         rot[:] = np.nan  # a sequence without any rotation
                     elif rng.random() < 0.1:
                         k = int(rng.integers(0, n))
                         rot[k: k + int(rng.integers(1, 4))] = np.nan
-                    if rng.random() < imu_only_subject_share:
-                        thm[:] = np.nan
-                        tof[:] = np.nan
+                    if rng.random() < imu_only_share:
+                        x[:, 7:] = np.nan
                     elif rng.random() < 0.03:
                         s_missing = int(rng.integers(0, 5))
-                        tof[:, s_missing * 64:(s_missing + 1) * 64] = np.nan
-                    counter = np.arange(n)
-                    phase = np.where(counter < s["n_trans"], "Transition", "Gesture")
-                    hold = int(s["n_trans"] * 0.7)
-                    behav = np.where(counter < hold, behavior,
-                                     np.where(counter < s["n_trans"], "Hand at target location",
-                                              "Performs gesture"))
-                    cols: dict[str, Any] = {
-                        "row_id": [f"{sid}_{c:06d}" for c in counter],
-                        "sequence_type": "Target" if gesture in TARGET_GESTURES else "Non-Target",
-                        "sequence_id": sid, "sequence_counter": counter, "subject": subj["subject"],
-                        "orientation": orientation, "behavior": behav, "phase": phase,
-                        "gesture": gesture,
-                    }
+                        x[:, 12 + s_missing * 64: 12 + (s_missing + 1) * 64] = np.nan
                     # The device quantises acceleration to 1/256 m/s^2 and quaternions to 2^-15.
-                    for j, c in enumerate(ACC_COLS):
-                        cols[c] = np.round(acc[:, j] * 256) / 256
-                    for j, c in enumerate(ROT_COLS):
-                        cols[c] = np.round(rot[:, j] * 32768) / 32768
-                    for j, c in enumerate(THM_COLS):
-                        cols[c] = thm[:, j]
-                    tof_frame = pl.DataFrame(tof, schema=TOF_COLS, orient="row")
-                    blocks.append(pl.concat([pl.DataFrame(cols), tof_frame], how="horizontal"))
-        frame = pl.concat(blocks)
+                    x[:, :3] = np.round(x[:, :3] * 256) / 256
+                    x[:, 3:7] = np.round(x[:, 3:7] * 32768) / 32768
+                    sensors.append(x.astype(np.float32))
+                    counter = np.arange(n)
+                    counters.append(counter)
+                    text["row_id"] += [f"{sid}_{c:06d}" for c in counter]
+                    text["sequence_type"] += ["Target" if gesture in TARGET_GESTURES else "Non-Target"] * n
+                    text["sequence_id"] += [sid] * n
+                    text["subject"] += [subj["subject"]] * n
+                    text["orientation"] += [orientation] * n
+                    text["gesture"] += [gesture] * n
+                    text["phase"] += ["Transition"] * s["gesture_start"] + ["Gesture"] * (n - s["gesture_start"])
+                    text["behavior"] += ([behavior] * s["at_target"] + ["Hand at target location"]
+                                         * (s["gesture_start"] - s["at_target"])
+                                         + ["Performs gesture"] * (n - s["gesture_start"]))
+        matrix = np.vstack(sensors)
+        frame = pl.concat([pl.DataFrame({**text, "sequence_counter": np.concatenate(counters)}),
+                           pl.DataFrame(matrix, schema=SENSOR_COLS, orient="row")], how="horizontal")
         # Missing values are empty cells in the competition CSVs, never the text "NaN".
-        frame = frame.with_columns(pl.col("sequence_counter").cast(pl.Int64),
-                                   pl.selectors.float().fill_nan(None))
+        frame = frame.with_columns(pl.col("sequence_counter").cast(pl.Int64), pl.selectors.float().fill_nan(None))
         return frame.select(TRAIN_COLS if is_train else TEST_COLS)
 
     def demographics(subjects: list[dict[str, Any]]) -> pl.DataFrame:
@@ -708,7 +831,8 @@ def generate_demo_dataset(out: Path, cfg: Config) -> Path:
     demographics(train_subj).write_csv(out / "train_demographics.csv")
     build(test_subj, False).write_csv(out / "test.csv")
     demographics(test_subj).write_csv(out / "test_demographics.csv")
-    write_json(out / "demo_config.json", demo_settings(cfg))
+    write_json(out / "demo_config.json", {**demo_settings(cfg), "upside_down_subjects":
+                                           [s["subject"] for s in train_subj if s["upside_down"]]})
     return out
 
 
@@ -719,8 +843,8 @@ def resolve_data_dir(cfg: Config) -> Path:
     demo_dir = Path(cfg.data_dir)
     wanted = demo_settings(cfg)
     stamp = demo_dir / "demo_config.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted
-            and (demo_dir / "test_demographics.csv").exists()):
+    stamped = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if not ({k: stamped.get(k) for k in wanted} == wanted and (demo_dir / "test_demographics.csv").exists()):
         t0 = time.perf_counter()
         generate_demo_dataset(demo_dir, cfg)
         print(f"demo data: generated {demo_dir} in {time.perf_counter() - t0:.1f}s")
@@ -946,6 +1070,18 @@ def mirror_sensors(x: np.ndarray) -> np.ndarray:
     """Canonical right hand: a left-hand SENSOR_COLS matrix (n, 332) mirrored (and back: an involution)."""
     return x[:, MIRROR_PERM] * MIRROR_SIGN
 
+
+def turn_upside_down(x: np.ndarray) -> np.ndarray:
+    """A SENSOR_COLS matrix (n, 332) as the device worn upside down gives it (and back: an involution):
+    turned 180 degrees about the axis normal to the watch face, so acc x and y change sign, the
+    orientation quaternion is composed with that turn and each 8x8 ToF grid is rotated by 180 degrees."""
+    x = x.copy()
+    x[:, 0:2] *= -1
+    w, qx, qy, qz = (x[:, 3 + i].copy() for i in range(4))  # q * (0, 0, 0, 1)
+    x[:, 3], x[:, 4], x[:, 5], x[:, 6] = -qz, qy, -qx, w
+    tof = x[:, 12:].reshape(len(x), 5, 64)
+    x[:, 12:] = tof[:, :, ::-1].reshape(len(x), 320)
+    return x
 
 
 def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:

@@ -137,3 +137,38 @@ def test_train_csv_with_a_byte_order_mark_loads(tmp_path, sample_dir):
     (tmp_path / "train.csv").write_bytes(b"\xef\xbb\xbf" + raw)
     frame = nb.load_sensor_csv(tmp_path / "train.csv", nb.TRAIN_COLS)
     assert frame.columns[0] == "row_id" and frame.height == 1000
+
+
+def test_demo_sequences_follow_the_real_phase_structure(tmp_path):
+    """Start (still or relaxing), move, a pause at the target, then the gesture at the end; lengths
+    in the real range; upside-down wearers among the training subjects as in the real data."""
+    cfg = smoke_config(tmp_path, demo_train_subjects=12, demo_test_subjects=1, demo_pairs_per_subject=6)
+    d = nb.generate_demo_dataset(tmp_path / "demo", cfg)
+    train = pl.read_csv(d / "train.csv", infer_schema_length=None)
+    for _, seq in train.group_by("sequence_id"):
+        behav = seq.sort("sequence_counter")["behavior"].to_list()
+        runs = [b for i, b in enumerate(behav) if i == 0 or b != behav[i - 1]]
+        assert runs[1:] == ["Hand at target location", "Performs gesture"] and runs[0] in nb.START_BEHAVIORS, runs
+    lengths = train.group_by("sequence_id").len()["len"]
+    assert 20 <= lengths.min() and lengths.max() <= 700 and 45 <= lengths.median() <= 90
+    stamp = nb.json.loads((d / "demo_config.json").read_text())
+    assert len(stamp["upside_down_subjects"]) == nb.demo_upside_down_count(12) == 1
+    assert set(stamp["upside_down_subjects"]) <= set(train["subject"])
+
+
+def test_turning_the_device_upside_down_keeps_the_world_frame():
+    """Worn upside down, the device reports acc x/y negated and its orientation composed with the
+    same turn: the acceleration seen in the world frame is unchanged; turning twice is the identity."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (20, len(nb.SENSOR_COLS))).astype(np.float64)
+    q = rng.normal(0, 1, (20, 4))
+    x[:, 3:7] = q / np.linalg.norm(q, axis=1, keepdims=True)
+    turned = nb.turn_upside_down(x)
+    np.testing.assert_allclose(turned[:, :2], -x[:, :2])
+    np.testing.assert_allclose(nb.quat_rotate(turned[:, 3:7], turned[:, :3]), nb.quat_rotate(x[:, 3:7], x[:, :3]),
+                               atol=1e-12)
+    grid = turned[:, 12:].reshape(20, 5, 8, 8)
+    np.testing.assert_allclose(grid, np.rot90(x[:, 12:].reshape(20, 5, 8, 8), 2, axes=(2, 3)))
+    back = nb.turn_upside_down(turned)
+    np.testing.assert_allclose(np.abs(np.einsum("ij,ij->i", back[:, 3:7], x[:, 3:7])), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.delete(back, range(3, 7), axis=1), np.delete(x, range(3, 7), axis=1))

@@ -241,7 +241,10 @@ def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
     test = pl.read_csv(sample_dir / "test.csv")
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     seq = test.filter(pl.col("sequence_id") == "SEQ_000001")
+    runtime.require()
+    runtime.manifest["subject_assignment"] = False
     nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+    assert not runtime.history
     runtime.manifest["subject_assignment"] = True
     for _ in range(3):
         out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
