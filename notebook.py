@@ -295,7 +295,6 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     return cfg
 
 
-
 # %% [markdown]
 # ## 2. Competition constants
 #
@@ -315,6 +314,10 @@ GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES
 GESTURE_INDEX = {g: i for i, g in enumerate(GESTURES)}
 TARGET_MASK = np.array([g in TARGET_GESTURES for g in GESTURES])
 NON_TARGET_CLASS = "non_target"
+
+# The two CV views of every model (section 9): the fold as recorded, and with thm/ToF nulled as in
+# the IMU-only half of the test set.
+VIEWS = ("full", "imu_only")
 
 ORIENTATIONS = ["Seated Straight", "Seated Lean Non Dom - FACE DOWN", "Lie on Back",
                 "Lie on Side - Non Dominant"]
@@ -375,10 +378,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default)))
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -389,6 +388,10 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default)))
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, **kw: Any) -> Iterable:
@@ -412,16 +415,6 @@ def say(message: str) -> None:
         print(message)
 
 
-class Stopwatch:
-    """Wall time per named stage, for the run summary."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str) -> "_Lap":
-        return _Lap(self, name)
-
-
 class _Lap:
     def __init__(self, watch: Stopwatch, name: str) -> None:
         self.watch, self.name = watch, name
@@ -431,6 +424,16 @@ class _Lap:
 
     def __exit__(self, *exc: Any) -> None:
         self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+class Stopwatch:
+    """Wall time per named stage, for the run summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> "_Lap":
+        return _Lap(self, name)
 
 
 # What native libraries print at start-up straight to file descriptor 2, past Python's logging.
@@ -463,10 +466,90 @@ def native_notices_hidden() -> Iterator[None]:
                     print(line, file=sys.stderr)
 
 
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for pkg in ("numpy", "polars", "scipy", "scikit-learn", "lightgbm", "torch", "tensorflow", "keras"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def set_seed(seed: int) -> None:
     import random
     random.seed(seed)
     np.random.seed(seed % (2**32))
+
+
+# %% [markdown]
+# ### 3.1 Sensor geometry
+#
+# Quaternion algebra (w, x, y, z; device -> world) and the two ways a wearer changes what the
+# device reports: a left hand mirrors it, a device worn upside down turns it by 180 degrees about
+# the axis normal to the watch face. The demo generator, the features and the nets use them.
+
+# %%
+def quat_from_euler(roll: np.ndarray, pitch: np.ndarray, yaw: np.ndarray) -> np.ndarray:
+    cr, sr = np.cos(roll / 2), np.sin(roll / 2)
+    cp, sp = np.cos(pitch / 2), np.sin(pitch / 2)
+    cy, sy = np.cos(yaw / 2), np.sin(yaw / 2)
+    return np.stack([cr * cp * cy + sr * sp * sy, sr * cp * cy - cr * sp * sy,
+                     cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy], axis=-1)
+
+
+def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    aw, ax, ay, az = np.moveaxis(a, -1, 0)
+    bw, bx, by, bz = np.moveaxis(b, -1, 0)
+    return np.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw],
+                    axis=-1)
+
+
+def quat_conjugate(q: np.ndarray) -> np.ndarray:
+    return q * np.array([1.0, -1.0, -1.0, -1.0], dtype=q.dtype)
+
+
+def quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Rotate vectors v (device frame) by unit quaternions q (device -> world), row by row."""
+    w, u = q[..., :1], q[..., 1:]
+    t = 2.0 * np.cross(u, v)
+    return v + w * t + np.cross(u, t)
+
+
+def _mirror_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Column permutation and signs that reflect the lateral (x) axis on a SENSOR_COLS matrix:
+    acc (-x, y, z); quaternion (w, x, -y, -z) (the same reflection seen through a rotation);
+    thermopiles and ToF sensors 3 and 5 sit mirror-wise and swap places."""
+    idx = {c: i for i, c in enumerate(SENSOR_COLS)}
+    swap = {"thm_3": "thm_5", "thm_5": "thm_3"}
+    for p in range(64):
+        swap[f"tof_3_v{p}"], swap[f"tof_5_v{p}"] = f"tof_5_v{p}", f"tof_3_v{p}"
+    perm = np.array([idx[swap.get(c, c)] for c in SENSOR_COLS])
+    sign = np.array([-1.0 if c in ("acc_x", "rot_y", "rot_z") else 1.0 for c in SENSOR_COLS], np.float32)
+    return perm, sign
+
+
+MIRROR_PERM, MIRROR_SIGN = _mirror_tables()
+
+
+def mirror_sensors(x: np.ndarray) -> np.ndarray:
+    """Canonical right hand: a left-hand SENSOR_COLS matrix (n, 332) mirrored (and back: an involution)."""
+    return x[:, MIRROR_PERM] * MIRROR_SIGN
+
+
+def turn_upside_down(x: np.ndarray) -> np.ndarray:
+    """A SENSOR_COLS matrix (n, 332) as the device worn upside down gives it (and back: an involution):
+    turned 180 degrees about the axis normal to the watch face, so acc x and y change sign, the
+    orientation quaternion is composed with that turn and each 8x8 ToF grid is rotated by 180 degrees."""
+    x = x.copy()
+    x[:, 0:2] *= -1
+    w, qx, qy, qz = (x[:, 3 + i].copy() for i in range(4))  # q * (0, 0, 0, 1)
+    x[:, 3], x[:, 4], x[:, 5], x[:, 6] = -qz, qy, -qx, w
+    tof = x[:, 12:].reshape(len(x), 5, 64)
+    x[:, 12:] = tof[:, :, ::-1].reshape(len(x), 320)
+    return x
 
 
 # %% [markdown]
@@ -537,33 +620,6 @@ _ORIENTATION_TILT = {"Seated Straight": (0.0, 0.0, 0.0),
                      "Seated Lean Non Dom - FACE DOWN": (0.3, 0.6, 0.0),
                      "Lie on Back": (0.0, 1.4, 0.0),
                      "Lie on Side - Non Dominant": (1.3, 0.2, 0.0)}
-
-
-def quat_from_euler(roll: np.ndarray, pitch: np.ndarray, yaw: np.ndarray) -> np.ndarray:
-    cr, sr = np.cos(roll / 2), np.sin(roll / 2)
-    cp, sp = np.cos(pitch / 2), np.sin(pitch / 2)
-    cy, sy = np.cos(yaw / 2), np.sin(yaw / 2)
-    return np.stack([cr * cp * cy + sr * sp * sy, sr * cp * cy - cr * sp * sy,
-                     cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy], axis=-1)
-
-
-def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    aw, ax, ay, az = np.moveaxis(a, -1, 0)
-    bw, bx, by, bz = np.moveaxis(b, -1, 0)
-    return np.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw],
-                    axis=-1)
-
-
-def quat_conjugate(q: np.ndarray) -> np.ndarray:
-    return q * np.array([1.0, -1.0, -1.0, -1.0], dtype=q.dtype)
-
-
-def quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Rotate vectors v (device frame) by unit quaternions q (device -> world), row by row."""
-    w, u = q[..., :1], q[..., 1:]
-    t = 2.0 * np.cross(u, v)
-    return v + w * t + np.cross(u, t)
 
 
 def _motion_wave(shape: str, t: np.ndarray, freq: float, phase0: float, rng: np.random.Generator) -> np.ndarray:
@@ -906,18 +962,6 @@ def load_sensor_csv(path: Path, required: list[str]) -> pl.DataFrame:
     return frame
 
 
-def load_demographics(path: Path) -> pl.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found. Fix: the demographics CSV must sit next to the "
-                        f"sensor CSV in --data-dir.")
-    frame = pl.read_csv(path, infer_schema=False)
-    missing = [c for c in DEMO_COLS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}. Fix: use the competition file.")
-    return clean_demographics(frame)
-
-
 def clean_demographics(frame: pl.DataFrame) -> pl.DataFrame:
     """Numeric demographics with defaults for missing columns or values (never raises)."""
     exprs = [pl.col("subject").cast(pl.String)] if "subject" in frame.columns else [pl.lit("?").alias("subject")]
@@ -928,6 +972,18 @@ def clean_demographics(frame: pl.DataFrame) -> pl.DataFrame:
         else:
             exprs.append(pl.lit(default, dtype=pl.Float32).alias(c))
     return frame.select(exprs)
+
+
+def load_demographics(path: Path) -> pl.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found. Fix: the demographics CSV must sit next to the "
+                        f"sensor CSV in --data-dir.")
+    frame = pl.read_csv(path, infer_schema=False)
+    missing = [c for c in DEMO_COLS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}. Fix: use the competition file.")
+    return clean_demographics(frame)
 
 
 def validate_train(train: pl.DataFrame, demographics: pl.DataFrame, path: Path) -> pl.DataFrame:
@@ -967,8 +1023,6 @@ def validate_train(train: pl.DataFrame, demographics: pl.DataFrame, path: Path) 
 class Dataset:
     train: pl.DataFrame
     train_demographics: pl.DataFrame
-    test_path: Path
-    test_demographics_path: Path
     data_dir: Path
 
 
@@ -982,7 +1036,7 @@ def load_training_data(data_dir: Path) -> Dataset:
     n_seq = train["sequence_id"].n_unique()
     print(f"data: {train.height:,} rows, {n_seq:,} sequences, {train['subject'].n_unique()} subjects "
           f"from {data_dir} in {time.perf_counter() - t0:.1f}s")
-    return Dataset(train, demographics, data_dir / "test.csv", data_dir / "test_demographics.csv", data_dir)
+    return Dataset(train, demographics, data_dir)
 
 
 def sequence_labels(train: pl.DataFrame) -> pl.DataFrame:
@@ -1050,40 +1104,6 @@ WELCH_BANDS = [(0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0)]
 MODALITY_PREFIXES = ("thm_", "tof_", "xmod_", "mod_present_")
 
 
-def _mirror_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Column permutation and signs that reflect the lateral (x) axis on a SENSOR_COLS matrix:
-    acc (-x, y, z); quaternion (w, x, -y, -z) (the same reflection seen through a rotation);
-    thermopiles and ToF sensors 3 and 5 sit mirror-wise and swap places."""
-    idx = {c: i for i, c in enumerate(SENSOR_COLS)}
-    swap = {"thm_3": "thm_5", "thm_5": "thm_3"}
-    for p in range(64):
-        swap[f"tof_3_v{p}"], swap[f"tof_5_v{p}"] = f"tof_5_v{p}", f"tof_3_v{p}"
-    perm = np.array([idx[swap.get(c, c)] for c in SENSOR_COLS])
-    sign = np.array([-1.0 if c in ("acc_x", "rot_y", "rot_z") else 1.0 for c in SENSOR_COLS], np.float32)
-    return perm, sign
-
-
-MIRROR_PERM, MIRROR_SIGN = _mirror_tables()
-
-
-def mirror_sensors(x: np.ndarray) -> np.ndarray:
-    """Canonical right hand: a left-hand SENSOR_COLS matrix (n, 332) mirrored (and back: an involution)."""
-    return x[:, MIRROR_PERM] * MIRROR_SIGN
-
-
-def turn_upside_down(x: np.ndarray) -> np.ndarray:
-    """A SENSOR_COLS matrix (n, 332) as the device worn upside down gives it (and back: an involution):
-    turned 180 degrees about the axis normal to the watch face, so acc x and y change sign, the
-    orientation quaternion is composed with that turn and each 8x8 ToF grid is rotated by 180 degrees."""
-    x = x.copy()
-    x[:, 0:2] *= -1
-    w, qx, qy, qz = (x[:, 3 + i].copy() for i in range(4))  # q * (0, 0, 0, 1)
-    x[:, 3], x[:, 4], x[:, 5], x[:, 6] = -qz, qy, -qx, w
-    tof = x[:, 12:].reshape(len(x), 5, 64)
-    x[:, 12:] = tof[:, :, ::-1].reshape(len(x), 320)
-    return x
-
-
 def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
     """Any incoming frame -> (n, len(SENSOR_COLS)) float32 in frame row order; missing columns,
     unparsable text and non-finite values become NaN. Works column-block-wise (one numpy
@@ -1132,9 +1152,6 @@ class Sequences:
     `sensors` is the (n, len(SENSOR_COLS)) float32 matrix, NaN where a value is missing."""
     meta: pl.DataFrame
     sensors: np.ndarray
-
-    def column(self, name: str) -> np.ndarray:
-        return self.sensors[:, SENSOR_COLS.index(name)]
 
     def block(self, names: list[str]) -> np.ndarray:
         i = SENSOR_COLS.index(names[0])
@@ -1248,6 +1265,19 @@ def imu_channels(acc: np.ndarray, rot: np.ndarray, seq_ids: np.ndarray, fs: floa
     return {k: v.astype(np.float32) for k, v in ch.items()}
 
 
+class _quiet_nan_warnings:
+    """All-NaN rows (sensor missing) are expected: their mean is NaN, without a warning."""
+
+    def __enter__(self) -> None:
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
 def thm_channels(thm: np.ndarray, seq_ids: np.ndarray, fs: float) -> dict[str, np.ndarray]:
     """Thermopile values, each sensor's difference to their mean, and the warming trend."""
     first, _ = _segments(seq_ids)
@@ -1260,19 +1290,6 @@ def thm_channels(thm: np.ndarray, seq_ids: np.ndarray, fs: float) -> dict[str, n
     ch["thm_trend"] = (_diff_in_sequence(np.nan_to_num(mean), first) * fs).astype(np.float32)
     ch["thm_trend"][np.isnan(mean)] = np.nan
     return ch
-
-
-class _quiet_nan_warnings:
-    """All-NaN rows (sensor missing) are expected: their mean is NaN, without a warning."""
-
-    def __enter__(self) -> None:
-        import warnings
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def tof_channels(tof: np.ndarray, pooling: bool) -> dict[str, np.ndarray]:
@@ -1618,7 +1635,7 @@ def feature_cache_key(cfg: Config) -> str:
 
 
 def cached_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config,
-                    cache_dir: Path | None) -> pl.DataFrame:
+                    cache_dir: Path | None, label: str = "features") -> pl.DataFrame:
     """build_features with an on-disk cache; same output, sorted by sequence_id."""
     if not cfg.feature_cache or cache_dir is None:
         return build_features(frame, demographics, cfg)
@@ -1640,8 +1657,45 @@ def cached_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config
         merged = merged.unique(["sequence_id", "_content_hash"], keep="last")
         atomic_write(path, lambda p: merged.write_parquet(p))
     out = pl.concat(parts, how="diagonal_relaxed").drop("_content_hash").sort("sequence_id")
-    print(f"features: {len(todo)} computed, {len(done)} from cache ({out.width - 1} columns)")
+    print(f"{label}: {len(todo)} computed, {len(done)} from cache ({out.width - 1} columns)")
     return out
+
+
+# %% [markdown]
+# ### 7.4 Per-step inputs for the nets
+#
+# The nets read the per-row channels above plus two per-row presence flags, one array per sequence
+# (section 11 scales them). Training, the CV views and predict() all build them here.
+
+# %%
+@dataclass
+class NetInputs:
+    ids: np.ndarray              # sequence_id per sequence (sorted)
+    names: list[str]             # channel names
+    arrays: list[np.ndarray]     # (length, channels) float32 per sequence, unscaled, NaN = missing
+    demographics: np.ndarray     # (n_sequences, 7) float32
+
+    def subset(self, mask: np.ndarray) -> "NetInputs":
+        idx = np.flatnonzero(mask)
+        return NetInputs(self.ids[idx], self.names, [self.arrays[i] for i in idx], self.demographics[idx])
+
+
+def net_inputs_from(prepared: Sequences, channels: pl.DataFrame) -> NetInputs:
+    names = [c for c in channels.columns if c != "sequence_id"]
+    x = channels.select(names).to_numpy().astype(np.float32)
+    tof_valid = [names.index(f"tof_{s}_valid") for s in range(1, 6)]
+    flags = np.column_stack([~np.isnan(x[:, names.index("thm_mean")]), (~np.isnan(x[:, tof_valid])).any(axis=1)])
+    x = np.hstack([x, flags.astype(np.float32)])
+    names = names + ["mod_present_thm", "mod_present_tof"]
+    sg = Segments.of(channels["sequence_id"].to_numpy())
+    arrays = np.split(x, sg.starts[1:]) if len(x) else []
+    demo = prepared.meta.select(list(DEFAULT_DEMOGRAPHICS)).to_numpy().astype(np.float32)[sg.starts]
+    return NetInputs(channels["sequence_id"].to_numpy()[sg.starts], names, arrays, demo)
+
+
+def sequence_inputs(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> NetInputs:
+    """Raw rows -> per-sequence channel arrays for the nets (same path in training and predict)."""
+    return net_inputs_from(*derive(frame, demographics, cfg))
 
 
 # %% [markdown]
@@ -1693,8 +1747,9 @@ class TrainingData:
 def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
     labels = sequence_labels(ds.train)
     cache_dir = out / "cache"
-    views = {"full": cached_features(ds.train, ds.train_demographics, cfg, cache_dir),
-             "imu_only": cached_features(blank_modalities(ds.train), ds.train_demographics, cfg, cache_dir)}
+    views = {"full": cached_features(ds.train, ds.train_demographics, cfg, cache_dir, "features, full view"),
+             "imu_only": cached_features(blank_modalities(ds.train), ds.train_demographics, cfg, cache_dir,
+                                         "features, IMU-only view")}
     for v in views.values():
         assert v["sequence_id"].to_list() == labels["sequence_id"].to_list()
     hashes = sequence_content_hashes(ds.train, ds.train_demographics)
@@ -1797,7 +1852,11 @@ def fold_meta_matches(meta_path: Path, fingerprint: str) -> bool:
 # The expected leaderboard figure is their mean (about half of the hidden test is IMU-only).
 
 # %%
-VIEWS = ("full", "imu_only")
+def blend(probas: list[np.ndarray], weights: Iterable[float]) -> np.ndarray:
+    """Weighted mean of class-probability tables: the folds of one model, or the models of the ensemble."""
+    weights = np.asarray(list(weights), dtype=np.float64)
+    out = sum(w * p.astype(np.float64) for w, p in zip(weights, probas))
+    return (out / max(float(weights.sum()), 1e-12)).astype(np.float32)
 
 
 def view_scores(y_true: list[str], proba: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
@@ -1903,12 +1962,9 @@ def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.nd
 
 def lgbm_predict_proba(boosters: list[Any], weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Fold-weighted mean of class probabilities for a feature matrix in the bundle's column order."""
-    out = np.zeros((len(x), len(GESTURES)), dtype=np.float64)
     # A predict() call's single row gains nothing from threads (measured ~0.4 ms faster without).
     threads = {"num_threads": 1} if len(x) < 64 else {}
-    for booster, w in zip(boosters, weights):
-        out += w * booster.predict(x, num_iteration=booster.best_iteration or None, **threads)
-    return (out / max(float(np.sum(weights)), 1e-12)).astype(np.float32)
+    return blend([b.predict(x, num_iteration=b.best_iteration or None, **threads) for b in boosters], weights)
 
 
 def feature_matrix(table: pl.DataFrame, names: list[str]) -> np.ndarray:
@@ -1974,36 +2030,6 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
 # reads the very same arrays.
 
 # %%
-@dataclass
-class NetInputs:
-    ids: np.ndarray              # sequence_id per sequence (sorted)
-    names: list[str]             # channel names
-    arrays: list[np.ndarray]     # (length, channels) float32 per sequence, unscaled, NaN = missing
-    demographics: np.ndarray     # (n_sequences, 7) float32
-
-    def subset(self, mask: np.ndarray) -> "NetInputs":
-        idx = np.flatnonzero(mask)
-        return NetInputs(self.ids[idx], self.names, [self.arrays[i] for i in idx], self.demographics[idx])
-
-
-def sequence_inputs(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> NetInputs:
-    """Raw rows -> per-sequence channel arrays for the nets (same path in training and predict)."""
-    return net_inputs_from(*derive(frame, demographics, cfg))
-
-
-def net_inputs_from(prepared: Sequences, channels: pl.DataFrame) -> NetInputs:
-    names = [c for c in channels.columns if c != "sequence_id"]
-    x = channels.select(names).to_numpy().astype(np.float32)
-    tof_valid = [names.index(f"tof_{s}_valid") for s in range(1, 6)]
-    flags = np.column_stack([~np.isnan(x[:, names.index("thm_mean")]), (~np.isnan(x[:, tof_valid])).any(axis=1)])
-    x = np.hstack([x, flags.astype(np.float32)])
-    names = names + ["mod_present_thm", "mod_present_tof"]
-    sg = Segments.of(channels["sequence_id"].to_numpy())
-    arrays = np.split(x, sg.starts[1:]) if len(x) else []
-    demo = prepared.meta.select(list(DEFAULT_DEMOGRAPHICS)).to_numpy().astype(np.float32)[sg.starts]
-    return NetInputs(channels["sequence_id"].to_numpy()[sg.starts], names, arrays, demo)
-
-
 @dataclass
 class InputScaler:
     """Standardisation fitted on training sequences; missing values become 0 after scaling."""
@@ -2138,6 +2164,9 @@ def torch_precision(cfg: Config, device: str) -> str:
 
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
                            for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
+
+
+_TORCH_LIB: Any = None
 
 
 def _torch_lib() -> Any:
@@ -2355,9 +2384,6 @@ def _torch_lib() -> Any:
     return _TORCH_LIB
 
 
-_TORCH_LIB: Any = None
-
-
 def build_torch_model(cfg: Config, in_ch: int) -> Any:
     """The net of `cfg.torch_arch` (one architecture: train_torch runs each --torch-arch choice apart)."""
     lib = _torch_lib()
@@ -2370,6 +2396,12 @@ def build_torch_model(cfg: Config, in_ch: int) -> Any:
     conv = tuple(int(c) for c in str(cfg.torch_conv).split(","))
     return lib.GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.torch_hidden, cfg.torch_dropout,
                           cfg.torch_demographics)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray:
@@ -2385,12 +2417,6 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
     from2 = np.where(is_t, pt * t_share, (1 - pt) * nt_share)
     out = (p18 + from9 + from2) / 3.0
     return (out / out.sum(1, keepdims=True)).astype(np.float32)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # %% [markdown]
@@ -2480,18 +2506,19 @@ def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarr
                         batch_size: int = 64, packed: bool = True) -> np.ndarray:
     """Fold-weighted class probabilities for every sequence of `inputs` (eval mode, no grad)."""
     torch = _torch_lib().torch
-    n = len(inputs.arrays)
-    out = np.zeros((n, len(GESTURES)), dtype=np.float64)
     lengths = np.array([len(a) for a in inputs.arrays])
-    for (model, scaler), w in zip(models, weights):
+    per_fold = []
+    for model, scaler in models:
         device = next(model.parameters()).device.type
         model.eval()
+        p = np.zeros((len(lengths), len(GESTURES)), dtype=np.float32)
         for idx in length_buckets(lengths, batch_size, None):
             xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
             with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
                 o = model(xb, lb, db, packed=packed)
-            out[idx] += w * combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
-    return (out / max(float(np.sum(weights)), 1e-12)).astype(np.float32)
+            p[idx] = combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
+        per_fold.append(p)
+    return blend(per_fold, weights)
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
@@ -2616,7 +2643,7 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
 
 def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
     """All folds of the PyTorch net of `cfg.torch_arch` (one architecture; its ensemble member name
-    is TORCH_ARCHS[arch]): a checkpoint per fold (in_ch, n_classes, config, scaler, state_dict),
+    is TORCH_ARCHS[arch]): a checkpoint per fold (in_ch, config, scaler, state_dict),
     OOF for both views, per-epoch log in OUT/logs/<member>.jsonl."""
     torch = _torch_lib().torch
     if cfg.torch_threads:
@@ -2631,18 +2658,20 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 
     def load_fold(k: int) -> Any:
         path = model_dir / f"fold{k}.pt"
-        if not path.exists() or torch.load(path, map_location="cpu", weights_only=True).get("fingerprint") != fp:
+        if not (path.exists() and fold_meta_matches(model_dir / f"fold{k}.json", fp)):
             return None
         return load_torch_checkpoint(path, device)[:2]
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         res = train_torch_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
                                td.y[va], cfg.seed + k, epoch_logger(out, member, k))
-        ckpt = {"in_ch": len(names), "n_classes": len(GESTURES), "config": dataclasses.asdict(cfg),
-                "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"],
-                "fingerprint": fp, "best_epoch": res["epoch"], "best_score": res["score"],
-                "bad_steps": res["bad_steps"], "uncertainty_s": res["uncertainty_s"]}
+        ckpt = {"in_ch": len(names), "config": dataclasses.asdict(cfg),
+                "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
         atomic_write(model_dir / f"fold{k}.pt", lambda p: torch.save(ckpt, p))
+        # The meta file comes last: a fold whose checkpoint was cut short has none and is retrained.
+        write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_epoch": res["epoch"],
+                                                 "best_score": res["score"], "bad_steps": res["bad_steps"],
+                                                 "uncertainty_s": res["uncertainty_s"]})
         return load_torch_checkpoint(model_dir / f"fold{k}.pt", device)[:2], f"trained, best epoch {res['epoch']}"
 
     res = run_folds(cfg, td, member, load_fold, fit_fold,
@@ -2665,6 +2694,9 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 
 # %%
 KERAS_BUCKET = 32  # time axis padded to a multiple of this: few shapes, no retracing
+
+
+_KERAS_LIB: Any = None
 
 
 def _keras_lib() -> Any:
@@ -2776,12 +2808,8 @@ def _keras_lib() -> Any:
             return {"peak": self.peak, "warmup": self.warmup, "total": self.total}
 
     _KERAS_LIB = SimpleNamespace(keras=keras, tf=tf, MaskedResBlock=MaskedResBlock,
-                                 MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine,
-                                 downsample_mask=downsample_mask)
+                                 MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine)
     return _KERAS_LIB
-
-
-_KERAS_LIB: Any = None
 
 
 def keras_policy() -> str:
@@ -2837,14 +2865,14 @@ class KerasPredictor:
 
 def keras_predict_proba(predictors: list[Any], weights: np.ndarray, inputs: NetInputs, scaler_of: list[InputScaler],
                         batch_size: int = 64) -> np.ndarray:
-    n = len(inputs.arrays)
-    out = np.zeros((n, len(GESTURES)), dtype=np.float64)
     lengths = np.array([len(a) for a in inputs.arrays])
-    for predictor, scaler, w in zip(predictors, scaler_of, weights):
+    per_fold = []
+    for predictor, scaler in zip(predictors, scaler_of):
+        p = np.zeros((len(lengths), len(GESTURES)), dtype=np.float32)
         for idx in length_buckets(lengths, batch_size, None):
-            batch = keras_inputs([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler)
-            out[idx] += w * predictor(batch)
-    return (out / max(float(np.sum(weights)), 1e-12)).astype(np.float32)
+            p[idx] = predictor(keras_inputs([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler))
+        per_fold.append(p)
+    return blend(per_fold, weights)
 
 
 def keras_learning_rate(optimizer: Any) -> float:
@@ -2964,12 +2992,6 @@ def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 # the report holds every model, every view and the ensemble, overall and per fold.
 
 # %%
-def blend(probas: list[np.ndarray], weights: Iterable[float]) -> np.ndarray:
-    weights = np.asarray(list(weights), dtype=np.float64)
-    out = sum(w * p.astype(np.float64) for w, p in zip(weights, probas))
-    return (out / max(float(weights.sum()), 1e-12)).astype(np.float32)
-
-
 def fit_blend_weights(y_true: list[str], probas: list[np.ndarray], step: float = 0.1) -> list[float]:
     """Non-negative weights summing to 1 that maximise the metric on OOF (coarse simplex grid)."""
     k = len(probas)
@@ -3318,17 +3340,6 @@ def invalidate_stale_manifest(bundle: Path, fingerprint: str) -> None:
             f"serve until this run writes its own manifest at the end")
 
 
-def library_versions() -> dict[str, str]:
-    from importlib import metadata
-    out = {"python": platform.python_version()}
-    for pkg in ("numpy", "polars", "scipy", "scikit-learn", "lightgbm", "torch", "tensorflow", "keras"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def kaggle_username() -> str:
     if os.environ.get("KAGGLE_USERNAME"):
         return os.environ["KAGGLE_USERNAME"]
@@ -3496,6 +3507,60 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
 # problem is logged once, counted, and answered with a valid gesture.
 
 # %%
+def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
+                made: dict[str, list[str]]) -> Any:
+    """One family's fold models, after checking its inputs and its files against the manifest."""
+    wanted = fam.get("feature_names") or fam.get("channel_names") or []
+    have = made["features"] if "feature_names" in fam else made["channels"]
+    unknown = [c for c in wanted if c not in set(have)]
+    if unknown or ("channel_names" in fam and wanted != have):
+        raise BundleError(f"{path}/manifest.json: the {name} models expect feature/channel names this code "
+                          f"does not produce in that order (e.g. {(unknown or wanted)[:2]}). Fix: retrain the "
+                          f"bundle with this notebook version (manifest format {BUNDLE_FORMAT}).")
+    verify_bundle_files(path, fam["files"], manifest.get("files", {}))
+    weights = np.asarray(fam["fold_weights"], dtype=np.float64)
+    if name == "lgbm":
+        return [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]], weights, fam["feature_names"]
+    if name in TORCH_ARCHS.values():
+        torch = _torch_lib().torch
+        torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
+        return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
+    if name == "keras":
+        folds = [keras_fold_predictor(load_keras_fold(path / f, config_from(manifest["config"]))) for f in fam["files"]]
+        return [p for p, _ in folds], weights, [sc for _, sc in folds]
+    raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
+                      f"this notebook version.")
+
+
+def produced_names(cfg: Config) -> dict[str, list[str]]:
+    """Feature and channel names the current code makes (from a tiny synthetic sequence)."""
+    n = 12
+    frame = pl.DataFrame({"sequence_id": ["SEQ_CHECK"] * n, "sequence_counter": list(range(n)),
+                          "subject": ["SUBJ_CHECK"] * n,
+                          **{c: np.linspace(0.1, 1.0, n, dtype=np.float32) for c in SENSOR_COLS}})
+    prepared, channels = derive(frame, pl.DataFrame({"subject": ["SUBJ_CHECK"]}), cfg)
+    return {"features": aggregate_features(prepared, channels, cfg.sample_rate_hz).names,
+            "channels": net_inputs_from(prepared, channels).names}
+
+
+def subject_of(sequence: Any, demographics: Any) -> str | None:
+    """The subject id of a call, from the sequence or else the demographics row (None if neither)."""
+    for frame in (sequence, demographics):
+        try:
+            value = frame["subject"][0]
+            if value is not None and str(value):
+                return str(value)
+        except Exception:
+            continue
+    return None
+
+
+def is_imu_only(sensors: np.ndarray) -> bool:
+    """True when every thm/tof cell of a SENSOR_COLS matrix is empty, as in the IMU-only half of
+    the test set (sanitised cells: unparsable or non-finite count as empty)."""
+    return bool(np.isnan(sensors[:, len(ACC_COLS) + len(ROT_COLS):]).all())
+
+
 class Runtime:
     """The serving state: the bundle (loaded on the first call), per-subject history, and what
     was served. Each family loads and predicts on its own: one that fails is left out of the blend
@@ -3696,60 +3761,6 @@ class Runtime:
         left = f"; left out at load: {', '.join(self.left_out)}" if self.left_out else ""
         return (f"predict: {self.calls} calls; {served}; reduced blend: {self.reduced} calls; fallback: "
                 f"{self.fallbacks} calls{left}; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else ""))
-
-
-def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
-                made: dict[str, list[str]]) -> Any:
-    """One family's fold models, after checking its inputs and its files against the manifest."""
-    wanted = fam.get("feature_names") or fam.get("channel_names") or []
-    have = made["features"] if "feature_names" in fam else made["channels"]
-    unknown = [c for c in wanted if c not in set(have)]
-    if unknown or ("channel_names" in fam and wanted != have):
-        raise BundleError(f"{path}/manifest.json: the {name} models expect feature/channel names this code "
-                          f"does not produce in that order (e.g. {(unknown or wanted)[:2]}). Fix: retrain the "
-                          f"bundle with this notebook version (manifest format {BUNDLE_FORMAT}).")
-    verify_bundle_files(path, fam["files"], manifest.get("files", {}))
-    weights = np.asarray(fam["fold_weights"], dtype=np.float64)
-    if name == "lgbm":
-        return [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]], weights, fam["feature_names"]
-    if name in TORCH_ARCHS.values():
-        torch = _torch_lib().torch
-        torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
-        return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
-    if name == "keras":
-        folds = [keras_fold_predictor(load_keras_fold(path / f, config_from(manifest["config"]))) for f in fam["files"]]
-        return [p for p, _ in folds], weights, [sc for _, sc in folds]
-    raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
-                      f"this notebook version.")
-
-
-def produced_names(cfg: Config) -> dict[str, list[str]]:
-    """Feature and channel names the current code makes (from a tiny synthetic sequence)."""
-    n = 12
-    frame = pl.DataFrame({"sequence_id": ["SEQ_CHECK"] * n, "sequence_counter": list(range(n)),
-                          "subject": ["SUBJ_CHECK"] * n,
-                          **{c: np.linspace(0.1, 1.0, n, dtype=np.float32) for c in SENSOR_COLS}})
-    prepared, channels = derive(frame, pl.DataFrame({"subject": ["SUBJ_CHECK"]}), cfg)
-    return {"features": aggregate_features(prepared, channels, cfg.sample_rate_hz).names,
-            "channels": net_inputs_from(prepared, channels).names}
-
-
-def subject_of(sequence: Any, demographics: Any) -> str | None:
-    """The subject id of a call, from the sequence or else the demographics row (None if neither)."""
-    for frame in (sequence, demographics):
-        try:
-            value = frame["subject"][0]
-            if value is not None and str(value):
-                return str(value)
-        except Exception:
-            continue
-    return None
-
-
-def is_imu_only(sensors: np.ndarray) -> bool:
-    """True when every thm/tof cell of a SENSOR_COLS matrix is empty, as in the IMU-only half of
-    the test set (sanitised cells: unparsable or non-finite count as empty)."""
-    return bool(np.isnan(sensors[:, len(ACC_COLS) + len(ROT_COLS):]).all())
 
 
 _RUNTIME: Runtime | None = None

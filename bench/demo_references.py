@@ -48,9 +48,13 @@ def with_tof_means(frame: pl.DataFrame) -> pl.DataFrame:
 
 def cv_score(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int, trees: int = 200) -> float:
     import lightgbm as lgb
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
     oof = np.zeros((len(y), len(nb.GESTURES)))
-    for tr, va in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, y, groups):
+    # Stratifying needs every class at least `folds` times (not so in a small sample).
+    splitter = (StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+                if np.bincount(y).max(initial=0) and np.bincount(y)[np.bincount(y) > 0].min() >= folds
+                else GroupKFold(folds))
+    for tr, va in splitter.split(x, y, groups):
         model = lgb.LGBMClassifier(n_estimators=trees, learning_rate=0.05, num_leaves=31, min_child_samples=10,
                                    colsample_bytree=0.5, subsample=0.8, subsample_freq=1, verbose=-1,
                                    n_jobs=2, random_state=seed)

@@ -16,6 +16,9 @@ def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
     res = run_script("--profile", "smoke", "--lgbm-threads", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "gateway: builtin" in res.stdout
+    # Every line a Kaggler sees is the notebook's own: no TensorFlow/absl start-up notices, no
+    # LightGBM native log, no third-party INFO lines, no warnings on a clean run.
+    assert res.stderr.strip() == "", res.stderr[-3000:]
     out = tmp_path / "working"
     sub = pl.read_parquet(out / "submission.parquet")
     test = pl.read_csv(tmp_path / "demo_data" / "test.csv", infer_schema_length=None)
