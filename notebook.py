@@ -2533,6 +2533,75 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+class EarlyStopping:
+    """The best epoch so far on the validation metric (with a snapshot of the model then), and
+    whether patience has run out; the torch nets and the Keras twin share it."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.left = patience, patience
+        self.score, self.epoch, self.snapshot = -1.0, -1, None
+
+    def update(self, epoch: int, score: float, snapshot: Callable[[], Any]) -> bool:
+        """Record an epoch's score; True when training should stop."""
+        if score > self.score:
+            self.score, self.epoch, self.snapshot = score, epoch, snapshot()
+            self.left = self.patience
+            return False
+        self.left -= 1
+        return self.left <= 0
+
+
+def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
+                 proba_of: Callable[[NetInputs], np.ndarray]) -> dict[str, float]:
+    """The competition metric of a net on each CV view of the validation fold, and their mean."""
+    names = [GESTURES[i] for i in y_va]
+    scores = {view: score_probabilities(names, proba_of(va))["metric"] for view, va in views_va.items()}
+    return {**scores, "score": float(np.mean(list(scores.values())))}
+
+
+def mixup(rng: np.random.Generator, gen: Any, *batch: Any) -> tuple[Any, ...]:
+    """Mixup of (x, lengths, targets, demographics) with a shuffled copy (Beta(0.4, 0.4)); the mixed
+    sequence keeps the longer of the two lengths."""
+    torch = _torch_lib().torch
+    xb, lb, yb, db = batch
+    lam = float(rng.beta(0.4, 0.4))
+    perm = torch.randperm(len(xb), generator=gen, device=xb.device)
+    return (lam * xb + (1 - lam) * xb[perm], torch.maximum(lb, lb[perm.cpu()]),
+            lam * yb + (1 - lam) * yb[perm], lam * db + (1 - lam) * db[perm])
+
+
+def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any) -> list[Any]:
+    """Cross-entropy of the 18-class and 9-class heads and the target-vs-not BCE, against soft targets."""
+    torch = _torch_lib().torch
+    l18 = -(yb * torch.log_softmax(o["y18"].float(), 1)).sum(1).mean()
+    l9 = -((yb @ to9) * torch.log_softmax(o["y9"].float(), 1)).sum(1).mean()
+    l2 = torch.nn.functional.binary_cross_entropy_with_logits(o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
+    return [l18, l9, l2]
+
+
+def ema_update(ema: Any, model: Any, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for float tensors; buffers such as counters are copied."""
+    torch = _torch_lib().torch
+    with torch.no_grad():
+        for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+            if pe.dtype.is_floating_point:
+                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+            else:
+                pe.copy_(pm)
+
+
+def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: int) -> tuple[Any, Any]:
+    """AdamW (no weight decay on the loss weights, which learn 10x faster) and its schedule: linear
+    warmup for one epoch, then cosine to zero at the last epoch."""
+    torch = _torch_lib().torch
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg.torch_weight_decay}]
+    if weighting is not None:
+        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.torch_lr * 10})
+    opt = torch.optim.AdamW(groups, lr=cfg.torch_lr)
+    total = steps_per_epoch * cfg.epochs
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, steps_per_epoch)] * len(groups))
+
+
 def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dict[str, NetInputs],
                      y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Train one fold; returns the best (EMA) state, the scaler, its score and the history."""
@@ -2549,21 +2618,15 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
     ema.load_state_dict(model.state_dict())
     ema.eval()
     weighting = lib.UncertaintyWeights(3).to(device) if cfg.torch_loss_weighting == "uncertainty" else None
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg.torch_weight_decay}]
-    if weighting is not None:
-        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.torch_lr * 10})
-    opt = torch.optim.AdamW(groups, lr=cfg.torch_lr)
     lengths = np.array([len(a) for a in tr.arrays])
-    steps_per_epoch = math.ceil(len(lengths) / cfg.torch_batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, steps_per_epoch)] * len(groups))
+    opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / cfg.torch_batch_size))
     grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     targets = soft_targets(y_tr, cfg.torch_label_smoothing)
     is_target = torch.tensor(TARGET_MASK, device=device)
     to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
     fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
-    best = {"score": -1.0, "state": None, "epoch": -1}
-    bad_steps, patience_left, ema_steps = 0, cfg.torch_patience, 0
+    stopper = EarlyStopping(cfg.torch_patience)
+    bad_steps, ema_steps = 0, 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -2574,21 +2637,11 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
             xb = augment_scaled_batch(xb, lb, cfg, gen)
             yb = torch.from_numpy(targets[idx]).to(device)
             if rng.random() < cfg.aug_mixup and len(idx) > 1:
-                lam = float(rng.beta(0.4, 0.4))
-                perm = torch.randperm(len(idx), generator=gen, device=device)
-                xb = lam * xb + (1 - lam) * xb[perm]
-                lb = torch.maximum(lb, lb[perm.cpu()])
-                yb = lam * yb + (1 - lam) * yb[perm]
-                db = lam * db + (1 - lam) * db[perm]
+                xb, lb, yb, db = mixup(rng, gen, xb, lb, yb, db)
             with torch.autocast(device, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                                 enabled=precision in ("fp16", "bf16")):
-                o = model(xb, lb, db)
-                l18 = -(yb * torch.log_softmax(o["y18"].float(), 1)).sum(1).mean()
-                l9 = -((yb @ to9) * torch.log_softmax(o["y9"].float(), 1)).sum(1).mean()
-                l2 = torch.nn.functional.binary_cross_entropy_with_logits(
-                    o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
-                loss = weighting([l18, l9, l2]) if weighting is not None else (
-                    fixed[0] * l18 + fixed[1] * l9 + fixed[2] * l2)
+                losses3 = head_losses(model(xb, lb, db), yb, to9, is_target)
+                loss = weighting(losses3) if weighting is not None else sum(w * l for w, l in zip(fixed, losses3))
             if not torch.isfinite(loss):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
@@ -2604,34 +2657,18 @@ def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
             grad_scaler.step(opt)
             grad_scaler.update()
             sched.step()
-            ema_steps += 1
-            with torch.no_grad():  # EMA warm-up: early on the average must not lag far behind
-                decay = min(cfg.torch_ema, (1 + ema_steps) / (10 + ema_steps)) if cfg.torch_ema > 0 else 0.0
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-                    if pe.dtype.is_floating_point:
-                        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
-                    else:
-                        pe.copy_(pm)
+            ema_steps += 1  # EMA warm-up: early on the average must not lag far behind
+            ema_update(ema, model, min(cfg.torch_ema, (1 + ema_steps) / (10 + ema_steps)) if cfg.torch_ema > 0 else 0.0)
             losses.append(float(loss.detach()))
         evaluated = ema if cfg.torch_ema > 0 else model
-        scores = {}
-        for view, va in views_va.items():
-            p = torch_predict_proba([(evaluated, scaler)], np.ones(1), va)
-            scores[view] = score_probabilities([GESTURES[i] for i in y_va], p)["metric"]
-        score = float(np.mean(list(scores.values())))
+        scores = view_metrics(views_va, y_va, lambda va: torch_predict_proba([(evaluated, scaler)], np.ones(1), va))
         log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
-             **scores, "score": score, "bad_steps": bad_steps, "precision": precision,
-             "seconds": time.perf_counter() - t0})
-        if score > best["score"]:
-            best = {"score": score, "state": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()},
-                    "epoch": epoch}
-            patience_left = cfg.torch_patience
-        else:
-            patience_left -= 1
-            if patience_left <= 0:
-                break
-    return {**best, "scaler": scaler, "bad_steps": bad_steps,
-            "uncertainty_s": weighting.s.detach().cpu().tolist() if weighting is not None else None}
+             **scores, "bad_steps": bad_steps, "precision": precision, "seconds": time.perf_counter() - t0})
+        if stopper.update(epoch, scores["score"],
+                          lambda: {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}):
+            break
+    return {"score": stopper.score, "state": stopper.snapshot, "epoch": stopper.epoch, "scaler": scaler,
+            "bad_steps": bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist() if weighting is not None else None}
 
 
 def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
@@ -2905,8 +2942,7 @@ def train_keras_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
     model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.torch_label_smoothing))
     onehot = np.eye(len(GESTURES), dtype=np.float32)
-    best = {"score": -1.0, "weights": None, "epoch": -1}
-    patience_left = cfg.torch_patience
+    stopper = EarlyStopping(cfg.torch_patience)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         losses = []
@@ -2917,21 +2953,13 @@ def train_keras_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dic
                 batch["x"] = batch["x"] + (0.05 * rng.standard_normal(batch["x"].shape) * batch["mask"][..., None]).astype(np.float32)
             losses.append(float(model.train_on_batch(batch, onehot[y_tr[idx]])))
         predictor = KerasPredictor(model, len(scaler.mean))
-        scores = {view: score_probabilities([GESTURES[i] for i in y_va],
-                                            keras_predict_proba([predictor], np.ones(1), va, [scaler]))["metric"]
-                  for view, va in views_va.items()}
-        score = float(np.mean(list(scores.values())))
+        scores = view_metrics(views_va, y_va, lambda va: keras_predict_proba([predictor], np.ones(1), va, [scaler]))
         log({"epoch": epoch, "lr": keras_learning_rate(model.optimizer), "loss": float(np.mean(losses)),
-             **scores, "score": score, "seconds": time.perf_counter() - t0})
-        if score > best["score"]:
-            best = {"score": score, "weights": model.get_weights(), "epoch": epoch}
-            patience_left = cfg.torch_patience
-        else:
-            patience_left -= 1
-            if patience_left <= 0:
-                break
-    model.set_weights(best["weights"])
-    return {**best, "model": model, "scaler": scaler}
+             **scores, "seconds": time.perf_counter() - t0})
+        if stopper.update(epoch, scores["score"], model.get_weights):
+            break
+    model.set_weights(stopper.snapshot)
+    return {"score": stopper.score, "epoch": stopper.epoch, "model": model, "scaler": scaler}
 
 
 def save_keras_fold(path: Path, model: Any, scaler: InputScaler) -> None:
@@ -3424,33 +3452,26 @@ def find_bundle(path: Path) -> Path:
 # ## 16. Training: everything in order
 
 # %%
-def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
-    watch = watch or Stopwatch()
-    out = Path(cfg.out_dir)
-    bundle = out / "bundle"
-    set_seed(cfg.seed)
-    with watch("load"):
-        ds = load_training_data(resolve_data_dir(cfg))
-    with watch("features"):
-        td = prepare_training_data(ds, cfg, out)
-    invalidate_stale_manifest(bundle, run_fingerprint(cfg, td.fingerprint))
-    write_sequences = td.labels.select("sequence_id", "subject", "gesture").with_columns(
-        pl.Series("fold", td.folds))
-    atomic_write(out / "oof" / "sequences.csv", lambda p: write_sequences.write_csv(p))
-    y_true = td.labels["gesture"].to_list()
-    families: dict[str, dict[str, Any]] = {}
-    report: dict[str, Any] = {"models": {}, "n_sequences": len(y_true), "folds": cfg.folds,
-                              "profile": cfg.profile}
-    members = []  # (ensemble member, trainer, its config): one torch member per --torch-arch choice
+def ensemble_members(cfg: Config) -> list[tuple[str, Callable[..., dict[str, Any]], Config]]:
+    """(ensemble member, trainer, its config): one torch member per --torch-arch choice."""
+    members = []
     for family in cfg.models.split(","):
         if family == "torch":
             members += [(TORCH_ARCHS[a], train_torch, dataclasses.replace(cfg, torch_arch=a))
                         for a in cfg.torch_arch.split(",")]
         else:
             members.append((family, {"lgbm": train_lgbm, "keras": train_keras}[family], cfg))
-    for name, trainer, member_cfg in members:
+    return members
+
+
+def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every member's folds, its OOF files (oof/oof_<member>[_imu].npy) and its CV report."""
+    out = Path(cfg.out_dir)
+    y_true = td.labels["gesture"].to_list()
+    families: dict[str, dict[str, Any]] = {}
+    for name, trainer, member_cfg in ensemble_members(cfg):
         with watch(f"train_{name}"):
-            fam = trainer(member_cfg, td, bundle, out)
+            fam = trainer(member_cfg, td, out / "bundle", out)
         families[name] = fam
         for view in VIEWS:
             suffix = "" if view == "full" else "_imu"
@@ -3465,6 +3486,15 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
         report["reference"] = {"lgbm_imu_features_only": rep}
         print(f"  reference: LightGBM on IMU features alone: {rep['metric']:.4f} "
               f"(lgbm imu_only view: {report['models']['lgbm']['imu_only']['metric']:.4f})")
+    return families
+
+
+def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
+                 report: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, float], dict[str, np.ndarray]]:
+    """Blend weights per view on OOF, the target scale and the per-subject assignment (each kept
+    only when it wins out of sample), with the nested and leave-one-member-out figures in `report`.
+    Returns (blend weights, target scale, the ensemble OOF exactly as predict() will serve it)."""
+    y_true = td.labels["gesture"].to_list()
     names = list(families)
     blend_weights = {v: fit_blend_weights(y_true, [families[n]["oof"][v] for n in names]) for v in VIEWS}
     ens = {v: blend([families[n]["oof"][v] for n in names], blend_weights[v]) for v in VIEWS}
@@ -3473,7 +3503,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     say("target vs non-target scale (fitted on other folds): " + ", ".join(
         f"{v} x{c['scale']:g} {c['base']:.4f} -> {c['nested']:.4f} ({c['gain']:+.4f}, "
         f"{'on' if c['enabled'] else 'off'})" for v, c in report["target_scale"].items()))
-    ens = {v: target_scaled(ens[v], target_scale[v]) for v in VIEWS}  # what predict() will serve
+    ens = {v: target_scaled(ens[v], target_scale[v]) for v in VIEWS}
     report["models"]["ensemble"] = model_report(y_true, ens, td.folds)
     report["ensemble_weights"] = {v: dict(zip(names, w)) for v, w in blend_weights.items()}
     nested = {v: nested_blend_scores(y_true, [families[n]["oof"][v] for n in names], td.folds) for v in VIEWS}
@@ -3492,11 +3522,32 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
         f"{v} {g['argmax']:.4f} -> {g['assigned_mean']:.4f} ({g['gain']:+.4f})" for v, g in gains.items())
         + f"; {'on' if use_assignment else 'off'} at inference")
     report["expected_lb"] = report["models"]["ensemble"]["expected_lb"]
+    return blend_weights, target_scale, ens
+
+
+def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
+    """Load, features, every member's folds, the ensemble, then the report, bundle and plots."""
+    watch = watch or Stopwatch()
+    out = Path(cfg.out_dir)
+    bundle = out / "bundle"
+    set_seed(cfg.seed)
+    with watch("load"):
+        ds = load_training_data(resolve_data_dir(cfg))
+    with watch("features"):
+        td = prepare_training_data(ds, cfg, out)
+    invalidate_stale_manifest(bundle, run_fingerprint(cfg, td.fingerprint))
+    write_sequences = td.labels.select("sequence_id", "subject", "gesture").with_columns(
+        pl.Series("fold", td.folds))
+    atomic_write(out / "oof" / "sequences.csv", lambda p: write_sequences.write_csv(p))
+    report: dict[str, Any] = {"models": {}, "n_sequences": td.labels.height, "folds": cfg.folds,
+                              "profile": cfg.profile}
+    families = train_members(cfg, td, watch, report)
+    blend_weights, target_scale, ens = fit_ensemble(cfg, td, families, report)
     write_json(out / "cv_report.json", report)
     write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report)
     print_cv_table(report)
     with watch("plots"):
-        plots = make_plots(out, y_true, ens, report)
+        plots = make_plots(out, td.labels["gesture"].to_list(), ens, report)
     say(f"plots: {len(plots)} written to {out / 'plots'}")
     write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]}, continues=False)
     return report
