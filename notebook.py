@@ -633,7 +633,7 @@ def _motion_wave(shape: str, t: np.ndarray, freq: float, phase0: float, rng: np.
     if shape == "write":
         return 0.7 * np.sin(x) + 0.45 * np.sin(1.7 * x + rng.uniform(0, 6)) + 0.25 * np.sin(2.9 * x + rng.uniform(0, 6))
     if shape == "lift":
-        return np.sin(np.clip(x - phase0, 0, np.pi)) if freq > 0 else np.zeros_like(t)
+        return np.sin(np.clip(x - phase0, 0, np.pi))  # one lift and lower
     if shape == "taps":
         return (np.sin(x) > 0.6).astype(float) * rng.uniform(0.6, 1.0, len(t))
     return np.sin(x)
@@ -651,7 +651,8 @@ def _demo_timeline(rng: np.random.Generator, behavior: str, tempo: float) -> tup
     n_move = max(5, int(rng.integers(7, 17) / tempo))
     n_pause = max(3, int(rng.gamma(3.0, 3.5) / tempo))
     n_gest = max(14, int(rng.gamma(12.0, 2.6) / tempo))
-    return n_start, n_move, n_pause, n_gest
+    # Real sequences are at most 700 rows and always end with the gesture: a long wait gives way.
+    return min(n_start, 700 - n_move - n_pause - n_gest), n_move, n_pause, n_gest
 
 
 def _tof_view(rng: np.random.Generator, view: dict[int, tuple[str, float]], dist_t: np.ndarray,
@@ -704,8 +705,7 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     freq_range, rot_amp, trans_amp, shape = _MOTIONS[site["motion"]]
     tempo = subj["tempo"] * (1 + noise * rng.uniform(-0.15, 0.15))
     n_start, n_move, n_pause, n_gest = _demo_timeline(rng, behavior, tempo)
-    n = int(min(n_start + n_move + n_pause + n_gest, 700))
-    n_gest = n - n_start - n_move - n_pause
+    n = n_start + n_move + n_pause + n_gest
     t = np.arange(n) / fs
     at_target = n_start + n_move
     gesture_start = at_target + n_pause
@@ -3561,6 +3561,11 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
 # problem is logged once, counted, and answered with a valid gesture.
 
 # %%
+def failure_reason(err: Exception) -> str:
+    """Our own errors (which name the path and the fix) as they are; anything else with its type."""
+    return str(err) if isinstance(err, (BundleError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
+
+
 def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
                 made: dict[str, list[str]]) -> Any:
     """One family's fold models, after checking its inputs and its files against the manifest."""
@@ -3652,7 +3657,7 @@ class Runtime:
             path = find_bundle(self.bundle_path())
             manifest = read_manifest(path)
         except Exception as err:
-            self.error = str(err) if isinstance(err, (BundleError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
+            self.error = failure_reason(err)
             LOG.error("predict: the model bundle cannot serve: %s", self.error)
             return
         # Features must be computed as in training, whatever the serving config says.
@@ -3664,7 +3669,7 @@ class Runtime:
             try:
                 self.models[name] = load_family(path, name, fam, manifest, made)
             except Exception as err:
-                self.left_out[name] = str(err) if isinstance(err, BundleError) else f"{type(err).__name__}: {err}"
+                self.left_out[name] = failure_reason(err)
                 LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
         self.manifest = manifest
         if manifest.get("fallback_gesture") in GESTURES:
@@ -3754,7 +3759,7 @@ class Runtime:
             out[name] = p
         return out, ("imu_only" if is_imu_only(prepared.sensors) else "full")
 
-    def blend(self, probas: dict[str, np.ndarray], view: str) -> np.ndarray | None:
+    def blend_answers(self, probas: dict[str, np.ndarray], view: str) -> np.ndarray | None:
         """The bundle's blend for `view` over the families that answered, weights renormalised."""
         if not probas:
             return None
@@ -3784,7 +3789,7 @@ class Runtime:
                 self.note("very long sequence; last 5000 rows used")
                 seq = seq.tail(5000)
             demo = self.check_demographics(demographics)
-            p = self.blend(*self.proba(seq, demo))
+            p = self.blend_answers(*self.proba(seq, demo))
             if p is None:
                 self.note("no model family gave finite probabilities")
                 return self.fall_back()

@@ -172,3 +172,12 @@ def test_turning_the_device_upside_down_keeps_the_world_frame():
     back = nb.turn_upside_down(turned)
     np.testing.assert_allclose(np.abs(np.einsum("ij,ij->i", back[:, 3:7], x[:, 3:7])), 1.0, atol=1e-12)
     np.testing.assert_allclose(np.delete(back, range(3, 7), axis=1), np.delete(x, range(3, 7), axis=1))
+
+
+def test_a_long_wait_never_pushes_the_gesture_out_of_a_demo_sequence():
+    """Real sequences are at most 700 rows and end with the gesture: the slowest subjects' long
+    still starts (up to 450 steps / tempo) must give way, not truncate the gesture or overflow."""
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        n_start, n_move, n_pause, n_gest = nb._demo_timeline(rng, nb.START_BEHAVIORS[1], 0.6)
+        assert n_start >= 0 and n_gest >= 14 and n_start + n_move + n_pause + n_gest <= 700
