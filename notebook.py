@@ -697,6 +697,28 @@ def _sequence_view(rng: np.random.Generator, site_view: dict[int, tuple[str, flo
     return view
 
 
+def _demo_thermopiles(rng: np.random.Generator, faced: tuple[tuple[dict[int, tuple[str, float]], np.ndarray], ...],
+                      subj: dict[str, Any], noise: float) -> np.ndarray:
+    """(n, 5) temperatures: each sensor drifts towards the temperature of what it faces, with a lag.
+    `faced` pairs a view (sensor -> surface) with the (n, 5) distances of its centre."""
+    n = len(faced[0][1])
+    ambient = subj["ambient"]
+    goal = np.full((n, 5), ambient)
+    gain = subj["thm_gain"] * rng.uniform(0.5, 1.2)  # skin contact and airflow differ every time
+    for view, centre in faced:
+        for s, (surface, _) in view.items():
+            temp = _SURFACES[surface][2]
+            w = gain * np.exp(-np.clip(centre[:, s - 1], 0, None) / 35.0)
+            goal[:, s - 1] += w * ((ambient if temp is None else temp) - ambient)
+    thm = np.empty((n, 5))
+    level = goal[0] + rng.normal(0, 0.3, 5)
+    for i in range(n):
+        level = level + 0.12 * (goal[i] - level)
+        thm[i] = level
+    thm += subj["thm_offset"] + rng.normal(0, 0.6 * noise, 5) + rng.normal(0, 0.08, (n, 5))
+    return thm
+
+
 def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, behavior: str,
                    subj: dict[str, Any], fs: float, noise: float) -> dict[str, Any]:
     """One sequence in the canonical right-hand frame: arrays acc (n,3), rot (n,4), thm (n,5),
@@ -749,21 +771,7 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     stray = rng.random((n, 5, 64)) < 0.03  # occasional far echoes from the room
     grid = np.where(np.isnan(grid) & stray, rng.uniform(150, 249, (n, 5, 64)), grid)
     tof = np.where(np.isnan(grid), -1.0, np.round(grid))
-    # Thermopiles: each sensor drifts towards the temperature of what it faces, with a lag.
-    ambient = subj["ambient"]
-    goal = np.full((n, 5), ambient)
-    gain = subj["thm_gain"] * rng.uniform(0.5, 1.2)  # skin contact and airflow differ every time
-    for faced, centre in ((view, tgt_centre), (_REST_VIEW, rst_centre)):
-        for s, (surface, _) in faced.items():
-            temp = _SURFACES[surface][2]
-            w = gain * np.exp(-np.clip(centre[:, s - 1], 0, None) / 35.0)
-            goal[:, s - 1] += w * ((ambient if temp is None else temp) - ambient)
-    thm = np.empty((n, 5))
-    level = goal[0] + rng.normal(0, 0.3, 5)
-    for i in range(n):
-        level = level + 0.12 * (goal[i] - level)
-        thm[i] = level
-    thm += subj["thm_offset"] + rng.normal(0, 0.6 * noise, 5) + rng.normal(0, 0.08, (n, 5))
+    thm = _demo_thermopiles(rng, ((view, tgt_centre), (_REST_VIEW, rst_centre)), subj, noise)
     return dict(acc=acc, rot=q, thm=thm, tof=tof.reshape(n, 320), n=n, at_target=at_target,
                 gesture_start=gesture_start)
 
@@ -817,79 +825,89 @@ def demo_upside_down_count(n_train_subjects: int) -> int:
     return 0 if n_train_subjects < 10 else max(1, round(n_train_subjects * 2 / 81))
 
 
+def _as_recorded(rng: np.random.Generator, s: dict[str, Any], subj: dict[str, Any],
+                 imu_only_share: float) -> np.ndarray:
+    """A canonical sequence's sensor matrix (SENSOR_COLS order) as the device stores it: mirrored for
+    a left hand, turned for an upside-down wearer, rot_w >= 0, the dropouts of the real files,
+    quantised."""
+    x = np.hstack([s["acc"], s["rot"], s["thm"], s["tof"]])
+    if subj["handedness"] == 0:  # a left hand: the mirror image of the motion
+        x = mirror_sensors(x)
+    if subj["upside_down"]:
+        x = turn_upside_down(x)
+    n = s["n"]
+    rot = x[:, 3:7]
+    rot[:] = np.where(rot[:, :1] < 0, -rot, rot)  # stored with rot_w >= 0
+    if rng.random() < 0.01:
+        rot[:] = np.nan  # a sequence without any rotation
+    elif rng.random() < 0.1:
+        k = int(rng.integers(0, n))
+        rot[k: k + int(rng.integers(1, 4))] = np.nan
+    if rng.random() < imu_only_share:
+        x[:, 7:] = np.nan
+    elif rng.random() < 0.03:
+        s_missing = int(rng.integers(0, 5))
+        x[:, 12 + s_missing * 64: 12 + (s_missing + 1) * 64] = np.nan
+    # The device quantises acceleration to 1/256 m/s^2 and quaternions to 2^-15.
+    x[:, :3] = np.round(x[:, :3] * 256) / 256
+    x[:, 3:7] = np.round(x[:, 3:7] * 32768) / 32768
+    return x.astype(np.float32)
+
+
+def _demo_rows(rng: np.random.Generator, subjects: list[dict[str, Any]], is_train: bool, cfg: Config,
+               seq_iter: Iterator[int]) -> pl.DataFrame:
+    """Every sequence of `subjects` in the train.csv (or test.csv) schema."""
+    pairs = allowed_pairs()
+    n_pairs = max(1, min(cfg.demo_pairs_per_subject, len(pairs)))
+    imu_only_share = cfg.demo_imu_only_share if not is_train else 0.0
+    sensors, counters = [], []
+    text: dict[str, list[str]] = {c: [] for c in ("row_id", "sequence_type", "sequence_id", "subject",
+                                                  "orientation", "behavior", "phase", "gesture")}
+    for subj in subjects:
+        chosen = [pairs[i] for i in np.sort(rng.choice(len(pairs), n_pairs, replace=False))]
+        for orientation, gesture in chosen:
+            for behavior in START_BEHAVIORS:
+                sid = f"SEQ_{next(seq_iter):06d}"
+                s = _demo_sequence(rng, gesture, orientation, behavior, subj, cfg.sample_rate_hz, cfg.demo_noise)
+                sensors.append(_as_recorded(rng, s, subj, imu_only_share))
+                n = s["n"]
+                counter = np.arange(n)
+                counters.append(counter)
+                text["row_id"] += [f"{sid}_{c:06d}" for c in counter]
+                text["sequence_type"] += ["Target" if gesture in TARGET_GESTURES else "Non-Target"] * n
+                text["sequence_id"] += [sid] * n
+                text["subject"] += [subj["subject"]] * n
+                text["orientation"] += [orientation] * n
+                text["gesture"] += [gesture] * n
+                text["phase"] += ["Transition"] * s["gesture_start"] + ["Gesture"] * (n - s["gesture_start"])
+                text["behavior"] += ([behavior] * s["at_target"] + ["Hand at target location"]
+                                     * (s["gesture_start"] - s["at_target"])
+                                     + ["Performs gesture"] * (n - s["gesture_start"]))
+    frame = pl.concat([pl.DataFrame({**text, "sequence_counter": np.concatenate(counters)}),
+                       pl.DataFrame(np.vstack(sensors), schema=SENSOR_COLS, orient="row")], how="horizontal")
+    # Missing values are empty cells in the competition CSVs, never the text "NaN".
+    frame = frame.with_columns(pl.col("sequence_counter").cast(pl.Int64), pl.selectors.float().fill_nan(None))
+    return frame.select(TRAIN_COLS if is_train else TEST_COLS)
+
+
+def _demo_demographics(subjects: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame([{c: s[c] for c in DEMO_COLS} for s in subjects]).with_columns(
+        pl.col("height_cm").cast(pl.Float64), pl.col("elbow_to_wrist_cm").cast(pl.Float64))
+
+
 def generate_demo_dataset(out: Path, cfg: Config) -> Path:
     """Write train.csv, train_demographics.csv, test.csv, test_demographics.csv into `out`."""
     rng = np.random.default_rng(cfg.seed)
-    fs = cfg.sample_rate_hz
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[int] = set()
     train_subj = _demo_subjects(rng, cfg.demo_train_subjects, used, demo_upside_down_count(cfg.demo_train_subjects))
     test_subj = _demo_subjects(rng, cfg.demo_test_subjects, used, 0)
     seq_iter = iter(rng.permutation(np.arange(1, 65000)).tolist())
-    pairs = allowed_pairs()
-    n_pairs = max(1, min(cfg.demo_pairs_per_subject, len(pairs)))
-
-    def build(subjects: list[dict[str, Any]], is_train: bool) -> pl.DataFrame:
-        sensors, text = [], {c: [] for c in ("row_id", "sequence_type", "sequence_id", "subject", "orientation",
-                                             "behavior", "phase", "gesture")}
-        counters = []
-        for subj in subjects:
-            chosen = [pairs[i] for i in np.sort(rng.choice(len(pairs), n_pairs, replace=False))]
-            imu_only_share = cfg.demo_imu_only_share if not is_train else 0.0
-            for orientation, gesture in chosen:
-                for behavior in START_BEHAVIORS:
-                    sid = f"SEQ_{next(seq_iter):06d}"
-                    s = _demo_sequence(rng, gesture, orientation, behavior, subj, fs, cfg.demo_noise)
-                    x = np.hstack([s["acc"], s["rot"], s["thm"], s["tof"]])
-                    if subj["handedness"] == 0:  # a left hand: the mirror image of the motion
-                        x = mirror_sensors(x)
-                    if subj["upside_down"]:
-                        x = turn_upside_down(x)
-                    n = s["n"]
-                    rot = x[:, 3:7]
-                    rot[:] = np.where(rot[:, :1] < 0, -rot, rot)  # stored with rot_w >= 0
-                    if rng.random() < 0.01:
-                        rot[:] = np.nan  # a sequence without any rotation
-                    elif rng.random() < 0.1:
-                        k = int(rng.integers(0, n))
-                        rot[k: k + int(rng.integers(1, 4))] = np.nan
-                    if rng.random() < imu_only_share:
-                        x[:, 7:] = np.nan
-                    elif rng.random() < 0.03:
-                        s_missing = int(rng.integers(0, 5))
-                        x[:, 12 + s_missing * 64: 12 + (s_missing + 1) * 64] = np.nan
-                    # The device quantises acceleration to 1/256 m/s^2 and quaternions to 2^-15.
-                    x[:, :3] = np.round(x[:, :3] * 256) / 256
-                    x[:, 3:7] = np.round(x[:, 3:7] * 32768) / 32768
-                    sensors.append(x.astype(np.float32))
-                    counter = np.arange(n)
-                    counters.append(counter)
-                    text["row_id"] += [f"{sid}_{c:06d}" for c in counter]
-                    text["sequence_type"] += ["Target" if gesture in TARGET_GESTURES else "Non-Target"] * n
-                    text["sequence_id"] += [sid] * n
-                    text["subject"] += [subj["subject"]] * n
-                    text["orientation"] += [orientation] * n
-                    text["gesture"] += [gesture] * n
-                    text["phase"] += ["Transition"] * s["gesture_start"] + ["Gesture"] * (n - s["gesture_start"])
-                    text["behavior"] += ([behavior] * s["at_target"] + ["Hand at target location"]
-                                         * (s["gesture_start"] - s["at_target"])
-                                         + ["Performs gesture"] * (n - s["gesture_start"]))
-        matrix = np.vstack(sensors)
-        frame = pl.concat([pl.DataFrame({**text, "sequence_counter": np.concatenate(counters)}),
-                           pl.DataFrame(matrix, schema=SENSOR_COLS, orient="row")], how="horizontal")
-        # Missing values are empty cells in the competition CSVs, never the text "NaN".
-        frame = frame.with_columns(pl.col("sequence_counter").cast(pl.Int64), pl.selectors.float().fill_nan(None))
-        return frame.select(TRAIN_COLS if is_train else TEST_COLS)
-
-    def demographics(subjects: list[dict[str, Any]]) -> pl.DataFrame:
-        return pl.DataFrame([{c: s[c] for c in DEMO_COLS} for s in subjects]).with_columns(
-            pl.col("height_cm").cast(pl.Float64), pl.col("elbow_to_wrist_cm").cast(pl.Float64))
-
-    build(train_subj, True).write_csv(out / "train.csv")
-    demographics(train_subj).write_csv(out / "train_demographics.csv")
-    build(test_subj, False).write_csv(out / "test.csv")
-    demographics(test_subj).write_csv(out / "test_demographics.csv")
+    _demo_rows(rng, train_subj, True, cfg, seq_iter).write_csv(out / "train.csv")
+    _demo_demographics(train_subj).write_csv(out / "train_demographics.csv")
+    _demo_rows(rng, test_subj, False, cfg, seq_iter).write_csv(out / "test.csv")
+    _demo_demographics(test_subj).write_csv(out / "test_demographics.csv")
     write_json(out / "demo_config.json", {**demo_settings(cfg), "upside_down_subjects":
                                            [s["subject"] for s in train_subj if s["upside_down"]]})
     return out
@@ -1574,14 +1592,10 @@ def derive(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> tupl
     return prepared, sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
 
 
-def feature_table(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> FeatureTable:
-    """Raw rows (train or test schema, any number of sequences) -> one feature row per sequence."""
-    return aggregate_features(*derive(frame, demographics, cfg), cfg.sample_rate_hz)
-
-
 def build_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> pl.DataFrame:
-    """feature_table as a polars DataFrame with a sequence_id column (for caching and analysis)."""
-    return feature_table(frame, demographics, cfg).frame()
+    """Raw rows (train or test schema, any number of sequences) -> one feature row per sequence,
+    as a polars DataFrame with a sequence_id column (for caching and analysis)."""
+    return aggregate_features(*derive(frame, demographics, cfg), cfg.sample_rate_hz).frame()
 
 
 def modality_columns(names: Iterable[str]) -> list[str]:
@@ -1684,6 +1698,7 @@ class NetInputs:
 
 
 def net_inputs_from(prepared: Sequences, channels: pl.DataFrame) -> NetInputs:
+    """derive()'s output -> per-sequence channel arrays for the nets (same path in training and predict)."""
     names = [c for c in channels.columns if c != "sequence_id"]
     x = channels.select(names).to_numpy().astype(np.float32)
     tof_valid = [names.index(f"tof_{s}_valid") for s in range(1, 6)]
@@ -1694,11 +1709,6 @@ def net_inputs_from(prepared: Sequences, channels: pl.DataFrame) -> NetInputs:
     arrays = np.split(x, sg.starts[1:]) if len(x) else []
     demo = prepared.meta.select(list(DEFAULT_DEMOGRAPHICS)).to_numpy().astype(np.float32)[sg.starts]
     return NetInputs(channels["sequence_id"].to_numpy()[sg.starts], names, arrays, demo)
-
-
-def sequence_inputs(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> NetInputs:
-    """Raw rows -> per-sequence channel arrays for the nets (same path in training and predict)."""
-    return net_inputs_from(*derive(frame, demographics, cfg))
 
 
 # %% [markdown]
@@ -1741,7 +1751,7 @@ class TrainingData:
         """Per-timestep inputs of the nets for a CV view (computed once, shared by torch and keras)."""
         if view not in self._inputs:
             train = self.dataset.train if view == "full" else blank_modalities(self.dataset.train)
-            inputs = sequence_inputs(train, self.dataset.train_demographics, cfg)
+            inputs = net_inputs_from(*derive(train, self.dataset.train_demographics, cfg))
             assert inputs.ids.tolist() == self.labels["sequence_id"].to_list()
             self._inputs[view] = inputs
         return self._inputs[view]
@@ -3173,110 +3183,119 @@ def show_png(path: Path) -> None:
     display(Image(filename=str(path)))
 
 
-def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report: dict[str, Any]) -> list[Path]:
-    try:
-        from matplotlib.figure import Figure
-    except Exception as err:
-        LOG.warning("plots skipped: matplotlib unavailable (%s)", err)
-        return []
-    folder = out / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+class PlotFolder:
+    """Figures saved as PNG into one folder (and shown inline in a notebook)."""
 
-    def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (8, 5)) -> tuple[Any, Any]:
-        fig = Figure(figsize=figsize)
+    def __init__(self, folder: Path) -> None:
+        from matplotlib.figure import Figure
+        self.folder, self.Figure, self.written = folder, Figure, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def figure(self, nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (8, 5)) -> tuple[Any, Any]:
+        fig = self.Figure(figsize=figsize)
         return fig, fig.subplots(nrows, ncols)
 
-    def save(fig: Any, name: str) -> None:
-        path = folder / name
+    def save(self, fig: Any, name: str) -> None:
+        path = self.folder / name
         fig.tight_layout()
         atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
         show_png(path)
-        written.append(path)
+        self.written.append(path)
 
+
+def plot_confusion(plots: PlotFolder, y: np.ndarray, proba: np.ndarray) -> None:
+    cm = np.zeros((len(GESTURES), len(GESTURES)))
+    np.add.at(cm, (y, proba.argmax(1)), 1)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plots.figure(figsize=(11, 9.5))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
+    ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=8)
+    ax.axhline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+    ax.axvline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Ensemble OOF confusion (full view, row-normalised; targets above/left of red)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    plots.save(fig, "confusion_matrix.png")
+
+
+def plot_per_gesture_f1(plots: PlotFolder, y: np.ndarray, ens: dict[str, np.ndarray]) -> None:
+    fig, ax = plots.figure(figsize=(11, 5))
+    width = 0.4
+    for j, view in enumerate(VIEWS):
+        f1 = _f1_scores(y, ens[view].argmax(1), range(len(GESTURES)))
+        ax.bar(np.arange(len(GESTURES)) + (j - 0.5) * width, f1, width, label=view)
+    ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
+    ax.set_ylabel("F1 (18-class)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Per-gesture F1 of the ensemble OOF")
+    plots.save(fig, "per_gesture_f1.png")
+
+
+def plot_training_curves(plots: PlotFolder, logs: Path) -> None:
+    """One figure per net family: training loss and validation metric per epoch and fold."""
+    for log in sorted(logs.glob("*.jsonl")):
+        family = log.stem
+        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        fig, axes = plots.figure(1, 2, figsize=(11, 4))
+        for k in sorted({r["fold"] for r in recs}):
+            rk = [r for r in recs if r["fold"] == k]
+            color = f"C{k % 10}"
+            axes[0].plot([r["epoch"] for r in rk], [r["loss"] for r in rk], color=color, label=f"fold {k}")
+            axes[1].plot([r["epoch"] for r in rk], [r["full"] for r in rk], color=color)
+            axes[1].plot([r["epoch"] for r in rk], [r["imu_only"] for r in rk], color=color, ls="--")
+        axes[0].set_title(f"{family}: training loss")
+        axes[1].set_title(f"{family}: validation metric (solid full, dashed IMU-only)")
+        for a in axes:
+            a.set_xlabel("epoch")
+        axes[0].legend(fontsize=7)
+        plots.save(fig, f"training_curves_{family}.png")
+
+
+def plot_ensemble_weights(plots: PlotFolder, weights: dict[str, dict[str, float]]) -> None:
+    if not weights:
+        return
+    names = list(next(iter(weights.values())))
+    fig, ax = plots.figure(figsize=(6, 3.5))
+    for j, view in enumerate(VIEWS):
+        ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, [weights[view][n] for n in names], 0.4, label=view)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("blend weight")
+    ax.legend()
+    ax.set_title("Ensemble weights per view")
+    plots.save(fig, "ensemble_weights.png")
+
+
+def plot_feature_importance(plots: PlotFolder, path: Path) -> None:
+    if not path.exists():
+        return
+    imp = pl.read_csv(path).head(30)
+    fig, ax = plots.figure(figsize=(8, 8))
+    ax.barh(imp["feature"].to_list()[::-1], imp["gain"].to_list()[::-1])
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title("LightGBM top-30 features (gain, mean over folds)")
+    plots.save(fig, "lgbm_feature_importance.png")
+
+
+def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report: dict[str, Any]) -> list[Path]:
+    try:
+        plots = PlotFolder(out / "plots")
+    except Exception as err:
+        LOG.warning("plots skipped: matplotlib unavailable (%s)", err)
+        return []
     y = np.array([GESTURE_INDEX[g] for g in y_true])
-
-    def confusion() -> None:
-        pred = ens["full"].argmax(1)
-        cm = np.zeros((len(GESTURES), len(GESTURES)))
-        np.add.at(cm, (y, pred), 1)
-        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        fig, ax = figure(figsize=(11, 9.5))
-        im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
-        ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=8)
-        ax.axhline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
-        ax.axvline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title("Ensemble OOF confusion (full view, row-normalised; targets above/left of red)")
-        fig.colorbar(im, ax=ax, fraction=0.03)
-        save(fig, "confusion_matrix.png")
-
-    def per_gesture_f1() -> None:
-        fig, ax = figure(figsize=(11, 5))
-        width = 0.4
-        for j, view in enumerate(VIEWS):
-            pred = ens[view].argmax(1)
-            f1 = _f1_scores(y, pred, range(len(GESTURES)))
-            ax.bar(np.arange(len(GESTURES)) + (j - 0.5) * width, f1, width, label=view)
-        ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
-        ax.set_ylabel("F1 (18-class)")
-        ax.set_ylim(0, 1)
-        ax.legend()
-        ax.set_title("Per-gesture F1 of the ensemble OOF")
-        save(fig, "per_gesture_f1.png")
-
-    def curves() -> None:
-        for log in sorted((out / "logs").glob("*.jsonl")):
-            family = log.stem
-            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            fig, axes = figure(1, 2, figsize=(11, 4))
-            for k in sorted({r["fold"] for r in recs}):
-                rk = [r for r in recs if r["fold"] == k]
-                color = f"C{k % 10}"
-                axes[0].plot([r["epoch"] for r in rk], [r["loss"] for r in rk], color=color, label=f"fold {k}")
-                axes[1].plot([r["epoch"] for r in rk], [r["full"] for r in rk], color=color)
-                axes[1].plot([r["epoch"] for r in rk], [r["imu_only"] for r in rk], color=color, ls="--")
-            axes[0].set_title(f"{family}: training loss")
-            axes[1].set_title(f"{family}: validation metric (solid full, dashed IMU-only)")
-            for a in axes:
-                a.set_xlabel("epoch")
-            axes[0].legend(fontsize=7)
-            save(fig, f"training_curves_{family}.png")
-
-    def weights() -> None:
-        w = report.get("ensemble_weights", {})
-        if not w:
-            return
-        names = list(next(iter(w.values())))
-        fig, ax = figure(figsize=(6, 3.5))
-        for j, view in enumerate(VIEWS):
-            ax.bar(np.arange(len(names)) + (j - 0.5) * 0.4, [w[view][n] for n in names], 0.4, label=view)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel("blend weight")
-        ax.legend()
-        ax.set_title("Ensemble weights per view")
-        save(fig, "ensemble_weights.png")
-
-    def importance() -> None:
-        path = out / "feature_importance.csv"
-        if not path.exists():
-            return
-        imp = pl.read_csv(path).head(30)
-        fig, ax = figure(figsize=(8, 8))
-        ax.barh(imp["feature"].to_list()[::-1], imp["gain"].to_list()[::-1])
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set_title("LightGBM top-30 features (gain, mean over folds)")
-        save(fig, "lgbm_feature_importance.png")
-
-    for name, fn in [("confusion", confusion), ("per-gesture F1", per_gesture_f1), ("curves", curves),
-                     ("weights", weights), ("importance", importance)]:
+    for name, draw in [("confusion", lambda: plot_confusion(plots, y, ens["full"])),
+                       ("per-gesture F1", lambda: plot_per_gesture_f1(plots, y, ens)),
+                       ("curves", lambda: plot_training_curves(plots, out / "logs")),
+                       ("weights", lambda: plot_ensemble_weights(plots, report.get("ensemble_weights", {}))),
+                       ("importance", lambda: plot_feature_importance(plots, out / "feature_importance.csv"))]:
         try:
-            fn()
+            draw()
         except Exception as err:  # a plot is never worth a lost training run
             LOG.warning("plot %s failed: %s", name, err)
-    return written
+    return plots.written
 
 
 def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str, Any] | None = None,

@@ -41,7 +41,7 @@ def stage_features(data_dir: Path) -> dict:
     cfg = nb.parse_config(["--profile", "full"], environ={})
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
-    table = nb.feature_table(ds.train, ds.train_demographics, cfg)
+    table = nb.aggregate_features(*nb.derive(ds.train, ds.train_demographics, cfg), cfg.sample_rate_hz)
     secs = time.perf_counter() - t0
     n = len(table.ids)
     return {"stage": "aggregate feature table", "seconds": secs, "sequences": n,

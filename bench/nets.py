@@ -38,7 +38,7 @@ def main() -> None:
                           environ={})
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))
     labels = nb.sequence_labels(ds.train)
-    inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
+    inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     sample = inputs.subset(np.arange(len(y)) < 256)
     print(f"profile {args.profile}: conv {cfg.torch_conv}, hidden {cfg.torch_hidden}, squeezeformer d "

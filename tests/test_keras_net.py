@@ -18,7 +18,7 @@ def keras_fold(tmp_path_factory):
     nb.resolve_data_dir(cfg)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
     labels = nb.sequence_labels(ds.train)
-    inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
+    inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     mask = np.arange(len(y)) % 3 != 0
     res = nb.train_keras_fold(cfg, inputs.subset(mask), y[mask], {"full": inputs.subset(~mask)}, y[~mask], 0,

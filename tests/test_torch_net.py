@@ -108,7 +108,7 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
     nb.resolve_data_dir(cfg)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
     labels = nb.sequence_labels(ds.train)
-    inputs = nb.sequence_inputs(ds.train, ds.train_demographics, cfg)
+    inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     keep = np.zeros(len(labels), bool)
     keep[np.arange(0, len(labels), len(labels) // 12)[:12]] = True
     sub = inputs.subset(keep)
@@ -144,7 +144,7 @@ def test_input_blanking_equals_the_raw_imu_only_path(sample_dir):
     train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
     demo = nb.load_demographics(sample_dir / "train_demographics.csv")
     cfg = nb.parse_config(["--profile", "smoke"], environ={})
-    full = nb.sequence_inputs(train, demo, cfg)
-    raw_blank = nb.sequence_inputs(nb.blank_modalities(train), demo, cfg)
+    full = nb.net_inputs_from(*nb.derive(train, demo, cfg))
+    raw_blank = nb.net_inputs_from(*nb.derive(nb.blank_modalities(train), demo, cfg))
     for a, b in zip(full.arrays, raw_blank.arrays):
         np.testing.assert_allclose(nb.blank_input_modalities(a, full.names), b, rtol=1e-6, atol=1e-6)
