@@ -142,6 +142,9 @@ class Config:
                              "thread overhead outweighs the work; else all cores)", 0)
     modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
                                    "thm/tof blanked as in the IMU-only test sequences", 1.0)
+    upside_down_fix: bool = _doc("detect subjects who wear the device upside down (their mean gravity "
+                                 "direction opposes everyone else's; at inference from the subject's "
+                                 "sequences so far) and turn their rows back before every model", True)
     lgbm_imu_reference: bool = _doc("also train a LightGBM on IMU features alone, as the "
                                     "yardstick for the imu_only view (reported, not served; off in "
                                     "the quick profile to keep it under 5 minutes)", True)
@@ -153,14 +156,29 @@ class Config:
     torch_hidden: int | None = _doc("BiGRU hidden size per direction")
     torch_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3)
     torch_demographics: bool = _doc("join a demographics embedding before the heads", True)
-    torch_lr: float = _doc("AdamW peak learning rate (linear warmup for one epoch, then cosine)", 2e-3)
+    torch_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3)
+    torch_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1)
     torch_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2)
     torch_batch_size: int = _doc("sequences per batch (length-bucketed)", 64)
     torch_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1)
     torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99)
-    torch_patience: int = _doc("early stopping patience, epochs, on the validation metric", 8)
+    torch_patience: int = _doc("early stopping patience, epochs, on the validation metric; 0 = train "
+                               "every epoch and keep the last (EMA) weights, so the fold that produces "
+                               "the OOF never picks its own epoch", 0)
     torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty")
     torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5")
+    torch_aux_weights: str = _doc("fixed weights of the orientation and phase losses, added to the "
+                                  "gesture heads' loss (never uncertainty-weighted: a learned weight "
+                                  "favours the easy per-step phase task over the gesture)", "0.2,0.2")
+    torch_aux_heads: bool = _doc("train the auxiliary heads: body orientation (4 classes, per sequence) "
+                                 "and gesture phase (per step, BiGRU net only)", True)
+    torch_phase_pool: bool = _doc("BiGRU net: pool the sequence also weighted by the phase head "
+                                  "(gesture steps and transition steps apart) beside the attention pool",
+                                  False)
+    max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0)
+    net_variants: str = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
+                             "(IMU channels only); comma-separated, each its own ensemble member "
+                             "(<member>, <member>_imu) whose blend weight per CV view decides", "all")
     torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
                                 "bf16 | fp16", "auto")
     torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3)
@@ -211,8 +229,21 @@ def config_from(saved: dict[str, Any]) -> Config:
 
 
 MODEL_FAMILIES = ("lgbm", "torch", "keras")
+NET_VARIANTS = ("all", "imu")  # --net-variants: what each net reads (member name suffix "" / "_imu")
 PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path")
 TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
+
+
+def member_name(family: str, cfg: Config) -> str:
+    """The ensemble member a net family trains under `cfg` (one --torch-arch, one --net-variants)."""
+    base = TORCH_ARCHS[cfg.torch_arch] if family == "torch" else family
+    return base + ("_imu" if cfg.net_variants == "imu" else "")
+
+
+def member_family(member: str) -> str:
+    """lgbm, torch or keras: the family an ensemble member belongs to."""
+    base = member.removesuffix("_imu")
+    return "torch" if base in TORCH_ARCHS.values() else base
 
 
 def on_kaggle() -> bool:
@@ -279,6 +310,9 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     unknown_models = set(cfg.models.split(",")) - set(MODEL_FAMILIES)
     if unknown_models:
         raise ValueError(f"--models: unknown {sorted(unknown_models)}; choose from {MODEL_FAMILIES}")
+    cfg.net_variants = ",".join(v.strip() for v in cfg.net_variants.split(",") if v.strip())
+    if set(cfg.net_variants.split(",")) - set(NET_VARIANTS) or not cfg.net_variants:
+        raise ValueError(f"--net-variants: choose from {NET_VARIANTS}, got {cfg.net_variants!r}")
     cfg.torch_arch = ",".join(a.strip() for a in cfg.torch_arch.split(",") if a.strip())
     unknown_archs = set(cfg.torch_arch.split(",")) - set(TORCH_ARCHS)
     if unknown_archs or not cfg.torch_arch:
@@ -344,6 +378,7 @@ DEMO_COLS = ["subject", "adult_child", "age", "sex", "handedness", "height_cm",
 DEFAULT_DEMOGRAPHICS = dict(adult_child=1, age=22.0, sex=1, handedness=1, height_cm=168.0,
                             shoulder_to_wrist_cm=52.0, elbow_to_wrist_cm=25.0)
 GRAVITY = 9.81
+UPSIDE_DOWN = "upside_down"  # per-subject flag next to the demographics: the device was worn upside down
 
 
 def allowed_pairs() -> list[tuple[str, str]]:
@@ -992,6 +1027,9 @@ def clean_demographics(frame: pl.DataFrame) -> pl.DataFrame:
             exprs.append(pl.when(v.is_finite()).then(v).otherwise(pl.lit(default)).cast(pl.Float32).alias(c))
         else:
             exprs.append(pl.lit(default, dtype=pl.Float32).alias(c))
+    # Not a demographic of the file: set per subject when the device is detected upside down (7.1).
+    exprs.append((pl.col(UPSIDE_DOWN).cast(pl.Boolean, strict=False).fill_null(False) if UPSIDE_DOWN in frame.columns
+                  else pl.lit(False)).alias(UPSIDE_DOWN))
     return frame.select(exprs)
 
 
@@ -1114,6 +1152,12 @@ def score_probabilities(y_true: Iterable[str], proba: np.ndarray) -> dict[str, f
 # the whole table with sequence boundaries handled explicitly, so one sequence alone and the full
 # train table go through the very same code. `predict()` calls `build_features` too.
 #
+# Every model sees each wearer in one canonical frame: a left hand is mirrored, and a device worn
+# upside down is turned back (`prepare_sequences`). Handedness comes with the demographics; who
+# wears the device upside down is detected per subject (`UpsideDownCheck`: their mean gravity
+# direction opposes the training population's) and marked beside the demographics, in training
+# from all of a subject's sequences, at inference from their sequences so far.
+#
 # ### 7.1 Sequence-level signals
 
 # %%
@@ -1208,6 +1252,25 @@ def _segments(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(seq_ids) > 1:
         first[1:] = seq_ids[1:] != seq_ids[:-1]
     return first, np.flatnonzero(first)
+
+
+@dataclass
+class Segments:
+    """Row layout of many sequences stored back to back (sorted by sequence_id)."""
+    starts: np.ndarray   # first row of each sequence
+    lengths: np.ndarray  # rows per sequence
+    seg: np.ndarray      # sequence index of each row
+    t: np.ndarray        # row index inside its sequence
+
+    @classmethod
+    def of(cls, seq_ids: np.ndarray) -> "Segments":
+        _, starts = _segments(seq_ids)
+        lengths = np.diff(np.append(starts, len(seq_ids)))
+        return cls(starts, lengths, np.repeat(np.arange(len(starts)), lengths),
+                   np.arange(len(seq_ids)) - np.repeat(starts, lengths))
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, self.starts, axis=0)
 
 
 def clean_quaternions(rot: np.ndarray, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1351,12 +1414,65 @@ def prepare_sequences(frame: pl.DataFrame, demographics: pl.DataFrame) -> Sequen
     demo = clean_demographics(demographics).unique("subject", keep="first")
     meta = seqs.meta.join(demo, on="subject", how="left", maintain_order="left")
     meta = meta.with_columns([pl.col(c).fill_null(v).cast(pl.Float32) for c, v in DEFAULT_DEMOGRAPHICS.items()])
+    meta = meta.with_columns(pl.col(UPSIDE_DOWN).fill_null(False))
     left = (meta["handedness"] == 0).to_numpy()
+    turned = meta[UPSIDE_DOWN].to_numpy()
     sensors = seqs.sensors
-    if left.any():
+    if left.any() or turned.any():
         sensors = sensors.copy()
         sensors[left] = mirror_sensors(sensors[left])
+        sensors[turned] = turn_upside_down(sensors[turned])
     return Sequences(meta, sensors)
+
+
+@dataclass
+class UpsideDownCheck:
+    """Which subjects wear the device upside down. Turned 180 degrees about the face normal, the
+    device reports gravity with x and y negated, so a wearer's mean gravity direction (canonical
+    right-hand frame, over their sequences) points against that of the training population. Fitted
+    on the training rows; at inference a subject's sequences so far decide, one call at a time."""
+    reference: list[float]  # unit (x, y) mean gravity direction of a normal wearer
+
+    @staticmethod
+    def directions(prepared: Sequences) -> tuple[np.ndarray, np.ndarray]:
+        """(subject per sequence, (x, y) mean of acc / g per sequence), canonical frame."""
+        sg = Segments.of(prepared.meta["sequence_id"].to_numpy())
+        acc = np.nan_to_num(prepared.block(ACC_COLS[:2]).astype(np.float64))
+        return prepared.meta["subject"].to_numpy()[sg.starts], sg.sum(acc) / sg.lengths[:, None] / GRAVITY
+
+    @classmethod
+    def fit(cls, prepared: Sequences) -> "UpsideDownCheck":
+        subjects, xy = cls.directions(prepared)
+        per_subject = pl.DataFrame({"s": subjects, "x": xy[:, 0], "y": xy[:, 1]}).group_by("s").mean()
+        ref = np.array([per_subject["x"].median() or 0.0, per_subject["y"].median() or 0.0])
+        return cls((ref / max(float(np.linalg.norm(ref)), 1e-9)).tolist())
+
+    def scores(self, prepared: Sequences) -> tuple[np.ndarray, np.ndarray]:
+        """(subject, score) per sequence: > 0 worn as usual, < 0 upside down."""
+        subjects, xy = self.directions(prepared)
+        return subjects, xy @ np.asarray(self.reference)
+
+    # A subject is turned when the sum of their sequences' scores is below -MARGIN: with one or two
+    # sequences seen (at inference) a score must point clearly against, since a wrong turn costs a
+    # normal wearer's sequence and upside-down wearers are rare (2 of 81). On the demo data (r48:
+    # 48 subjects, random call orders) 0.2 gave 0.5% wrong decisions over a subject's first three
+    # calls, against 2.1% for 0.
+    MARGIN = 0.2
+
+    @classmethod
+    def decide(cls, scores: Iterable[float]) -> bool:
+        return float(np.sum(list(scores))) < -cls.MARGIN
+
+    def flagged(self, prepared: Sequences) -> list[str]:
+        """Subjects whose sequences, all together, say upside down."""
+        subjects, score = self.scores(prepared)
+        sums = pl.DataFrame({"s": subjects, "score": score}).group_by("s").agg(pl.col("score").sum())
+        return sorted(s for s, total in sums.iter_rows() if self.decide([total]))
+
+
+def mark_upside_down(demographics: pl.DataFrame, subjects: Iterable[str]) -> pl.DataFrame:
+    """The demographics table with the upside-down flag set for `subjects` (and cleared for the rest)."""
+    return clean_demographics(demographics).with_columns(pl.col("subject").is_in(list(subjects)).alias(UPSIDE_DOWN))
 
 
 def sequence_channels(prepared: Sequences, fs: float, tof_pooling: bool = True) -> pl.DataFrame:
@@ -1381,25 +1497,6 @@ STATS = ("mean", "std", "min", "max", "q10", "q50", "q90", "first", "last", "slo
 STAT_CHANNELS_SKIP = {"rot_missing"}
 TAIL_START = 0.6  # the test set has no phase column: the last 40% of a sequence stands in for the gesture
 STAT_BLOCK_CELLS = 9_000_000  # rows x channels per segment_stats call (its temporaries scale with it)
-
-
-@dataclass
-class Segments:
-    """Row layout of many sequences stored back to back (sorted by sequence_id)."""
-    starts: np.ndarray   # first row of each sequence
-    lengths: np.ndarray  # rows per sequence
-    seg: np.ndarray      # sequence index of each row
-    t: np.ndarray        # row index inside its sequence
-
-    @classmethod
-    def of(cls, seq_ids: np.ndarray) -> "Segments":
-        _, starts = _segments(seq_ids)
-        lengths = np.diff(np.append(starts, len(seq_ids)))
-        return cls(starts, lengths, np.repeat(np.arange(len(starts)), lengths),
-                   np.arange(len(seq_ids)) - np.repeat(starts, lengths))
-
-    def sum(self, x: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(x, self.starts, axis=0)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -1630,7 +1727,7 @@ def blank_feature_rows(x: np.ndarray, names: list[str]) -> np.ndarray:
 def sequence_content_hashes(frame: pl.DataFrame, demographics: pl.DataFrame) -> pl.DataFrame:
     """sequence_id -> uint64 hash of its sanitised rows and its subject's demographics."""
     prepared = prepare_sequences(frame, demographics)
-    demo_hash = prepared.meta.select("sequence_counter", *DEFAULT_DEMOGRAPHICS).hash_rows(seed=17).to_numpy()
+    demo_hash = prepared.meta.select("sequence_counter", *DEFAULT_DEMOGRAPHICS, UPSIDE_DOWN).hash_rows(seed=17).to_numpy()
     # Hash the sensor bytes row by row (NaN patterns included) and mix in the demographics.
     rows = np.ascontiguousarray(prepared.sensors).view(np.uint32).astype(np.uint64)
     with np.errstate(over="ignore"):
@@ -1738,14 +1835,42 @@ class StopRequested(Exception):
 
 
 @dataclass
+class NetTargets:
+    """What the nets learn besides the gesture: body orientation per sequence and, per step, whether
+    the gesture is being performed (train.csv's phase column), aligned with NetInputs."""
+    y: np.ndarray                # gesture index per sequence
+    orientation: np.ndarray      # ORIENTATIONS index per sequence
+    phase: list[np.ndarray]      # (length,) float32 per sequence: 1 in the gesture phase, else 0
+
+    def subset(self, mask: np.ndarray) -> "NetTargets":
+        idx = np.flatnonzero(mask)
+        return NetTargets(self.y[idx], self.orientation[idx], [self.phase[i] for i in idx])
+
+
+def net_targets(train: pl.DataFrame) -> NetTargets:
+    """The nets' targets from train.csv rows (sorted by sequence_id, sequence_counter, as every
+    NetInputs is)."""
+    labels = sequence_labels(train)
+    phase = (train["phase"] == "Gesture").fill_null(False).to_numpy().astype(np.float32)
+    starts = Segments.of(train["sequence_id"].to_numpy()).starts
+    return NetTargets(np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()]),
+                      np.array([ORIENTATIONS.index(o) if o in ORIENTATIONS else 0 for o in labels["orientation"].to_list()]),
+                      np.split(phase, starts[1:]))
+
+
+@dataclass
 class TrainingData:
     labels: pl.DataFrame          # sequence_id, subject, gesture, orientation (sorted by id)
     y: np.ndarray                 # gesture index per sequence
     folds: np.ndarray             # fold id per sequence
     views: dict[str, pl.DataFrame]  # feature table per CV view, rows aligned with labels
     fingerprint: str              # hash of the data, for resume and the manifest
-    dataset: Dataset
+    dataset: Dataset              # train_demographics flag the upside-down wearers (when detected)
+    upside_down: UpsideDownCheck  # fitted on the training rows; predict() detects test wearers with it
     _inputs: dict[str, "NetInputs"] = field(default_factory=dict)
+
+    def net_targets(self) -> NetTargets:
+        return net_targets(self.dataset.train)
 
     def net_inputs(self, view: str, cfg: Config) -> "NetInputs":
         """Per-timestep inputs of the nets for a CV view (computed once, shared by torch and keras)."""
@@ -1759,6 +1884,13 @@ class TrainingData:
 
 def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
     labels = sequence_labels(ds.train)
+    as_worn = prepare_sequences(ds.train, ds.train_demographics)
+    upside_down = UpsideDownCheck.fit(as_worn)
+    if cfg.upside_down_fix:
+        turned = upside_down.flagged(as_worn)
+        say(f"upside-down wearers: {len(turned)} of {labels['subject'].n_unique()} training subjects "
+            f"({', '.join(turned) or 'none'}); their rows are turned back before every model")
+        ds = dataclasses.replace(ds, train_demographics=mark_upside_down(ds.train_demographics, turned))
     cache_dir = out / "cache"
     views = {"full": cached_features(ds.train, ds.train_demographics, cfg, cache_dir, "features, full view"),
              "imu_only": cached_features(blank_modalities(ds.train), ds.train_demographics, cfg, cache_dir,
@@ -1770,7 +1902,7 @@ def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
     digest.update("".join(labels["gesture"].to_list()).encode())
     folds = make_folds(labels, cfg.folds, cfg.seed)
     y = np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()], dtype=np.int64)
-    return TrainingData(labels, y, folds, views, digest.hexdigest()[:16], ds)
+    return TrainingData(labels, y, folds, views, digest.hexdigest()[:16], ds, upside_down)
 
 
 def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
@@ -1796,7 +1928,8 @@ def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], prefix: s
     (so changing another family's settings never retrains it). `arch` is the torch encoder the
     models are built as: only a Squeezeformer depends on the torch_sqz_* fields (the Keras twin
     is a GRU net whatever --torch-arch says)."""
-    shared = ("seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout")
+    shared = ("seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout", "max_len",
+              "net_variants")
     keys = {k: getattr(cfg, k) for k in sorted(vars(cfg))
             if (k.startswith((prefix, "aug_")) or k in shared) and k != "torch_arch"
             and (arch == "squeezeformer" or not k.startswith("torch_sqz_"))}
@@ -2040,46 +2173,71 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
 # travel in the checkpoint) and with missing values set to 0 *after* scaling. Modality dropout
 # nulls the unscaled thm/tof channels and zeroes the flags, which is exactly what raw IMU-only rows
 # produce, so training, the imu_only CV view and predict() all see the same thing. The Keras twin
-# reads the very same arrays.
+# reads the very same arrays. What a net reads travels with each fold in its `InputScaler`: the
+# last `--max-len` steps (the gesture is at the end) and its channels: all of them, or for an
+# IMU-only variant (`--net-variants imu`, members `torch_imu`, `keras_imu`) the IMU ones alone.
 
 # %%
-@dataclass
-class InputScaler:
-    """Standardisation fitted on training sequences; missing values become 0 after scaling."""
-    mean: np.ndarray
-    std: np.ndarray
-    demo_mean: np.ndarray
-    demo_std: np.ndarray
-
-    @classmethod
-    def fit(cls, inputs: NetInputs) -> "InputScaler":
-        x = np.vstack(inputs.arrays).astype(np.float64)
-        with _quiet_nan_warnings():
-            mean, std = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
-        mean, std = np.nan_to_num(mean), np.where(np.nan_to_num(std) > 1e-6, np.nan_to_num(std), 1.0)
-        d = inputs.demographics.astype(np.float64)
-        return cls(mean.astype(np.float32), std.astype(np.float32), d.mean(0).astype(np.float32),
-                   np.where(d.std(0) > 1e-6, d.std(0), 1.0).astype(np.float32))
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return np.nan_to_num((x - self.mean) / self.std, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-
-    def transform_demographics(self, d: np.ndarray) -> np.ndarray:
-        return np.nan_to_num((d - self.demo_mean) / self.demo_std).astype(np.float32)
-
-    def state(self) -> dict[str, list[float]]:
-        return {k: getattr(self, k).tolist() for k in ("mean", "std", "demo_mean", "demo_std")}
-
-    @classmethod
-    def from_state(cls, state: dict[str, list[float]]) -> "InputScaler":
-        return cls(**{k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
-
-
 def modality_channel_mask(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(thm/tof value channels, presence flag channels) as boolean masks over `names`."""
     flags = np.array([c.startswith("mod_present_") for c in names])
     values = np.array([c.startswith(("thm_", "tof_")) for c in names])
     return values, flags
+
+
+def last_steps(x: np.ndarray, max_len: int) -> np.ndarray:
+    """The last `max_len` rows of a sequence (all when 0): the gesture sits at the end."""
+    return x[-max_len:] if 0 < max_len < len(x) else x
+
+
+def input_columns(names: list[str], variant: str) -> np.ndarray:
+    """The channels a net of `variant` reads: all, or (imu) those that exist without thm/tof."""
+    if variant == "all":
+        return np.arange(len(names))
+    if variant == "imu":
+        values, flags = modality_channel_mask(names)
+        return np.flatnonzero(~values & ~flags)
+    raise ValueError(f"--net-variants: unknown {variant!r}; choose from {NET_VARIANTS}")
+
+
+@dataclass
+class InputScaler:
+    """What a net reads of a sequence: its last `max_len` steps (0 = all), the channels `columns`
+    (all, or the IMU ones for an IMU-only variant), standardised with statistics fitted on the
+    training sequences; missing values become 0 after scaling. It travels with every fold."""
+    mean: np.ndarray
+    std: np.ndarray
+    demo_mean: np.ndarray
+    demo_std: np.ndarray
+    columns: np.ndarray
+    max_len: int = 0
+
+    @classmethod
+    def fit(cls, inputs: NetInputs, columns: np.ndarray, max_len: int) -> "InputScaler":
+        x = np.vstack([last_steps(a, max_len)[:, columns] for a in inputs.arrays]).astype(np.float64)
+        with _quiet_nan_warnings():
+            mean, std = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+        mean, std = np.nan_to_num(mean), np.where(np.nan_to_num(std) > 1e-6, np.nan_to_num(std), 1.0)
+        d = inputs.demographics.astype(np.float64)
+        return cls(mean.astype(np.float32), std.astype(np.float32), d.mean(0).astype(np.float32),
+                   np.where(d.std(0) > 1e-6, d.std(0), 1.0).astype(np.float32), np.asarray(columns), int(max_len))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        x = last_steps(x, self.max_len)[:, self.columns]
+        return np.nan_to_num((x - self.mean) / self.std, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+    def transform_demographics(self, d: np.ndarray) -> np.ndarray:
+        return np.nan_to_num((d - self.demo_mean) / self.demo_std).astype(np.float32)
+
+    def state(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k).tolist() for k in ("mean", "std", "demo_mean", "demo_std", "columns")},
+                "max_len": self.max_len}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "InputScaler":
+        arrays = {k: np.asarray(state[k], dtype=np.float32) for k in ("mean", "std", "demo_mean", "demo_std")}
+        return cls(**arrays, columns=np.asarray(state["columns"], dtype=np.int64),
+                   max_len=int(np.asarray(state["max_len"])))
 
 
 def blank_input_modalities(x: np.ndarray, names: list[str]) -> np.ndarray:
@@ -2100,6 +2258,13 @@ def pad_batch(arrays: list[np.ndarray], channels: int, min_len: int = 4) -> tupl
     return out, lengths
 
 
+def scaled_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unscaled sequences -> what a net reads: (batch, time, channels) scaled and right-padded, the
+    lengths, the scaled demographics. Training, OOF and predict() of both frameworks go through it."""
+    x, lengths = pad_batch([scaler.transform(a) for a in arrays], len(scaler.mean))
+    return x, lengths, scaler.transform_demographics(demo)
+
+
 def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
     """Batches of similar length (little padding); batch order shuffled when rng is given."""
     order = np.argsort(lengths + (rng.random(len(lengths)) * 8 if rng is not None else 0), kind="stable")
@@ -2114,10 +2279,13 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 #
 # Residual Conv1D blocks with squeeze-excitation and max-pooling, a bidirectional GRU fed through
 # `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
-# gets zero weight), optional demographics embedding, and three heads: 18 gestures (main), 9 classes
-# (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty weights
-# (Kendall & Gal 2018). Padding is re-zeroed after every convolution, so a sequence's output does
-# not depend on how much padding its batch adds.
+# gets zero weight), optional demographics embedding, and three gesture heads: 18 gestures (main),
+# 9 classes (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty
+# weights (Kendall & Gal 2018). Two auxiliary heads learn what train.csv says beyond the gesture:
+# the body orientation (per sequence) and, on the BiGRU output, the gesture phase (per step); with
+# `--torch-phase-pool` that phase head also weights two extra pools (gesture steps, transition
+# steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
+# convolution, so a sequence's output does not depend on how much padding its batch adds.
 #
 # `--torch-arch squeezeformer` swaps the encoder (same inputs, heads, losses and recipe): input
 # projection, 2x time reduction, sinusoidal positions, Squeezeformer blocks (half-step feed-forward,
@@ -2235,7 +2403,8 @@ def _torch_lib() -> Any:
             return (h * w.unsqueeze(-1)).sum(1)
 
     class Heads(nn.Module):
-        """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary logits; both encoders end here."""
+        """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary / orientation logits; both
+        encoders end here."""
 
         def __init__(self, dim: int, n_demo: int, dropout: float, use_demographics: bool) -> None:
             super().__init__()
@@ -2245,27 +2414,33 @@ def _torch_lib() -> Any:
             self.head18 = nn.Linear(256, len(GESTURES))
             self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
             self.head2 = nn.Linear(256, 1)
+            self.head_orientation = nn.Linear(256, len(ORIENTATIONS))
 
         def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
             if self.demo is not None:
                 z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
             z = self.trunk(z)
-            return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1)}
+            return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1),
+                    "orientation": self.head_orientation(z)}
 
     def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None].to(x.device)
 
     class GestureNet(nn.Module):
-        """CNN -> packed BiGRU -> masked attention -> heads."""
+        """CNN -> packed BiGRU -> masked attention (+ phase-weighted pools) -> heads, and a per-step
+        phase head on the BiGRU output (one step per `phase_stride` input steps)."""
 
         def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
-                     use_demographics: bool) -> None:
+                     use_demographics: bool, phase_pool: bool) -> None:
             super().__init__()
             chans = [in_ch, *conv]
             self.blocks = nn.ModuleList([ResBlock(a, b, 3, dropout) for a, b in zip(chans[:-1], chans[1:])])
             self.gru = nn.GRU(chans[-1], hidden, batch_first=True, bidirectional=True)
             self.pool = MaskedAttentionPool(2 * hidden)
-            self.heads = Heads(2 * hidden, n_demo, dropout, use_demographics)
+            self.phase_head = nn.Linear(2 * hidden, 1)
+            self.phase_pool = phase_pool
+            self.phase_stride = 2 ** len(conv)
+            self.heads = Heads(2 * hidden * (3 if phase_pool else 1), n_demo, dropout, use_demographics)
 
         def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
                     packed: bool = True) -> dict[str, torch.Tensor]:
@@ -2283,7 +2458,15 @@ def _torch_lib() -> Any:
                 out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
             else:
                 out, _ = self.gru(h)
-            return self.heads(self.pool(out, mask), demo)
+            phase = self.phase_head(out).squeeze(-1)
+            z = self.pool(out, mask)
+            if self.phase_pool:  # mean over the steps the phase head calls gesture, and over the rest
+                p = torch.sigmoid(phase.float()) * mask
+                parts = [z]
+                for w in (p, (1 - p) * mask):
+                    parts.append((out.float() * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-3))
+                z = torch.cat([parts[0], parts[1].to(z.dtype), parts[2].to(z.dtype)], dim=1)
+            return {**self.heads(z, demo), "phase": phase, "phase_mask": mask}
 
     def sinusoidal_positions(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(n, device=like.device, dtype=torch.float32)[:, None]
@@ -2408,7 +2591,7 @@ def build_torch_model(cfg: Config, in_ch: int) -> Any:
         raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
     conv = tuple(int(c) for c in str(cfg.torch_conv).split(","))
     return lib.GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.torch_hidden, cfg.torch_dropout,
-                          cfg.torch_demographics)
+                          cfg.torch_demographics, cfg.torch_phase_pool)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -2436,70 +2619,105 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
 # ### 12.1 Training recipe
 #
 # AdamW, linear warmup then cosine decay stepped per batch, gradient clipping, label smoothing,
-# EMA of the weights (evaluated with the EMA), early stopping on the competition metric of the
-# validation fold (mean of the two views), length-bucketed batches, and seeded augmentations each
-# with its own probability. A non-finite loss skips its step and is counted; after a few the fold
-# falls back to fp32 and says so.
+# EMA of the weights (evaluated with the EMA), a fixed number of epochs with the last EMA weights
+# kept (or early stopping on the validation metric with `--torch-patience N`), length-bucketed
+# batches, and seeded augmentations each with its own probability. The augmentations keep the
+# derived channels physically consistent: a turned device mount turns every device-frame vector
+# and the orientation quaternion together (world-frame channels stay), accelerometer drift shows in
+# the world frame too, and a time stretch divides the per-step rates. Both frameworks train on the
+# very same batches (`training_batch`). A non-finite loss skips its step and is counted; after a
+# few the fold falls back to fp32 and says so.
 
 # %%
 DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
                          ("grav_x", "grav_y", "grav_z"), ("ang_vel_x", "ang_vel_y", "ang_vel_z")]
+QUAT_CHANNELS = ["rot_w", "rot_x", "rot_y", "rot_z"]
+# Per-step rates: a gesture played f times slower turns, warms and jerks f times slower.
+RATE_CHANNELS = ["ang_vel_x", "ang_vel_y", "ang_vel_z", "ang_vel_mag", "ang_dist", "jerk_mag", "thm_trend"]
 
 
 def _small_rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
+    """A unit quaternion about a random axis, angle ~ N(0, degrees)."""
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.normal(0, degrees))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    half = np.deg2rad(rng.normal(0, degrees)) / 2
+    return np.array([np.cos(half), *(np.sin(half) * axis)])
 
 
-def augment_sequence(x: np.ndarray, names: list[str], cfg: Config, rng: np.random.Generator) -> np.ndarray:
-    """Augmentations on one unscaled sequence (modality dropout, time stretch, IMU frame rotation
-    and drift); the ones that act on scaled tensors live in augment_scaled_batch."""
-    if rng.random() < cfg.torch_modality_dropout:
-        x = blank_input_modalities(x, names)
-    if rng.random() < cfg.aug_time_stretch and len(x) > 4:
-        factor = rng.uniform(0.8, 1.2)
-        n_new = max(4, int(round(len(x) * factor)))
-        src = np.linspace(0, len(x) - 1, n_new)
-        lo = np.floor(src).astype(int)
-        hi = np.minimum(lo + 1, len(x) - 1)
-        frac = (src - lo)[:, None].astype(np.float32)
-        x = x[lo] * (1 - frac) + x[hi] * frac  # NaN stays NaN where either neighbour is missing
-    if rng.random() < cfg.aug_rotation:
-        x = x.copy()
-        rot = _small_rotation(rng, 10.0).astype(np.float32)
-        idx = {c: i for i, c in enumerate(names)}
-        drift = rng.normal(0, 0.3, 3).astype(np.float32) * np.linspace(0, 1, len(x), dtype=np.float32)[:, None]
-        for trip in DEVICE_FRAME_TRIPLETS:
-            cols = [idx[c] for c in trip]
-            x[:, cols] = x[:, cols] @ rot.T
-            if trip[0] == "acc_x":
-                x[:, cols] += drift
+def stretch_time(x: np.ndarray, names: list[str], factor: float) -> np.ndarray:
+    """The sequence resampled to `factor` times its length (a slower or faster gesture), rate
+    channels divided by the factor. NaN stays NaN where either neighbour is missing."""
+    n, n_new = len(x), max(4, int(round(len(x) * factor)))
+    src = np.linspace(0, n - 1, n_new)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = (src - lo)[:, None].astype(np.float32)
+    x = x[lo] * (1 - frac) + x[hi] * frac
+    rates = [names.index(c) for c in RATE_CHANNELS if c in names]
+    x[:, rates] /= np.float32(n_new / n)
     return x
 
 
-def augment_scaled_batch(xb: Any, lengths: Any, cfg: Config, gen: Any) -> Any:
-    """Gaussian jitter, time masking and feature masking on a scaled (batch, time, ch) tensor."""
-    torch = _torch_lib().torch
-    b, t, c = xb.shape
-    coin = lambda p: torch.rand(b, generator=gen, device=xb.device) < p  # noqa: E731
+def turn_device_frame(x: np.ndarray, names: list[str], r: np.ndarray, drift: np.ndarray) -> np.ndarray:
+    """The sequence as a device mounted turned by quaternion `r` (device' = r device) with an
+    accelerometer bias `drift` (n, 3) reports it: device-frame vectors turn, the orientation becomes
+    q r*, so every world-frame channel is unchanged except for the bias seen in the world."""
+    x = x.copy()
+    idx = {c: i for i, c in enumerate(names)}
+    for trip in DEVICE_FRAME_TRIPLETS:
+        cols = [idx[c] for c in trip]
+        x[:, cols] = quat_rotate(r, x[:, cols].astype(np.float64))
+    q = quat_multiply(x[:, [idx[c] for c in QUAT_CHANNELS]].astype(np.float64), quat_conjugate(r))
+    x[:, [idx[c] for c in QUAT_CHANNELS]] = q
+    x[:, idx["rot_angle"]] = 2.0 * np.arccos(np.clip(np.abs(q[:, 0]), 0.0, 1.0))
+    acc, lin, world = ([idx[f"{p}_{a}"] for a in "xyz"] for p in ("acc", "lin", "lin_world"))
+    x[:, acc] += drift
+    x[:, lin] += drift
+    x[:, world] += quat_rotate(q, drift.astype(np.float64))
+    x[:, idx["acc_mag"]] = np.linalg.norm(x[:, acc], axis=1)
+    x[:, idx["lin_mag"]] = np.linalg.norm(x[:, world], axis=1)
+    return x
+
+
+def augment_sequence(x: np.ndarray, names: list[str], cfg: Config, rng: np.random.Generator) -> np.ndarray:
+    """Augmentations on one unscaled sequence, each physically consistent across the derived
+    channels: modality dropout, time stretch, a turned device mount with accelerometer drift. The
+    ones that act on scaled batches live in augment_scaled_batch."""
+    if rng.random() < cfg.torch_modality_dropout:
+        x = blank_input_modalities(x, names)
+    if rng.random() < cfg.aug_time_stretch and len(x) > 4:
+        x = stretch_time(x, names, rng.uniform(0.8, 1.2))
+    if rng.random() < cfg.aug_rotation:
+        drift = rng.normal(0, 0.3, 3) * np.linspace(0, 1, len(x))[:, None]
+        x = turn_device_frame(x, names, _small_rotation(rng, 10.0), drift)
+    return x.astype(np.float32)
+
+
+def augment_scaled_batch(x: np.ndarray, lengths: np.ndarray, cfg: Config, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian jitter, time masking and feature masking on a scaled (batch, time, ch) array, the
+    padding kept at zero (both frameworks train on it)."""
+    b, t, c = x.shape
+    coin = lambda p: rng.random(b) < p  # noqa: E731
     jit = coin(cfg.aug_jitter)
-    xb = xb + jit[:, None, None] * 0.05 * torch.randn(xb.shape, generator=gen, device=xb.device)
-    tm = coin(cfg.aug_time_mask)
-    if tm.any():
-        span = (lengths.to(xb.device).float() * 0.1).clamp(min=1).long()
-        start = (torch.rand(b, generator=gen, device=xb.device) * (lengths.to(xb.device) - span).clamp(min=1)).long()
-        pos = torch.arange(t, device=xb.device)[None, :]
-        hide = tm[:, None] & (pos >= start[:, None]) & (pos < (start + span)[:, None])
-        xb = xb.masked_fill(hide[:, :, None], 0.0)
+    if jit.any():
+        x = x + (jit[:, None, None] * 0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+    for i in np.flatnonzero(coin(cfg.aug_time_mask)):
+        span = max(1, int(lengths[i] * 0.1))
+        start = int(rng.random() * max(lengths[i] - span, 1))
+        x[i, start:start + span] = 0.0
     fm = coin(cfg.aug_feature_mask)
     if fm.any():
-        drop = (torch.rand(b, c, generator=gen, device=xb.device) < 0.1) & fm[:, None]
-        xb = xb.masked_fill(drop[:, None, :], 0.0)
-    pos = torch.arange(t, device=xb.device)[None, :, None]
-    return xb * (pos < lengths.to(xb.device)[:, None, None])
+        x = x * ~((rng.random((b, c)) < 0.1) & fm[:, None])[:, None, :]
+    return (x * (np.arange(t)[None, :, None] < lengths[:, None, None])).astype(np.float32)
+
+
+def mixup(rng: np.random.Generator, x: np.ndarray, lengths: np.ndarray, *rest: np.ndarray) -> list[np.ndarray]:
+    """Mixup of a batch with a shuffled copy of itself (Beta(0.4, 0.4)): inputs, demographics and
+    every target alike; the mixed sequence keeps the longer of the two lengths."""
+    lam = float(rng.beta(0.4, 0.4))
+    perm = rng.permutation(len(x))
+    mix = lambda a: (lam * a + (1 - lam) * a[perm]).astype(np.float32)  # noqa: E731
+    return [mix(x), np.maximum(lengths, lengths[perm]), *(mix(a) for a in rest)]
 
 
 def soft_targets(y: np.ndarray, smoothing: float) -> np.ndarray:
@@ -2508,11 +2726,16 @@ def soft_targets(y: np.ndarray, smoothing: float) -> np.ndarray:
     return out
 
 
-def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler, device: str) -> tuple[Any, Any, Any]:
+def to_torch(batch: Iterable[np.ndarray], device: str) -> list[Any]:
+    """numpy batch -> tensors on `device`; integer arrays (the lengths) stay on the CPU, where
+    pack_padded_sequence wants them."""
     torch = _torch_lib().torch
-    xb, lengths = pad_batch([scaler.transform(a) for a in arrays], len(scaler.mean))
-    return (torch.from_numpy(xb).to(device), torch.from_numpy(lengths),
-            torch.from_numpy(scaler.transform_demographics(demo)).to(device))
+    return [torch.from_numpy(a) if a.dtype.kind == "i" else torch.from_numpy(a).to(device) for a in batch]
+
+
+def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler, device: str) -> list[Any]:
+    """(x, lengths, demographics) tensors of a batch of unscaled sequences, for inference."""
+    return to_torch(scaled_batch(arrays, demo, scaler), device)
 
 
 def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarray, inputs: NetInputs,
@@ -2545,7 +2768,8 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 class EarlyStopping:
     """The best epoch so far on the validation metric (with a snapshot of the model then), and
-    whether patience has run out; the torch nets and the Keras twin share it."""
+    whether patience has run out; with patience 0, simply the last epoch. The torch nets and the
+    Keras twin share it."""
 
     def __init__(self, patience: int) -> None:
         self.patience, self.left = patience, patience
@@ -2553,6 +2777,9 @@ class EarlyStopping:
 
     def update(self, epoch: int, score: float, snapshot: Callable[[], Any]) -> bool:
         """Record an epoch's score; True when training should stop."""
+        if self.patience <= 0:
+            self.score, self.epoch, self.snapshot = score, epoch, snapshot()
+            return False
         if score > self.score:
             self.score, self.epoch, self.snapshot = score, epoch, snapshot()
             self.left = self.patience
@@ -2569,24 +2796,26 @@ def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
     return {**scores, "score": float(np.mean(list(scores.values())))}
 
 
-def mixup(rng: np.random.Generator, gen: Any, *batch: Any) -> tuple[Any, ...]:
-    """Mixup of (x, lengths, targets, demographics) with a shuffled copy (Beta(0.4, 0.4)); the mixed
-    sequence keeps the longer of the two lengths."""
+def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any, orientation: Any = None,
+                phase: Any = None, stride: int = 1) -> list[Any]:
+    """Cross-entropy of the 18-class and 9-class heads and the target-vs-not BCE against soft
+    targets; with the auxiliary targets, the orientation cross-entropy and the per-step phase BCE
+    (targets averaged over the steps each output step covers, padding left out)."""
     torch = _torch_lib().torch
-    xb, lb, yb, db = batch
-    lam = float(rng.beta(0.4, 0.4))
-    perm = torch.randperm(len(xb), generator=gen, device=xb.device)
-    return (lam * xb + (1 - lam) * xb[perm], torch.maximum(lb, lb[perm.cpu()]),
-            lam * yb + (1 - lam) * yb[perm], lam * db + (1 - lam) * db[perm])
-
-
-def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any) -> list[Any]:
-    """Cross-entropy of the 18-class and 9-class heads and the target-vs-not BCE, against soft targets."""
-    torch = _torch_lib().torch
+    func = torch.nn.functional
     l18 = -(yb * torch.log_softmax(o["y18"].float(), 1)).sum(1).mean()
     l9 = -((yb @ to9) * torch.log_softmax(o["y9"].float(), 1)).sum(1).mean()
-    l2 = torch.nn.functional.binary_cross_entropy_with_logits(o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
-    return [l18, l9, l2]
+    l2 = func.binary_cross_entropy_with_logits(o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
+    losses = [l18, l9, l2]
+    if orientation is not None:
+        losses.append(-(orientation * torch.log_softmax(o["orientation"].float(), 1)).sum(1).mean())
+    if phase is not None and "phase" in o:
+        steps = o["phase"].shape[1]
+        target = func.avg_pool1d(phase[:, None, :], stride, stride)[:, 0, :steps] if stride > 1 else phase[:, :steps]
+        m = o["phase_mask"].float()
+        per_step = func.binary_cross_entropy_with_logits(o["phase"].float(), target, reduction="none")
+        losses.append((per_step * m).sum() / m.sum().clamp(min=1.0))
+    return losses
 
 
 def ema_update(ema: Any, model: Any, decay: float) -> None:
@@ -2602,83 +2831,120 @@ def ema_update(ema: Any, model: Any, decay: float) -> None:
 
 def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: int) -> tuple[Any, Any]:
     """AdamW (no weight decay on the loss weights, which learn 10x faster) and its schedule: linear
-    warmup for one epoch, then cosine to zero at the last epoch."""
+    warmup for --torch-warmup-epochs, then cosine to zero at the last epoch."""
     torch = _torch_lib().torch
     groups = [{"params": list(model.parameters()), "weight_decay": cfg.torch_weight_decay}]
     if weighting is not None:
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.torch_lr * 10})
     opt = torch.optim.AdamW(groups, lr=cfg.torch_lr)
     total = steps_per_epoch * cfg.epochs
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, steps_per_epoch)] * len(groups))
+    warmup = steps_per_epoch * min(cfg.torch_warmup_epochs, max(cfg.epochs - 1, 0))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, warmup)] * len(groups))
 
 
-def train_torch_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dict[str, NetInputs],
+def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: InputScaler, cfg: Config,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """One augmented training batch: x, lengths, demographics and the soft targets (gesture,
+    orientation, per-step phase). The phase rides along as one more column through the per-sequence
+    augmentations and the crop, so it stays aligned with the steps."""
+    names = [*tr.names, "aux_phase"]
+    arrays = [last_steps(augment_sequence(np.column_stack([tr.arrays[i], targets.phase[i]]), names, cfg, rng),
+                         scaler.max_len) for i in idx]
+    x, lengths, demo = scaled_batch([a[:, :-1] for a in arrays], tr.demographics[idx], scaler)
+    phase = np.zeros(x.shape[:2], dtype=np.float32)
+    for row, a in enumerate(arrays):
+        phase[row, :len(a)] = a[:, -1]
+    batch = [augment_scaled_batch(x, lengths, cfg, rng), lengths, demo,
+             soft_targets(targets.y[idx], cfg.torch_label_smoothing),
+             np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]], phase]
+    if rng.random() < cfg.aug_mixup and len(idx) > 1:
+        batch = mixup(rng, *batch)
+    return batch
+
+
+class TorchSteps:
+    """The optimisation step of a fold: autocast in the fold's precision, the head losses (fixed or
+    uncertainty-weighted), GradScaler, clipping, the schedule and the EMA. A non-finite loss skips
+    its step and is counted; after --torch-max-bad-steps the fold continues in fp32 and says so."""
+
+    def __init__(self, cfg: Config, model: Any, ema: Any, weighting: Any, opt: Any, sched: Any,
+                 precision: str, device: str) -> None:
+        torch = _torch_lib().torch
+        self.cfg, self.model, self.ema, self.weighting, self.opt, self.sched = cfg, model, ema, weighting, opt, sched
+        self.precision, self.device, self.bad_steps, self.ema_steps = precision, device, 0, 0
+        self.grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+        self.is_target = torch.tensor(TARGET_MASK, device=device)
+        self.to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
+        self.fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
+        self.aux = [float(w) for w in str(cfg.torch_aux_weights).split(",")]
+
+    def step(self, batch: list[Any]) -> float | None:
+        """One batch (x, lengths, demographics, gesture, orientation, phase); the loss, or None if skipped."""
+        torch = _torch_lib().torch
+        xb, lb, db, yb, ob, pb = batch
+        aux = self.cfg.torch_aux_heads
+        with torch.autocast(self.device, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16,
+                            enabled=self.precision in ("fp16", "bf16")):
+            losses = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, ob if aux else None,
+                                 pb if aux else None, getattr(self.model, "phase_stride", 1))
+            gesture, extra = losses[:3], losses[3:]
+            loss = self.weighting(gesture) if self.weighting is not None else sum(w * l for w, l in zip(self.fixed, gesture))
+            loss = loss + sum(w * l for w, l in zip(self.aux, extra))
+        self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.bad_steps += 1
+            if self.bad_steps >= self.cfg.torch_max_bad_steps and self.precision != "fp32":
+                self.precision = "fp32"
+                self.grad_scaler = torch.amp.GradScaler(self.device, enabled=False)
+                print(f"torch: {self.bad_steps} non-finite losses; this fold continues in fp32")
+            return None
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.grad_scaler.step(self.opt)
+        self.grad_scaler.update()
+        self.sched.step()
+        self.ema_steps += 1  # EMA warm-up: early on the average must not lag far behind
+        decay = self.cfg.torch_ema
+        ema_update(self.ema, self.model, min(decay, (1 + self.ema_steps) / (10 + self.ema_steps)) if decay > 0 else 0.0)
+        return float(loss.detach())
+
+
+def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: dict[str, NetInputs],
                      y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Train one fold; returns the best (EMA) state, the scaler, its score and the history."""
+    """Train one fold; returns the kept (EMA) state, the scaler, its score and epoch."""
     lib = _torch_lib()
     torch = lib.torch
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch_device()
-    precision = torch_precision(cfg, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scaler = InputScaler.fit(tr)
-    model = build_torch_model(cfg, len(tr.names)).to(device)
-    ema = build_torch_model(cfg, len(tr.names)).to(device)
+    scaler = InputScaler.fit(tr, input_columns(tr.names, cfg.net_variants), cfg.max_len)
+    model = build_torch_model(cfg, len(scaler.columns)).to(device)
+    ema = build_torch_model(cfg, len(scaler.columns)).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval()
     weighting = lib.UncertaintyWeights(3).to(device) if cfg.torch_loss_weighting == "uncertainty" else None
     lengths = np.array([len(a) for a in tr.arrays])
     opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / cfg.torch_batch_size))
-    grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
-    targets = soft_targets(y_tr, cfg.torch_label_smoothing)
-    is_target = torch.tensor(TARGET_MASK, device=device)
-    to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
-    fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
+    steps = TorchSteps(cfg, model, ema, weighting, opt, sched, torch_precision(cfg, device), device)
     stopper = EarlyStopping(cfg.torch_patience)
-    bad_steps, ema_steps = 0, 0
+    evaluated = ema if cfg.torch_ema > 0 else model
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        losses = []
-        for idx in length_buckets(lengths, cfg.torch_batch_size, rng):
-            arrays = [augment_sequence(tr.arrays[i], tr.names, cfg, rng) for i in idx]
-            xb, lb, db = torch_batch(arrays, tr.demographics[idx], scaler, device)
-            xb = augment_scaled_batch(xb, lb, cfg, gen)
-            yb = torch.from_numpy(targets[idx]).to(device)
-            if rng.random() < cfg.aug_mixup and len(idx) > 1:
-                xb, lb, yb, db = mixup(rng, gen, xb, lb, yb, db)
-            with torch.autocast(device, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                                enabled=precision in ("fp16", "bf16")):
-                losses3 = head_losses(model(xb, lb, db), yb, to9, is_target)
-                loss = weighting(losses3) if weighting is not None else sum(w * l for w, l in zip(fixed, losses3))
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if bad_steps >= cfg.torch_max_bad_steps and precision != "fp32":
-                    precision = "fp32"
-                    grad_scaler = torch.amp.GradScaler(device, enabled=False)
-                    print(f"torch: {bad_steps} non-finite losses; this fold continues in fp32")
-                continue
-            opt.zero_grad(set_to_none=True)
-            grad_scaler.scale(loss).backward()
-            grad_scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            grad_scaler.step(opt)
-            grad_scaler.update()
-            sched.step()
-            ema_steps += 1  # EMA warm-up: early on the average must not lag far behind
-            ema_update(ema, model, min(cfg.torch_ema, (1 + ema_steps) / (10 + ema_steps)) if cfg.torch_ema > 0 else 0.0)
-            losses.append(float(loss.detach()))
-        evaluated = ema if cfg.torch_ema > 0 else model
+        losses = [steps.step(to_torch(training_batch(tr, targets, idx, scaler, cfg, rng), device))
+                  for idx in length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)),
+                                            cfg.torch_batch_size, rng)]
+        losses = [v for v in losses if v is not None]
         scores = view_metrics(views_va, y_va, lambda va: torch_predict_proba([(evaluated, scaler)], np.ones(1), va))
         log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
-             **scores, "bad_steps": bad_steps, "precision": precision, "seconds": time.perf_counter() - t0})
+             **scores, "bad_steps": steps.bad_steps, "precision": steps.precision,
+             "seconds": time.perf_counter() - t0})
         if stopper.update(epoch, scores["score"],
                           lambda: {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}):
             break
     return {"score": stopper.score, "state": stopper.snapshot, "epoch": stopper.epoch, "scaler": scaler,
-            "bad_steps": bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist() if weighting is not None else None}
+            "bad_steps": steps.bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist() if weighting is not None else None}
 
 
 def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
@@ -2692,15 +2958,16 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
 
 
 def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
-    """All folds of the PyTorch net of `cfg.torch_arch` (one architecture; its ensemble member name
-    is TORCH_ARCHS[arch]): a checkpoint per fold (in_ch, config, scaler, state_dict),
-    OOF for both views, per-epoch log in OUT/logs/<member>.jsonl."""
+    """All folds of the PyTorch net of `cfg.torch_arch` and `cfg.net_variants` (one of each; its
+    ensemble member is member_name("torch", cfg)): a checkpoint per fold (in_ch, config, scaler,
+    state_dict), OOF for both views, per-epoch log in OUT/logs/<member>.jsonl."""
     torch = _torch_lib().torch
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = torch_device()
-    member = TORCH_ARCHS[cfg.torch_arch]
+    member = member_name("torch", cfg)
     inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
+    targets = td.net_targets()
     names = inputs["full"].names
     fp = _fold_fingerprint(cfg, td, names, "torch", arch=cfg.torch_arch)
     model_dir = bundle / member
@@ -2713,9 +2980,10 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
         return load_torch_checkpoint(path, device)[:2]
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
-        res = train_torch_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
-                               td.y[va], cfg.seed + k, epoch_logger(out, member, k))
-        ckpt = {"in_ch": len(names), "config": dataclasses.asdict(cfg),
+        res = train_torch_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k,
+                               epoch_logger(out, member, k))
+        ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(cfg),
                 "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
         atomic_write(model_dir / f"fold{k}.pt", lambda p: torch.save(ckpt, p))
         # The meta file comes last: a fold whose checkpoint was cut short has none and is retrained.
@@ -2737,7 +3005,8 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 # Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, and a
 # masked temporal attention pooling. The custom layers are registered for serialization, so a
 # saved `.keras` fold reloads with plain `keras.saving.load_model`. It reads the very same inputs
-# and scaler as the PyTorch net (section 11). Mixed precision (`mixed_float16`, float32 output) is
+# and scaler as the PyTorch net (section 11) and trains on the same augmented batches (gesture head
+# only: the auxiliary heads are the torch nets'). Mixed precision (`mixed_float16`, float32 output) is
 # used on GPU only: on these CPUs it measured ~200x slower.
 # Inference avoids `model.predict` (100+ ms of overhead per call): the model runs inside one
 # `tf.function` with a (batch, time, channels) signature, inputs padded to fixed length buckets.
@@ -2888,14 +3157,18 @@ def build_keras_model(cfg: Config, in_ch: int) -> Any:
     return keras.Model({"x": x_in, "mask": m_in, "demo": d_in}, out, name="gesture_net_keras")
 
 
-def keras_inputs(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler) -> dict[str, np.ndarray]:
-    """The one helper from unscaled sequences to Keras inputs (training, OOF and predict): scaled,
-    right-padded to a multiple of KERAS_BUCKET steps, with a float padding mask."""
-    x, lengths = pad_batch([scaler.transform(a) for a in arrays], len(scaler.mean))
+def keras_batch(x: np.ndarray, lengths: np.ndarray, demo: np.ndarray) -> dict[str, np.ndarray]:
+    """A scaled batch (scaled_batch) as Keras inputs: right-padded to a multiple of KERAS_BUCKET
+    steps (few traced shapes), with a float padding mask."""
     t = int(math.ceil(x.shape[1] / KERAS_BUCKET) * KERAS_BUCKET)
     x = np.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
     mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
-    return {"x": x, "mask": mask, "demo": scaler.transform_demographics(demo)}
+    return {"x": x, "mask": mask, "demo": demo}
+
+
+def keras_inputs(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler) -> dict[str, np.ndarray]:
+    """Unscaled sequences -> Keras inputs, for OOF and predict()."""
+    return keras_batch(*scaled_batch(arrays, demo, scaler))
 
 
 class KerasPredictor:
@@ -2934,34 +3207,31 @@ def keras_learning_rate(optimizer: Any) -> float:
     return float(keras.ops.convert_to_numpy(lr))
 
 
-def train_keras_fold(cfg: Config, tr: NetInputs, y_tr: np.ndarray, views_va: dict[str, NetInputs],
+def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: dict[str, NetInputs],
                      y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """One fold: label smoothing, warmup+cosine, early stopping on the validation metric (best
-    weights kept), modality dropout and the unscaled-input augmentations shared with torch."""
+    """One fold with the torch recipe: the same augmented batches (training_batch: label smoothing,
+    mixup, every augmentation), warmup + cosine, EarlyStopping (patience 0 = the last epoch)."""
     lib = _keras_lib()
     keras = lib.keras
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    scaler = InputScaler.fit(tr)
-    model = build_keras_model(cfg, len(tr.names))
+    scaler = InputScaler.fit(tr, input_columns(tr.names, cfg.net_variants), cfg.max_len)
+    model = build_keras_model(cfg, len(scaler.columns))
     lengths = np.array([len(a) for a in tr.arrays])
     steps = math.ceil(len(lengths) / cfg.torch_batch_size)
-    opt = keras.optimizers.AdamW(lib.WarmupCosine(cfg.torch_lr, steps, steps * cfg.epochs),
+    warmup = steps * min(cfg.torch_warmup_epochs, max(cfg.epochs - 1, 0))
+    opt = keras.optimizers.AdamW(lib.WarmupCosine(cfg.torch_lr, warmup, steps * cfg.epochs),
                                  weight_decay=cfg.torch_weight_decay, clipnorm=1.0)
     if keras_policy() == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.torch_label_smoothing))
-    onehot = np.eye(len(GESTURES), dtype=np.float32)
+    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy())
     stopper = EarlyStopping(cfg.torch_patience)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         losses = []
-        for idx in length_buckets(lengths, cfg.torch_batch_size, rng):
-            arrays = [augment_sequence(tr.arrays[i], tr.names, cfg, rng) for i in idx]
-            batch = keras_inputs(arrays, tr.demographics[idx], scaler)
-            if rng.random() < cfg.aug_jitter:
-                batch["x"] = batch["x"] + (0.05 * rng.standard_normal(batch["x"].shape) * batch["mask"][..., None]).astype(np.float32)
-            losses.append(float(model.train_on_batch(batch, onehot[y_tr[idx]])))
+        for idx in length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.torch_batch_size, rng):
+            x, lb, demo, y = training_batch(tr, targets, idx, scaler, cfg, rng)[:4]
+            losses.append(float(model.train_on_batch(keras_batch(x, lb, demo), y)))
         predictor = KerasPredictor(model, len(scaler.mean))
         scores = view_metrics(views_va, y_va, lambda va: keras_predict_proba([predictor], np.ones(1), va, [scaler]))
         log({"epoch": epoch, "lr": keras_learning_rate(model.optimizer), "loss": float(np.mean(losses)),
@@ -2997,11 +3267,14 @@ def keras_fold_predictor(fold: tuple[Any, InputScaler]) -> tuple[Any, InputScale
 
 
 def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
-    """All folds of the Keras twin, with the same skip-if-present + OOF rule as the other families."""
+    """All folds of the Keras twin of `cfg.net_variants` (member keras or keras_imu), with the same
+    skip-if-present + OOF rule as the other families."""
+    member = member_name("keras", cfg)
     inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
+    targets = td.net_targets()
     names = inputs["full"].names
     fp = _fold_fingerprint(cfg, td, names, "torch")  # the twin shares the torch_* architecture fields
-    model_dir = bundle / "keras"
+    model_dir = bundle / member
     model_dir.mkdir(parents=True, exist_ok=True)
 
     def load_fold(k: int) -> Any:
@@ -3011,8 +3284,9 @@ def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
         return keras_fold_predictor(load_keras_fold(path, cfg))
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
-        res = train_keras_fold(cfg, inputs["full"].subset(tr), td.y[tr], {v: inputs[v].subset(va) for v in VIEWS},
-                               td.y[va], cfg.seed + k, epoch_logger(out, "keras", k))
+        res = train_keras_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k,
+                               epoch_logger(out, member, k))
         path = model_dir / f"fold{k}.weights.npz"
         save_keras_fold(path, res["model"], res["scaler"])
         write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_epoch": res["epoch"],
@@ -3020,9 +3294,9 @@ def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
         # OOF comes from the saved artefact, exactly as a resumed fold or predict() sees it.
         return keras_fold_predictor(load_keras_fold(path, cfg)), f"trained, best epoch {res['epoch']}"
 
-    res = run_folds(cfg, td, "keras", load_fold, fit_fold,
+    res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda m, v, va: keras_predict_proba([m[0]], np.ones(1), inputs[v].subset(va), [m[1]]))
-    return {"oof": res["oof"], "files": [f"keras/fold{k}.weights.npz" for k in range(cfg.folds)],
+    return {"oof": res["oof"], "files": [f"{member}/fold{k}.weights.npz" for k in range(cfg.folds)],
             "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
 
 
@@ -3332,7 +3606,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 3  # 3: file sizes + SHA-256, run fingerprint, Keras folds as weights; 2: torch_sqz, target_scale
+BUNDLE_FORMAT = 4  # 4: scalers pick channels and steps, orientation/phase heads, upside-down check, _imu members; 3: file sizes + SHA-256, run fingerprint, Keras folds as weights; 2: torch_sqz, target_scale
 # Settings that say where things are or how to serve, not what is trained.
 NOT_TRAINING_FIELDS = (*PATH_FIELDS, "demo", "stage", "log_level", "stop_after_folds", "feature_cache",
                        "subject_assignment", "fallback_gesture", "lgbm_imu_reference")
@@ -3415,6 +3689,8 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "blend_weights": blend_weights,
         "target_scale": target_scale,
         "subject_assignment": bool(report.get("subject_assignment", {}).get("enabled", False)),
+        "upside_down": {"enabled": cfg.upside_down_fix, "reference": td.upside_down.reference,
+                        "training_subjects": sorted(td.dataset.train_demographics.filter(pl.col(UPSIDE_DOWN))["subject"])},
         "fallback_gesture": GESTURES[int(np.argmax(prior))],
         "data_fingerprint": td.fingerprint,
         "config": dataclasses.asdict(cfg),
@@ -3476,10 +3752,16 @@ def ensemble_members(cfg: Config) -> list[tuple[str, Callable[..., dict[str, Any
     members = []
     for family in cfg.models.split(","):
         if family == "torch":
-            members += [(TORCH_ARCHS[a], train_torch, dataclasses.replace(cfg, torch_arch=a))
-                        for a in cfg.torch_arch.split(",")]
+            for a in cfg.torch_arch.split(","):
+                for v in cfg.net_variants.split(","):
+                    one = dataclasses.replace(cfg, torch_arch=a, net_variants=v)
+                    members.append((member_name("torch", one), train_torch, one))
+        elif family == "keras":
+            for v in cfg.net_variants.split(","):
+                one = dataclasses.replace(cfg, net_variants=v)
+                members.append((member_name("keras", one), train_keras, one))
         else:
-            members.append((family, {"lgbm": train_lgbm, "keras": train_keras}[family], cfg))
+            members.append((family, train_lgbm, cfg))
     return members
 
 
@@ -3599,11 +3881,11 @@ def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, 
     weights = np.asarray(fam["fold_weights"], dtype=np.float64)
     if name == "lgbm":
         return [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]], weights, fam["feature_names"]
-    if name in TORCH_ARCHS.values():
+    if member_family(name) == "torch":
         torch = _torch_lib().torch
         torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
         return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
-    if name == "keras":
+    if member_family(name) == "keras":
         folds = [keras_fold_predictor(load_keras_fold(path / f, config_from(manifest["config"]))) for f in fam["files"]]
         return [p for p, _ in folds], weights, [sc for _, sc in folds]
     raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
@@ -3658,6 +3940,8 @@ class Runtime:
         self.reduced = 0  # calls blended from fewer families than the bundle's blend weights name
         self.fallbacks = 0  # calls answered with the fallback gesture
         self.history: dict[str, list[np.ndarray]] = {}  # subject -> probability rows seen so far
+        self.wear_scores: dict[str, list[float]] = {}  # subject -> upside-down scores seen so far
+        self.turned = 0  # calls whose rows were turned back (an upside-down wearer)
         self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
 
     def bundle_path(self) -> Path:
@@ -3750,13 +4034,30 @@ class Runtime:
             self.note("demographics unusable; defaults used")
             return pl.DataFrame({"subject": ["SUBJ_CALL"]})
 
-    def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> tuple[dict[str, np.ndarray], str]:
+    def upside_down(self, prepared: Sequences, subject: str | None) -> bool:
+        """Whether this call's subject wears the device upside down, judged on their sequences so far
+        (this one included) as in training; never when the bundle was trained without the check."""
+        spec = self.manifest.get("upside_down") or {}
+        if not spec.get("enabled"):
+            return False
+        _, score = UpsideDownCheck(spec["reference"]).scores(prepared)
+        seen = self.wear_scores.setdefault(subject, []) if subject else []
+        seen.append(float(score[0]))
+        turned = UpsideDownCheck.decide(seen)
+        self.turned += int(turned)
+        return turned
+
+    def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame,
+              subject: str | None = None) -> tuple[dict[str, np.ndarray], str]:
         """Per family that gave finite numbers, the (1, 18) class probabilities (the same code the
         CV imu_only view runs), and the view whose blend weights apply."""
         # One sequence, one demographics row: tie them by a fixed subject key, whatever they say.
         seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
         demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
-        prepared, channels = derive(seq, demo, self.cfg)
+        prepared = prepare_sequences(seq, demo)
+        if self.upside_down(prepared, subject):
+            prepared = prepare_sequences(seq, mark_upside_down(demo, ["SUBJ_CALL"]))
+        channels = sequence_channels(prepared, self.cfg.sample_rate_hz, self.cfg.tof_pooling)
         inputs: NetInputs | None = None
         out = {}
         for name, model in self.models.items():
@@ -3767,7 +4068,7 @@ class Runtime:
                     p = lgbm_predict_proba(boosters, weights, table.matrix(names))
                 else:
                     inputs = inputs or net_inputs_from(prepared, channels)
-                    p = keras_predict_proba(*model[:2], inputs, model[2]) if name == "keras" \
+                    p = keras_predict_proba(*model[:2], inputs, model[2]) if member_family(name) == "keras" \
                         else torch_predict_proba(*model, inputs)
             except Exception as err:
                 self.note(f"{name} raised {type(err).__name__}; left out of that call's blend", str(err)[:200])
@@ -3808,11 +4109,12 @@ class Runtime:
                 self.note("very long sequence; last 5000 rows used")
                 seq = seq.tail(5000)
             demo = self.check_demographics(demographics)
-            p = self.blend_answers(*self.proba(seq, demo))
+            subject = subject_of(sequence, demographics)
+            p = self.blend_answers(*self.proba(seq, demo, subject))
             if p is None:
                 self.note("no model family gave finite probabilities")
                 return self.fall_back()
-            return str(GESTURES[self.choose(p, subject_of(sequence, demographics))])
+            return str(GESTURES[self.choose(p, subject)])
         except Exception as err:
             self.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
             return self.fall_back()
@@ -3828,7 +4130,7 @@ class Runtime:
     def record(self) -> dict[str, Any]:
         """What served, for run_summary.json (the summary line says the same)."""
         return {"calls": self.calls, "served": {v: dict(c) for v, c in self.served.items()},
-                "reduced_blend_calls": self.reduced, "fallback_calls": self.fallbacks,
+                "reduced_blend_calls": self.reduced, "fallback_calls": self.fallbacks, "upside_down_calls": self.turned,
                 "left_out_at_load": dict(self.left_out), "problems": dict(self.problems),
                 "bundle_error": self.error}
 
@@ -3837,7 +4139,8 @@ class Runtime:
                            for v in VIEWS)
         probs = ", ".join(f"{k}: {v}" for k, v in self.problems.most_common()) or "none"
         left = f"; left out at load: {', '.join(self.left_out)}" if self.left_out else ""
-        return (f"predict: {self.calls} calls; {served}; reduced blend: {self.reduced} calls; fallback: "
+        return (f"predict: {self.calls} calls; {served}; reduced blend: {self.reduced} calls; "
+                f"turned back (upside down): {self.turned} calls; fallback: "
                 f"{self.fallbacks} calls{left}; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else ""))
 
 

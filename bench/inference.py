@@ -72,7 +72,7 @@ def breakdown(rt: "nb.Runtime", sequences: list[pl.DataFrame], demo: pl.DataFram
         inputs = nb.net_inputs_from(prepared, channels)
         t = lap("net inputs", t)
         for name, model in rt.models.items():
-            if name == "keras":
+            if nb.member_family(name) == "keras":
                 nb.keras_predict_proba(model[0], model[1], inputs, model[2])
             elif name != "lgbm":
                 nb.torch_predict_proba(*model, inputs)

@@ -41,6 +41,7 @@ def main() -> None:
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     sample = inputs.subset(np.arange(len(y)) < 256)
+    targets = nb.net_targets(ds.train).subset(np.arange(len(y)) < 256)
     print(f"profile {args.profile}: conv {cfg.torch_conv}, hidden {cfg.torch_hidden}, squeezeformer d "
           f"{cfg.torch_sqz_dim} x {cfg.torch_sqz_layers}, {len(inputs.names)} channels, "
           f"torch threads {nb._torch_lib().torch.get_num_threads()}")
@@ -55,14 +56,14 @@ def main() -> None:
     for arch in ("gru", "squeezeformer"):
         torch.set_num_threads(threads)
         warm = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch)
-        nb.train_torch_fold(warm, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)  # untimed: first-call costs
+        nb.train_torch_fold(warm, sample, targets, tiny_va, y[:16], 0, lambda rec: None)  # untimed: first-call costs
         for precision in ("fp32", "bf16"):
             one = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch, torch_precision=precision)
             t0 = time.perf_counter()
-            res = nb.train_torch_fold(one, sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
+            res = nb.train_torch_fold(one, sample, targets, tiny_va, y[:16], 0, lambda rec: None)
             print(f"torch {arch} train {precision}: {256 / (time.perf_counter() - t0):7.1f} sequences/s "
                   f"(one epoch, batch {cfg.torch_batch_size})")
-        model = nb.build_torch_model(one, len(inputs.names))
+        model = nb.build_torch_model(one, len(res["scaler"].columns))
         model.load_state_dict(res["state"])
         models = [(model, res["scaler"])] * args.folds
         torch.set_num_threads(1)  # as predict() runs it
@@ -78,7 +79,7 @@ def main() -> None:
 
     # --- Keras: training throughput and tf.function latency
     t0 = time.perf_counter()
-    kres = nb.train_keras_fold(nb.dataclasses.replace(cfg, epochs=1), sample, y[:256], tiny_va, y[:16], 0, lambda rec: None)
+    kres = nb.train_keras_fold(nb.dataclasses.replace(cfg, epochs=1), sample, targets, tiny_va, y[:16], 0, lambda rec: None)
     print(f"keras train: {256 / (time.perf_counter() - t0):7.1f} sequences/s (one epoch incl. first trace)")
     pred = nb.KerasPredictor(kres["model"], len(kres["scaler"].mean))
     preds, scalers = [pred] * args.folds, [kres["scaler"]] * args.folds

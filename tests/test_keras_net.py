@@ -21,8 +21,9 @@ def keras_fold(tmp_path_factory):
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     mask = np.arange(len(y)) % 3 != 0
-    res = nb.train_keras_fold(cfg, inputs.subset(mask), y[mask], {"full": inputs.subset(~mask)}, y[~mask], 0,
-                              lambda rec: None)
+    targets = nb.net_targets(ds.train)
+    res = nb.train_keras_fold(cfg, inputs.subset(mask), targets.subset(mask), {"full": inputs.subset(~mask)}, y[~mask],
+                              0, lambda rec: None)
     return tmp, res, inputs.subset(~mask)
 
 

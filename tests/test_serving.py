@@ -248,7 +248,7 @@ def test_format_version_as_text(trained, tmp_path):
     assert nb.read_manifest(bundle)["format_version"] == str(nb.BUNDLE_FORMAT)
     manifest["format_version"] = "2"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(nb.BundleError, match=r"format_version '2'; this code reads format 3"):
+    with pytest.raises(nb.BundleError, match=rf"format_version '2'; this code reads format {nb.BUNDLE_FORMAT}"):
         nb.read_manifest(bundle)
 
 

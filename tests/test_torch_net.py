@@ -118,7 +118,7 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
         setattr(cfg, k, 0.0)
     cfg.epochs, cfg.torch_lr, cfg.torch_patience, cfg.torch_batch_size = 60, 5e-3, 1000, 12
     cfg.torch_conv, cfg.torch_hidden, cfg.torch_arch = "32,32", 32, arch
-    res = nb.train_torch_fold(cfg, sub, y, {"full": sub}, y, 0, lambda rec: None)
+    res = nb.train_torch_fold(cfg, sub, nb.net_targets(ds.train).subset(keep), {"full": sub}, y, 0, lambda rec: None)
     model = nb.build_torch_model(cfg, len(sub.names))
     model.load_state_dict(res["state"])
     p = nb.torch_predict_proba([(model, res["scaler"])], np.ones(1), sub)
