@@ -202,8 +202,9 @@ class Config:
     aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5)
     aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3)
     # --- inference
-    subject_assignment: bool = _doc("label each sequence by a per-subject assignment over the "
-                                    "sequences seen so far (kept on only if its replayed OOF gain > 0)", True)
+    subject_assignment: bool = _doc("allow the serving rules that assign a subject's sequences so far to "
+                                    "gestures or to the study's slots (served only when their replayed OOF "
+                                    "wins); false = a per-sequence decision", True)
     fallback_gesture: str = _doc("gesture returned when nothing else can be predicted",
                                  "Text on phone")
     log_level: str = _doc("logging level", "INFO")
@@ -1099,9 +1100,12 @@ def load_training_data(data_dir: Path) -> Dataset:
 
 
 def sequence_labels(train: pl.DataFrame) -> pl.DataFrame:
-    """One row per sequence: sequence_id, subject, gesture, orientation (in sequence_id order)."""
-    return (train.group_by("sequence_id", maintain_order=True)
-            .agg(pl.col("subject").first(), pl.col("gesture").first(), pl.col("orientation").first())
+    """One row per sequence: sequence_id, subject, gesture, orientation and the starting behaviour
+    (its first row's), in sequence_id order."""
+    first = train.sort("sequence_id", "sequence_counter")
+    return (first.group_by("sequence_id", maintain_order=True)
+            .agg(pl.col("subject").first(), pl.col("gesture").first(), pl.col("orientation").first(),
+                 pl.col("behavior").first())
             .sort("sequence_id"))
 
 
@@ -1990,6 +1994,26 @@ def fold_meta_matches(meta_path: Path, fingerprint: str) -> bool:
         return False
 
 
+def saved_fold_matches(path: Path, fingerprint: str) -> bool:
+    """A net's fold file (fold{k}.pt, fold{k}.weights.npz) is in the bundle with its meta file
+    fold{k}.json, written last, naming this fingerprint."""
+    return path.exists() and fold_meta_matches(path.parent / f"{path.name.split('.')[0]}.json", fingerprint)
+
+
+def net_member_setup(cfg: Config, td: TrainingData, bundle: Path,
+                     family: str) -> tuple[str, dict[str, "NetInputs"], NetTargets, str, Path]:
+    """What the fold loop of a net member works with: its name, the inputs per CV view, the
+    targets, the fingerprint its folds must carry and its bundle folder. The Keras twin shares the
+    torch_* architecture fields, so both fingerprint on them (a Squeezeformer also on torch_sqz_*)."""
+    member = member_name(family, cfg)
+    inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
+    fp = _fold_fingerprint(cfg, td, inputs["full"].names, "torch",
+                           arch=cfg.torch_arch if family == "torch" else "gru")
+    folder = bundle / member
+    folder.mkdir(parents=True, exist_ok=True)
+    return member, inputs, td.net_targets(), fp, folder
+
+
 # %% [markdown]
 # ## 9. Evaluation: two views of every model
 #
@@ -2071,17 +2095,17 @@ def lightgbm() -> Any:
     return lgb
 
 
-def class_weights(y: np.ndarray, mode: str) -> np.ndarray:
+def class_weights(y: np.ndarray, mode: str, n_classes: int = len(GESTURES)) -> np.ndarray:
     if mode == "none":
         return np.ones(len(y), dtype=np.float64)
-    counts = np.bincount(y, minlength=len(GESTURES)).astype(np.float64)
-    w = len(y) / (len(GESTURES) * np.maximum(counts, 1.0))
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = len(y) / (n_classes * np.maximum(counts, 1.0))
     return w[y]
 
 
-def lgbm_params(cfg: Config, seed: int, n_rows: int) -> dict[str, Any]:
+def lgbm_params(cfg: Config, seed: int, n_rows: int, n_classes: int = len(GESTURES)) -> dict[str, Any]:
     threads = cfg.lgbm_threads or (1 if n_rows < 10_000 else (os.cpu_count() or 1))
-    return dict(objective="multiclass", num_class=len(GESTURES), learning_rate=cfg.lgbm_learning_rate,
+    return dict(objective="multiclass", num_class=n_classes, learning_rate=cfg.lgbm_learning_rate,
                 num_leaves=cfg.lgbm_num_leaves, min_data_in_leaf=cfg.lgbm_min_data_in_leaf,
                 feature_fraction=cfg.lgbm_feature_fraction, bagging_fraction=cfg.lgbm_bagging_fraction,
                 bagging_freq=1, lambda_l2=cfg.lgbm_lambda_l2, max_bin=cfg.lgbm_max_bin,
@@ -2090,17 +2114,17 @@ def lgbm_params(cfg: Config, seed: int, n_rows: int) -> dict[str, Any]:
 
 
 def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-                    y_va: np.ndarray, names: list[str], seed: int):
+                    y_va: np.ndarray, names: list[str], seed: int, n_classes: int = len(GESTURES)):
     lgb = lightgbm()
     rng = np.random.default_rng(seed)
     if cfg.modality_dropout > 0:
         pick = rng.random(len(x_tr)) < cfg.modality_dropout
         x_tr = np.vstack([x_tr, blank_feature_rows(x_tr[pick], names)])
         y_tr = np.concatenate([y_tr, y_tr[pick]])
-    w_tr = class_weights(y_tr, cfg.lgbm_class_weight)
+    w_tr = class_weights(y_tr, cfg.lgbm_class_weight, n_classes)
     train_set = lgb.Dataset(x_tr, y_tr, weight=w_tr, feature_name=names, free_raw_data=True)
     valid_set = lgb.Dataset(x_va, y_va, reference=train_set)
-    booster = lgb.train(lgbm_params(cfg, seed, len(x_tr)), train_set, num_boost_round=cfg.lgbm_rounds,
+    booster = lgb.train(lgbm_params(cfg, seed, len(x_tr), n_classes), train_set, num_boost_round=cfg.lgbm_rounds,
                         valid_sets=[valid_set],
                         callbacks=[lgb.early_stopping(cfg.lgbm_early_stopping, verbose=False)])
     return booster
@@ -2151,10 +2175,14 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
             "fold_weights": res["fold_weights"], "feature_names": names, "fingerprint": fp}
 
 
+def imu_feature_names(table: pl.DataFrame) -> list[str]:
+    """The aggregate features that exist without thermopiles and ToF."""
+    return [c for c in table.columns if c != "sequence_id" and c not in set(modality_columns(table.columns))]
+
+
 def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
     """A LightGBM trained and scored on IMU features alone: the yardstick for the imu_only view."""
-    names = [c for c in td.views["imu_only"].columns if c != "sequence_id"
-             and c not in set(modality_columns(td.views["imu_only"].columns))]
+    names = imu_feature_names(td.views["imu_only"])
     x = feature_matrix(td.views["imu_only"], names)
     ref_cfg = dataclasses.replace(cfg, modality_dropout=0.0)
     oof = np.zeros((len(td.y), len(GESTURES)), dtype=np.float32)
@@ -2965,19 +2993,12 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = torch_device()
-    member = member_name("torch", cfg)
-    inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
-    targets = td.net_targets()
+    member, inputs, targets, fp, model_dir = net_member_setup(cfg, td, bundle, "torch")
     names = inputs["full"].names
-    fp = _fold_fingerprint(cfg, td, names, "torch", arch=cfg.torch_arch)
-    model_dir = bundle / member
-    model_dir.mkdir(parents=True, exist_ok=True)
 
     def load_fold(k: int) -> Any:
         path = model_dir / f"fold{k}.pt"
-        if not (path.exists() and fold_meta_matches(model_dir / f"fold{k}.json", fp)):
-            return None
-        return load_torch_checkpoint(path, device)[:2]
+        return load_torch_checkpoint(path, device)[:2] if saved_fold_matches(path, fp) else None
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         res = train_torch_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
@@ -3269,19 +3290,12 @@ def keras_fold_predictor(fold: tuple[Any, InputScaler]) -> tuple[Any, InputScale
 def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
     """All folds of the Keras twin of `cfg.net_variants` (member keras or keras_imu), with the same
     skip-if-present + OOF rule as the other families."""
-    member = member_name("keras", cfg)
-    inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
-    targets = td.net_targets()
+    member, inputs, targets, fp, model_dir = net_member_setup(cfg, td, bundle, "keras")
     names = inputs["full"].names
-    fp = _fold_fingerprint(cfg, td, names, "torch")  # the twin shares the torch_* architecture fields
-    model_dir = bundle / member
-    model_dir.mkdir(parents=True, exist_ok=True)
 
     def load_fold(k: int) -> Any:
         path = model_dir / f"fold{k}.weights.npz"
-        if not (path.exists() and fold_meta_matches(model_dir / f"fold{k}.json", fp)):
-            return None
-        return keras_fold_predictor(load_keras_fold(path, cfg))
+        return keras_fold_predictor(load_keras_fold(path, cfg)) if saved_fold_matches(path, fp) else None
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         res = train_keras_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
@@ -3390,17 +3404,42 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 
 
 # %% [markdown]
-# ### 14.1 Per-subject label assignment
+# ### 14.1 Serving rules: per-subject assignment over the study's slots
 #
-# Each subject performs each (orientation, gesture) pair at most once per starting behaviour, so a
-# gesture occurs at most 2 x (its allowed orientations) times per subject. predict() keeps the
-# probability rows of every sequence it has seen for a subject and labels the current one by a
-# capacity-constrained assignment (Hungarian algorithm on -log p over gesture slots). The gain is
-# measured on OOF by replaying each subject's sequences in random orders, as the gateway calls.
+# Each subject performs each allowed (orientation, gesture) pair once per starting behaviour: 102
+# slots, each used at most once. predict() keeps, per subject, the probability rows of every
+# sequence seen so far and labels the current one by one of four serving rules:
+# - `argmax`: the most probable of the 18 gestures;
+# - `argmax9`: the decision over the 9 scored classes (a target only when it beats the summed
+#   non-target mass), since all non-targets count as one class;
+# - `gesture_capacity`: an assignment (Hungarian algorithm on -log p) of the subject's sequences
+#   to gestures, each gesture used at most 2 x (its allowed orientations) times;
+# - `slots`: an assignment to the 102 (orientation, gesture, behaviour) slots, capacity 1, with
+#   slot probability p(gesture) x p(orientation) x p(behaviour); orientation and starting
+#   behaviour come from two light LightGBM models on the IMU features (trained on the same folds).
+# Each rule is replayed on the OOF predictions exactly as predict() runs it (each subject's
+# sequences in a random order, several seeds); the bundle serves the rule with the best replayed
+# expected LB, and the report gives its nested figure (the rule picked on the other folds).
 
 # %%
 GESTURE_CAPACITY = np.array([2 * sum(1 for _, g in allowed_pairs() if g == name) for name in GESTURES])
 ASSIGNMENT_MAX_ROWS = int(GESTURE_CAPACITY.sum())  # beyond this many sequences: plain argmax
+SLOTS = [(o, g, b) for o, g in allowed_pairs() for b in START_BEHAVIORS]
+SLOT_GESTURE = np.array([GESTURE_INDEX[g] for _, g, _ in SLOTS])
+SLOT_ORIENTATION = np.array([ORIENTATIONS.index(o) for o, _, _ in SLOTS])
+SLOT_BEHAVIOR = np.array([START_BEHAVIORS.index(b) for _, _, b in SLOTS])
+SERVING_RULES = ("argmax", "argmax9", "gesture_capacity", "slots")
+CONTEXT_TARGETS = {"orientation": ORIENTATIONS, "behavior": START_BEHAVIORS}  # what the slot models predict
+UNIFORM_CONTEXT = np.concatenate([np.full(len(v), 1.0 / len(v)) for v in CONTEXT_TARGETS.values()])
+
+
+def argmax9(probs: np.ndarray) -> np.ndarray:
+    """Per row: the most probable target gesture when it beats the summed non-target mass, else
+    the most probable non-target (which one does not matter to the metric)."""
+    best_t = np.where(TARGET_MASK, probs, -1.0).argmax(1)
+    best_nt = np.where(~TARGET_MASK, probs, -1.0).argmax(1)
+    rows = np.arange(len(probs))
+    return np.where(probs[rows, best_t] >= probs[:, ~TARGET_MASK].sum(1), best_t, best_nt)
 
 
 def assign_labels(probs: np.ndarray) -> np.ndarray:
@@ -3417,24 +3456,122 @@ def assign_labels(probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def replay_assignment(probs: np.ndarray, subjects: np.ndarray, seed: int) -> np.ndarray:
+def slot_probabilities(probs: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """(n, 102) probability of each (orientation, gesture, behaviour) slot. `context` holds the
+    orientation (4) then behaviour (2) probabilities per row; disallowed pairs get nothing."""
+    orientation, behavior = context[:, :len(ORIENTATIONS)], context[:, len(ORIENTATIONS):]
+    p = probs[:, SLOT_GESTURE] * orientation[:, SLOT_ORIENTATION] * behavior[:, SLOT_BEHAVIOR]
+    return p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+
+
+def assign_slots(probs: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Gesture index per row from the assignment of rows to the 102 slots (each used once) that
+    maximises the summed log slot probability; gesture capacity when there are more rows than slots."""
+    from scipy.optimize import linear_sum_assignment
+    if len(probs) > len(SLOTS) or len(probs) == 0:
+        return assign_labels(probs)
+    rows, cols = linear_sum_assignment(-np.log(np.clip(slot_probabilities(probs, context), 1e-12, 1.0)))
+    out = probs.argmax(axis=1)
+    out[rows] = SLOT_GESTURE[cols]
+    return out
+
+
+def serve_labels(rule: str, probs: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Labels of one subject's sequences so far under `rule` (predict() keeps the last one)."""
+    if rule == "argmax9":
+        return argmax9(probs)
+    if rule == "gesture_capacity":
+        return assign_labels(probs)
+    if rule == "slots":
+        return assign_slots(probs, context)
+    return probs.argmax(axis=1)
+
+
+def replay_rule(rule: str, probs: np.ndarray, context: np.ndarray, subjects: np.ndarray, seed: int) -> np.ndarray:
     """Online labels as predict() gives them: each subject's sequences arrive in a random order and
-    each is labelled by the assignment over the sequences seen so far."""
+    each is labelled by the rule over the sequences seen so far."""
+    if rule in ("argmax", "argmax9"):  # per-row rules: the order does not matter
+        return serve_labels(rule, probs, context)
     rng = np.random.default_rng(seed)
     out = probs.argmax(axis=1)
     for subj in np.unique(subjects):
         idx = rng.permutation(np.flatnonzero(subjects == subj))
         for t in range(len(idx)):
-            out[idx[t]] = assign_labels(probs[idx[: t + 1]])[-1]
+            seen = idx[: t + 1]
+            out[idx[t]] = serve_labels(rule, probs[seen], context[seen])[-1]
     return out
 
 
-def assignment_gain(y_true: list[str], probs: np.ndarray, subjects: np.ndarray, seeds: int = 3) -> dict[str, Any]:
-    base = score_probabilities(y_true, probs)["metric"]
-    replayed = [competition_metric(y_true, [GESTURES[i] for i in replay_assignment(probs, subjects, s)])["metric"]
-                for s in range(seeds)]
-    return {"argmax": base, "assigned_mean": float(np.mean(replayed)), "assigned_per_seed": replayed,
-            "gain": float(np.mean(replayed) - base)}
+def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], context: np.ndarray, subjects: np.ndarray,
+                       folds: np.ndarray, rules: Iterable[str] = SERVING_RULES, seeds: int = 3) -> dict[str, Any]:
+    """Every rule replayed on the ensemble OOF of both views (mean over seeds), the rule with the
+    best expected LB, and the nested figure of that choice: for each fold, the rule that wins on
+    the other folds, scored on this one."""
+    y = np.asarray(y_true, dtype=object)
+    labels = {r: {v: [replay_rule(r, ens[v], context, subjects, s) for s in range(seeds)] for v in VIEWS}
+              for r in rules}
+
+    def score(r: str, v: str, rows: np.ndarray) -> float:
+        return float(np.mean([competition_metric(y[rows], [GESTURES[i] for i in lab[rows]])["metric"]
+                              for lab in labels[r][v]]))
+
+    everything = np.ones(len(y), dtype=bool)
+    table = {r: {v: score(r, v, everything) for v in VIEWS} for r in labels}
+    for r in table:
+        table[r]["expected_lb"] = 0.5 * (table[r]["full"] + table[r]["imu_only"])
+    chosen = max(table, key=lambda r: table[r]["expected_lb"])
+    nested = {}
+    for v in VIEWS:
+        picked = np.zeros(len(y), dtype=np.int64)
+        for k in sorted(set(folds.tolist())):
+            other = folds != k
+            best = max(labels, key=lambda r: np.mean([score(r, w, other) for w in VIEWS]))
+            picked[folds == k] = labels[best][v][0][folds == k]
+        nested[v] = competition_metric(y, [GESTURES[i] for i in picked])["metric"]
+    nested["expected_lb"] = 0.5 * (nested["full"] + nested["imu_only"])
+    return {"rules": table, "chosen": chosen, "nested": nested}
+
+
+def context_labels(labels: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Orientation and starting-behaviour index per sequence (unknown text counts as the first)."""
+    return {t: np.array([names.index(v) if v in names else 0 for v in labels[t].to_list()])
+            for t, names in CONTEXT_TARGETS.items()}
+
+
+def context_config(cfg: Config) -> Config:
+    """The slot models' LightGBM settings: small and fast (they only break ties between slots)."""
+    return dataclasses.replace(cfg, modality_dropout=0.0, lgbm_class_weight="none", lgbm_rounds=min(cfg.lgbm_rounds, 300),
+                               lgbm_learning_rate=max(cfg.lgbm_learning_rate, 0.1), lgbm_max_bin=63)
+
+
+def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[str, Any]:
+    """LightGBM per fold for orientation and starting behaviour on the IMU features (the same in
+    both views): OOF context probabilities (n, 4 + 2) and the fold files."""
+    names = imu_feature_names(td.views["imu_only"])
+    x = feature_matrix(td.views["imu_only"], names)
+    y = context_labels(td.labels)
+    folder = bundle / "context"
+    folder.mkdir(parents=True, exist_ok=True)
+    oof, files = [], []
+    for target, classes in CONTEXT_TARGETS.items():
+        part = np.zeros((len(x), len(classes)), dtype=np.float32)
+        for k in range(cfg.folds):
+            va, tr = td.folds == k, td.folds != k
+            booster = train_lgbm_fold(context_config(cfg), x[tr], y[target][tr], x[va], y[target][va], names,
+                                      cfg.seed + k, n_classes=len(classes))
+            files.append(f"context/{target}_fold{k}.txt")
+            atomic_write(bundle / files[-1], lambda p, b=booster: b.save_model(str(p)))
+            part[va] = booster.predict(x[va], num_iteration=booster.best_iteration)
+        accuracy = float((part.argmax(1) == y[target]).mean())
+        say(f"slot model {target}: OOF accuracy {accuracy:.3f} ({len(classes)} classes)")
+        oof.append(part)
+    return {"oof": np.hstack(oof), "files": files, "feature_names": names}
+
+
+def context_proba(boosters: dict[str, list[Any]], x: np.ndarray) -> np.ndarray:
+    """(n, 4 + 2) orientation and behaviour probabilities, the mean over folds."""
+    return np.hstack([blend([b.predict(x, num_iteration=b.best_iteration or None, num_threads=1) for b in fold_models],
+                            np.ones(len(fold_models))) for fold_models in boosters.values()])
 
 
 # %% [markdown]
@@ -3676,7 +3813,7 @@ def kaggle_username() -> str:
 
 def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
                  blend_weights: dict[str, list[float]], target_scale: dict[str, float],
-                 report: dict[str, Any]) -> None:
+                 report: dict[str, Any], context: dict[str, Any], rule: str) -> None:
     prior = np.bincount(td.y, minlength=len(GESTURES)) / len(td.y)
     manifest = {
         "format_version": BUNDLE_FORMAT,
@@ -3685,10 +3822,11 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "feature_version": FEATURE_VERSION,
         "run_fingerprint": run_fingerprint(cfg, td.fingerprint),
         "families": {name: {k: v for k, v in fam.items() if k != "oof"} for name, fam in families.items()},
-        "files": {f: file_digest(bundle / f) for fam in families.values() for f in fam["files"]},
+        "files": {f: file_digest(bundle / f) for fam in [*families.values(), context] for f in fam["files"]},
+        "context": {k: context[k] for k in ("files", "feature_names")},
+        "serving_rule": rule,
         "blend_weights": blend_weights,
         "target_scale": target_scale,
-        "subject_assignment": bool(report.get("subject_assignment", {}).get("enabled", False)),
         "upside_down": {"enabled": cfg.upside_down_fix, "reference": td.upside_down.reference,
                         "training_subjects": sorted(td.dataset.train_demographics.filter(pl.col(UPSIDE_DOWN))["subject"])},
         "fallback_gesture": GESTURES[int(np.argmax(prior))],
@@ -3815,15 +3953,23 @@ def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, An
             + ", ".join(f"{n}: {r['expected_lb']:.4f}" for n, r in report["ensemble_without"].items()))
     say(f"ensemble weights: {report['ensemble_weights']}; nested (weights fitted on other folds): "
         f"full {nested['full']['metric']:.4f} imu_only {nested['imu_only']['metric']:.4f}")
-    subjects = td.labels["subject"].to_numpy()
-    gains = {v: assignment_gain(y_true, ens[v], subjects) for v in VIEWS}
-    use_assignment = cfg.subject_assignment and sum(g["gain"] for g in gains.values()) > 0
-    report["subject_assignment"] = {**gains, "enabled": use_assignment}
-    say("subject assignment (replayed in random orders, 3 seeds): " + ", ".join(
-        f"{v} {g['argmax']:.4f} -> {g['assigned_mean']:.4f} ({g['gain']:+.4f})" for v, g in gains.items())
-        + f"; {'on' if use_assignment else 'off'} at inference")
     report["expected_lb"] = report["models"]["ensemble"]["expected_lb"]
     return blend_weights, target_scale, ens
+
+
+def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray], context: np.ndarray,
+                        report: dict[str, Any]) -> str:
+    """The serving rule of 14.1 with the best replayed expected LB (only the per-row rules when
+    --subject-assignment is off), with every rule's figures in `report`."""
+    rules = SERVING_RULES if cfg.subject_assignment else ("argmax", "argmax9")
+    check = serving_rule_check(td.labels["gesture"].to_list(), ens, context, td.labels["subject"].to_numpy(),
+                               td.folds, rules)
+    report["serving_rule"] = check
+    say("serving rules (replayed in random call orders, 3 seeds; expected LB): " + ", ".join(
+        f"{r} {t['expected_lb']:.4f}" for r, t in check["rules"].items())
+        + f"; serving {check['chosen']} (nested: the rule picked on the other folds, {check['nested']['expected_lb']:.4f})")
+    report["expected_lb_served"] = check["rules"][check["chosen"]]["expected_lb"]
+    return check["chosen"]
 
 
 def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
@@ -3844,8 +3990,11 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
                               "profile": cfg.profile}
     families = train_members(cfg, td, watch, report)
     blend_weights, target_scale, ens = fit_ensemble(cfg, td, families, report)
+    with watch("serving_rule"):
+        context = train_context_models(cfg, td, bundle)
+        rule = choose_serving_rule(cfg, td, ens, context["oof"], report)
     write_json(out / "cv_report.json", report)
-    write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report)
+    write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report, context, rule)
     print_cv_table(report)
     with watch("plots"):
         plots = make_plots(out, td.labels["gesture"].to_list(), ens, report)
@@ -3939,7 +4088,10 @@ class Runtime:
         self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> family -> calls
         self.reduced = 0  # calls blended from fewer families than the bundle's blend weights name
         self.fallbacks = 0  # calls answered with the fallback gesture
-        self.history: dict[str, list[np.ndarray]] = {}  # subject -> probability rows seen so far
+        self.history: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # subject -> (probabilities, context) so far
+        self.context: dict[str, list[Any]] = {}  # orientation / behaviour -> fold boosters (the slot models)
+        self.rule = "argmax"
+        self.context_names: list[str] = []
         self.wear_scores: dict[str, list[float]] = {}  # subject -> upside-down scores seen so far
         self.turned = 0  # calls whose rows were turned back (an upside-down wearer)
         self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
@@ -3975,6 +4127,7 @@ class Runtime:
                 self.left_out[name] = failure_reason(err)
                 LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
         self.manifest = manifest
+        self.rule = self.serving_rule(path, manifest, made)
         if manifest.get("fallback_gesture") in GESTURES:
             self.fallback = manifest["fallback_gesture"]
         else:
@@ -3986,7 +4139,36 @@ class Runtime:
             LOG.error("predict: %s", self.error)
             return
         print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s; serving {', '.join(self.models)}"
+              f" with the {self.rule} rule"
               + (f"; left out: {', '.join(self.left_out)} (reason logged above)" if self.left_out else ""))
+
+    def serving_rule(self, path: Path, manifest: dict[str, Any], made: dict[str, list[str]]) -> str:
+        """The bundle's serving rule (14.1), with its slot models when it needs them; a per-subject
+        rule turned off by --subject-assignment false, or slot models that cannot load, mean the
+        next rule that can serve."""
+        rule = manifest.get("serving_rule", "argmax")
+        if rule not in SERVING_RULES:
+            LOG.warning("predict: %s/manifest.json: unknown serving_rule %r; serving argmax", path, rule)
+            return "argmax"
+        if rule in ("gesture_capacity", "slots") and not self.cfg.subject_assignment:
+            return "argmax"
+        if rule == "slots":
+            try:
+                spec = manifest["context"]
+                missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
+                if missing:
+                    raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
+                verify_bundle_files(path, spec["files"], manifest.get("files", {}))
+                for target in CONTEXT_TARGETS:
+                    self.context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"]
+                                            if Path(f).name.startswith(f"{target}_")]
+                self.context_names = spec["feature_names"]
+            except Exception as err:
+                self.left_out["slot models"] = failure_reason(err)
+                LOG.error("predict: slot models left out (serving gesture_capacity instead): %s",
+                          self.left_out["slot models"])
+                return "gesture_capacity"
+        return rule
 
     def require(self) -> None:
         """Load the bundle if needed; raise BundleError naming the path when nothing can serve."""
@@ -4048,9 +4230,10 @@ class Runtime:
         return turned
 
     def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame,
-              subject: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+              subject: str | None = None) -> tuple[dict[str, np.ndarray], str, np.ndarray]:
         """Per family that gave finite numbers, the (1, 18) class probabilities (the same code the
-        CV imu_only view runs), and the view whose blend weights apply."""
+        CV imu_only view runs), the view whose blend weights apply, and the slot models' (6,)
+        orientation and behaviour probabilities (uniform when the rule does not use them)."""
         # One sequence, one demographics row: tie them by a fixed subject key, whatever they say.
         seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
         demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
@@ -4059,12 +4242,13 @@ class Runtime:
             prepared = prepare_sequences(seq, mark_upside_down(demo, ["SUBJ_CALL"]))
         channels = sequence_channels(prepared, self.cfg.sample_rate_hz, self.cfg.tof_pooling)
         inputs: NetInputs | None = None
+        table: FeatureTable | None = None
         out = {}
         for name, model in self.models.items():
             try:
                 if name == "lgbm":
                     boosters, weights, names = model
-                    table = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
+                    table = table or aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
                     p = lgbm_predict_proba(boosters, weights, table.matrix(names))
                 else:
                     inputs = inputs or net_inputs_from(prepared, channels)
@@ -4077,7 +4261,14 @@ class Runtime:
                 self.note(f"{name} gave non-finite probabilities; left out of that call's blend")
                 continue
             out[name] = p
-        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full")
+        context = UNIFORM_CONTEXT
+        if self.rule == "slots":
+            try:
+                table = table or aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
+                context = context_proba(self.context, table.matrix(self.context_names))[0]
+            except Exception as err:
+                self.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour", str(err)[:200])
+        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), context
 
     def blend_answers(self, probas: dict[str, np.ndarray], view: str) -> np.ndarray | None:
         """The bundle's blend for `view` over the families that answered, weights renormalised."""
@@ -4110,26 +4301,29 @@ class Runtime:
                 seq = seq.tail(5000)
             demo = self.check_demographics(demographics)
             subject = subject_of(sequence, demographics)
-            p = self.blend_answers(*self.proba(seq, demo, subject))
+            probas, view, context = self.proba(seq, demo, subject)
+            p = self.blend_answers(probas, view)
             if p is None:
                 self.note("no model family gave finite probabilities")
                 return self.fall_back()
-            return str(GESTURES[self.choose(p, subject)])
+            return str(GESTURES[self.choose(p, subject, context)])
         except Exception as err:
             self.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
             return self.fall_back()
 
-    def choose(self, p: np.ndarray, subject: str | None) -> int:
-        """argmax, or the per-subject assignment when the bundle says it helped in CV."""
-        if not (self.manifest.get("subject_assignment") and self.cfg.subject_assignment and subject):
-            return int(np.argmax(p))
-        rows = self.history.setdefault(subject, [])
-        rows.append(p)
-        return int(assign_labels(np.vstack(rows))[-1])
+    def choose(self, p: np.ndarray, subject: str | None, context: np.ndarray) -> int:
+        """The bundle's serving rule (14.1); a per-subject rule over this subject's sequences so far
+        (a call without a subject gets the per-sequence argmax)."""
+        if self.rule in ("gesture_capacity", "slots") and subject:
+            rows = self.history.setdefault(subject, [])
+            rows.append((p, context))
+            return int(serve_labels(self.rule, np.vstack([r[0] for r in rows]), np.vstack([r[1] for r in rows]))[-1])
+        rule = self.rule if self.rule == "argmax9" else "argmax"
+        return int(serve_labels(rule, p[None, :], context[None, :])[0])
 
     def record(self) -> dict[str, Any]:
         """What served, for run_summary.json (the summary line says the same)."""
-        return {"calls": self.calls, "served": {v: dict(c) for v, c in self.served.items()},
+        return {"calls": self.calls, "serving_rule": self.rule, "served": {v: dict(c) for v, c in self.served.items()},
                 "reduced_blend_calls": self.reduced, "fallback_calls": self.fallbacks, "upside_down_calls": self.turned,
                 "left_out_at_load": dict(self.left_out), "problems": dict(self.problems),
                 "bundle_error": self.error}

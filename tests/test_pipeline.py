@@ -130,7 +130,7 @@ def test_cv_imu_view_is_the_predict_path(trained, family):
         if family == "keras":  # per-fold scalers travel beside the predictors
             one_fold[2] = [folds_models[2][fold]]
         runtime.models = {family: tuple(one_fold)}
-        probas, view = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)
+        probas, view, _ = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)
         assert view == "imu_only"
         np.testing.assert_allclose(probas[family][0], oof_imu[i], rtol=1e-4, atol=1e-5)
 
@@ -222,20 +222,65 @@ def test_assignment_respects_capacities_and_fixes_duplicates():
     assert all(np.bincount(labels, minlength=18) <= nb.GESTURE_CAPACITY)
 
 
+def study_subjects(n_subjects: int):
+    """Labels of subjects who do every allowed (orientation, gesture) pair once per starting
+    behaviour, as the study did: gesture, orientation and behaviour index per sequence."""
+    y, o, b, subj = [], [], [], []
+    for s in range(n_subjects):
+        for orientation, gesture in nb.allowed_pairs():
+            for behavior in range(2):
+                y.append(nb.GESTURE_INDEX[gesture])
+                o.append(nb.ORIENTATIONS.index(orientation))
+                b.append(behavior)
+                subj.append(f"S{s}")
+    return np.array(y), np.array(o), np.array(b), np.array(subj)
+
+
 def test_replayed_assignment_gains_on_data_with_the_study_structure():
-    """Noisy probabilities for subjects that do every allowed pair twice: assignment must help."""
+    """Noisy probabilities for subjects that do every slot once: each assignment rule must help, and
+    the slot rule (with informative orientation and behaviour) most."""
     rng = np.random.default_rng(1)
-    y, subj = [], []
-    for s in range(6):
-        for o, g in nb.allowed_pairs():
-            y += [nb.GESTURE_INDEX[g]] * 2
-            subj += [f"S{s}"] * 2
-    y = np.array(y)
+    y, o, b, subj = study_subjects(4)
     logits = rng.normal(0, 1.0, (len(y), 18))
     logits[np.arange(len(y)), y] += 1.2
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    res = nb.assignment_gain([nb.GESTURES[i] for i in y], probs, np.array(subj), seeds=2)
-    assert res["gain"] > 0.01, res
+    context = np.hstack([np.eye(4)[o] * 0.7 + 0.075, np.eye(2)[b] * 0.6 + 0.2])
+    folds = np.array([int(s[1:]) % 2 for s in subj])
+    check = nb.serving_rule_check([nb.GESTURES[i] for i in y], {"full": probs, "imu_only": probs}, context, subj,
+                                  folds, seeds=1)
+    lb = {r: t["expected_lb"] for r, t in check["rules"].items()}
+    assert lb["gesture_capacity"] > lb["argmax"] + 0.01 and lb["slots"] > lb["gesture_capacity"] + 0.01, lb
+    assert check["chosen"] == "slots" and check["nested"]["expected_lb"] == pytest.approx(lb["slots"])
+
+
+def test_slot_assignment_fixes_what_gesture_capacity_cannot():
+    """Two sequences of one subject both look most like the same (orientation, gesture, behaviour)
+    slot; the second is truly another gesture done in that same orientation and behaviour. Gesture
+    capacity (8 for this gesture) lets both keep the first gesture; one slot each must move the one
+    that fits the other gesture better."""
+    above_ear, neck = nb.GESTURE_INDEX["Above ear - pull hair"], nb.GESTURE_INDEX["Neck - pinch skin"]
+    probs = np.full((2, 18), 0.01)
+    probs[0, above_ear], probs[0, neck] = 0.80, 0.05
+    probs[1, above_ear], probs[1, neck] = 0.55, 0.30  # truly Neck - pinch skin
+    probs /= probs.sum(1, keepdims=True)
+    context = np.tile(np.concatenate([[0.94, 0.02, 0.02, 0.02], [0.95, 0.05]]), (2, 1))  # both seated straight, relaxing first
+    assert nb.assign_labels(probs).tolist() == [above_ear, above_ear]
+    assert nb.assign_slots(probs, context).tolist() == [above_ear, neck]
+    # Told the two were performed in different orientations, the slots no longer collide.
+    apart = context.copy()
+    apart[1, :4] = [0.02, 0.94, 0.02, 0.02]
+    assert nb.assign_slots(probs, apart).tolist() == [above_ear, above_ear]
+
+
+def test_argmax9_picks_a_target_only_when_it_beats_the_non_target_mass():
+    p = np.zeros((2, 18))
+    t = np.flatnonzero(nb.TARGET_MASK)[0]
+    nts = np.flatnonzero(~nb.TARGET_MASK)
+    p[0, t], p[0, nts[:4]] = 0.3, 0.175  # argmax says the target, the 9 scored classes say non-target
+    p[1, t], p[1, nts[0]] = 0.6, 0.4
+    assert p[0].argmax() == t
+    out = nb.argmax9(p)
+    assert out[0] in set(nts) and out[1] == t
 
 
 def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
@@ -245,10 +290,10 @@ def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     seq = test.filter(pl.col("sequence_id") == "SEQ_000001")
     runtime.require()
-    runtime.manifest["subject_assignment"] = False
+    runtime.rule = "argmax"
     nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
     assert not runtime.history
-    runtime.manifest["subject_assignment"] = True
+    runtime.rule = "gesture_capacity"
     for _ in range(3):
         out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
         assert type(out) is str and out in nb.GESTURES

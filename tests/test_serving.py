@@ -168,7 +168,7 @@ def test_one_absurd_value_poisons_no_family(trained, sample_dir):
     seq = test.filter(pl.col("sequence_id") == "SEQ_000011")
     seq = seq.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(1e30).otherwise(pl.col("acc_z")).alias("acc_z"))
     runtime.require()
-    probas, view = runtime.proba(seq, demo)
+    probas, view, _ = runtime.proba(seq, demo)
     assert set(probas) == ALL_FAMILIES and all(np.isfinite(p).all() for p in probas.values())
     assert nb.predict(seq, demo) in nb.GESTURES and not runtime.problems and runtime.fallbacks == 0
 
