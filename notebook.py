@@ -144,7 +144,8 @@ class Config:
                                    "thm/tof blanked as in the IMU-only test sequences", 1.0)
     upside_down_fix: bool = _doc("detect subjects who wear the device upside down (their mean gravity "
                                  "direction opposes everyone else's; at inference from the subject's "
-                                 "sequences so far) and turn their rows back before every model", True)
+                                 "sequences so far, so answers depend on the call order) and turn their "
+                                 "rows back before every model", True)
     lgbm_imu_reference: bool = _doc("also train a LightGBM on IMU features alone, as the "
                                     "yardstick for the imu_only view (reported, not served; off in "
                                     "the quick profile to keep it under 5 minutes)", True)
@@ -174,7 +175,7 @@ class Config:
                                  "and gesture phase (per step, BiGRU net only)", True)
     torch_phase_pool: bool = _doc("BiGRU net: pool the sequence also weighted by the phase head "
                                   "(gesture steps and transition steps apart) beside the attention pool",
-                                  False)
+                                  True)
     max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0)
     net_variants: str = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
                              "(IMU channels only); comma-separated, each its own ensemble member "
@@ -3147,8 +3148,38 @@ def _keras_lib() -> Any:
         def get_config(self) -> dict[str, Any]:
             return {"peak": self.peak, "warmup": self.warmup, "total": self.total}
 
+    @keras.saving.register_keras_serializable(package="cmi")
+    class PhaseSteps(keras.layers.Layer):
+        """Per-step gesture-phase probability (batch, steps) from the BiGRU output; the padding mask
+        is consumed here (masked_phase_loss leaves padded steps out)."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.dense = keras.layers.Dense(1, activation="sigmoid", dtype="float32")
+            self.supports_masking = True
+
+        def build(self, shape: Any) -> None:
+            self.dense.build(shape)
+            self.built = True
+
+        def call(self, h: Any, mask: Any = None) -> Any:
+            return ops.squeeze(self.dense(h), -1)
+
+        def compute_mask(self, inputs: Any, mask: Any = None) -> None:
+            return None
+
+    @keras.saving.register_keras_serializable(package="cmi")
+    def masked_phase_loss(y_true: Any, y_pred: Any) -> Any:
+        """Per-step BCE of the phase head over the valid steps (targets of padded steps are -1)."""
+        valid = ops.cast(y_true >= 0, "float32")
+        p = ops.clip(ops.cast(y_pred, "float32"), 1e-6, 1 - 1e-6)
+        t = ops.maximum(ops.cast(y_true, "float32"), 0.0)
+        bce = -(t * ops.log(p) + (1 - t) * ops.log(1 - p))
+        return ops.sum(bce * valid, axis=-1) / ops.maximum(ops.sum(valid, axis=-1), 1.0)
+
     _KERAS_LIB = SimpleNamespace(keras=keras, tf=tf, MaskedResBlock=MaskedResBlock,
-                                 MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine)
+                                 MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine,
+                                 masked_phase_loss=masked_phase_loss, PhaseSteps=PhaseSteps)
     return _KERAS_LIB
 
 
@@ -3174,8 +3205,21 @@ def build_keras_model(cfg: Config, in_ch: int) -> Any:
     if cfg.torch_demographics:
         z = keras.layers.Concatenate()([z, keras.layers.Dense(16, activation="relu", name="demo_embed")(d_in)])
     z = keras.layers.Dropout(cfg.torch_dropout)(keras.layers.Dense(256, activation="relu")(z))
-    out = keras.layers.Dense(len(GESTURES), activation="softmax", dtype="float32", name="gesture")(z)
+    out = {"gesture": keras.layers.Dense(len(GESTURES), activation="softmax", dtype="float32", name="gesture")(z)}
+    if cfg.torch_aux_heads:  # the torch nets' auxiliary heads: orientation, and phase per BiGRU step
+        out["orientation"] = keras.layers.Dense(len(ORIENTATIONS), activation="softmax", dtype="float32",
+                                                name="orientation")(z)
+        out["phase"] = lib.PhaseSteps(dtype="float32", name="phase")(seq)
     return keras.Model({"x": x_in, "mask": m_in, "demo": d_in}, out, name="gesture_net_keras")
+
+
+def keras_phase_target(phase: np.ndarray, lengths: np.ndarray, steps: int, stride: int) -> np.ndarray:
+    """Per-step phase targets at the BiGRU's resolution (one step per `stride` input steps, as the
+    masks are pooled: a step is valid only when all it covers is); -1 marks padding."""
+    p = np.full((len(phase), steps), -1.0, dtype=np.float32)
+    p[:, :phase.shape[1]] = np.where(np.arange(phase.shape[1])[None, :] < lengths[:, None], phase, -1.0)
+    windows = p.reshape(len(p), steps // stride, stride)
+    return np.where((windows >= 0).all(-1), windows.mean(-1), -1.0).astype(np.float32)
 
 
 def keras_batch(x: np.ndarray, lengths: np.ndarray, demo: np.ndarray) -> dict[str, np.ndarray]:
@@ -3200,7 +3244,7 @@ class KerasPredictor:
         self.model = model
         spec = {"x": tf.TensorSpec([None, None, channels], tf.float32), "mask": tf.TensorSpec([None, None], tf.float32),
                 "demo": tf.TensorSpec([None, len(DEFAULT_DEMOGRAPHICS)], tf.float32)}
-        self.fn = tf.function(lambda inp: model(inp, training=False), input_signature=[spec],
+        self.fn = tf.function(lambda inp: model(inp, training=False)["gesture"], input_signature=[spec],
                               reduce_retracing=True)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -3245,14 +3289,24 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
                                  weight_decay=cfg.torch_weight_decay, clipnorm=1.0)
     if keras_policy() == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy())
+    aux = [float(w) for w in str(cfg.torch_aux_weights).split(",")]
+    losses_of = {"gesture": keras.losses.CategoricalCrossentropy(), "orientation": keras.losses.CategoricalCrossentropy(),
+                 "phase": lib.masked_phase_loss}
+    weights_of = {"gesture": 1.0, "orientation": aux[0], "phase": aux[1]}
+    outputs = ["gesture", "orientation", "phase"] if cfg.torch_aux_heads else ["gesture"]
+    model.compile(optimizer=opt, loss={k: losses_of[k] for k in outputs}, loss_weights={k: weights_of[k] for k in outputs})
+    stride = 2 ** len(str(cfg.torch_conv).split(","))
     stopper = EarlyStopping(cfg.torch_patience)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         losses = []
         for idx in length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.torch_batch_size, rng):
-            x, lb, demo, y = training_batch(tr, targets, idx, scaler, cfg, rng)[:4]
-            losses.append(float(model.train_on_batch(keras_batch(x, lb, demo), y)))
+            x, lb, demo, y, orientation, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
+            batch = keras_batch(x, lb, demo)
+            y_all = {"gesture": y, "orientation": orientation,
+                     "phase": keras_phase_target(phase, lb, batch["x"].shape[1], stride)}
+            res = model.train_on_batch(batch, {k: y_all[k] for k in outputs}, return_dict=True)
+            losses.append(float(res["loss"]))
         predictor = KerasPredictor(model, len(scaler.mean))
         scores = view_metrics(views_va, y_va, lambda va: keras_predict_proba([predictor], np.ones(1), va, [scaler]))
         log({"epoch": epoch, "lr": keras_learning_rate(model.optimizer), "loss": float(np.mean(losses)),
@@ -4218,9 +4272,10 @@ class Runtime:
 
     def upside_down(self, prepared: Sequences, subject: str | None) -> bool:
         """Whether this call's subject wears the device upside down, judged on their sequences so far
-        (this one included) as in training; never when the bundle was trained without the check."""
+        (this one included) as in training; never when the bundle was trained without the check or
+        serving is asked for --upside-down-fix false."""
         spec = self.manifest.get("upside_down") or {}
-        if not spec.get("enabled"):
+        if not (spec.get("enabled") and self.requested.upside_down_fix):
             return False
         _, score = UpsideDownCheck(spec["reference"]).scores(prepared)
         seen = self.wear_scores.setdefault(subject, []) if subject else []

@@ -45,7 +45,7 @@ def test_bundle_trained_here_serves_under_kaggles_versions(trained, kaggle_pytho
     for label, python in (("here", None), ("kaggle", kaggle_python)):
         res = run_script("--stage", "infer", "--model-path", str(Path(cfg.out_dir) / "bundle"), "--data-dir",
                          str(data), "--out-dir", str(tmp_path / label), "--subject-assignment", "false",
-                         cwd=tmp_path, python=python)
+                         "--upside-down-fix", "false", cwd=tmp_path, python=python)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "serving lgbm, torch, torch_sqz, keras" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
         assert "fallback: 0 calls" in res.stdout and "problems: none" in res.stdout

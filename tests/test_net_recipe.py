@@ -149,3 +149,12 @@ def test_the_phase_target_rides_along_with_its_steps(smoke_fold):
         assert p[-1] == pytest.approx(targets.phase[i][-1])
         assert (phase[row, lengths[row]:] == 0).all()
     np.testing.assert_array_equal(orientation.argmax(1), targets.orientation[idx])
+
+
+def test_keras_phase_targets_follow_the_pooled_steps():
+    """One target per BiGRU step (stride input steps each), valid only where every step it covers is."""
+    phase = np.array([[0, 0, 1, 1, 1, 1, 0, 0]], dtype=np.float32)  # the last two steps are padding
+    target = nb.keras_phase_target(phase, np.array([6]), steps=8, stride=2)
+    np.testing.assert_array_equal(target, [[0.0, 1.0, 1.0, -1.0]])
+    mixed = nb.keras_phase_target(np.array([[0, 1, 1, 1]], np.float32), np.array([4]), steps=8, stride=2)
+    np.testing.assert_array_equal(mixed, [[0.5, 1.0, -1.0, -1.0]])

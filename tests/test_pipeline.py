@@ -83,9 +83,11 @@ def test_kaggle_evaluation_and_builtin_gateways_give_the_same_submission(trained
         if gateway == "kaggle_evaluation":  # found beside the data, as the competition ships it
             install_standin_gateway(data)
         out = tmp_path / gateway
-        # Assignment depends on call order, which differs between the gateways: compare without it.
+        # Assignment and upside-down detection depend on the call order, which differs between the
+        # gateways: compare without them.
         res = run_script("--stage", "infer", "--model-path", os.path.join(cfg.out_dir, "bundle"), "--data-dir",
-                         str(data), "--out-dir", str(out), "--subject-assignment", "false", cwd=tmp_path)
+                         str(data), "--out-dir", str(out), "--subject-assignment", "false",
+                         "--upside-down-fix", "false", cwd=tmp_path)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert f"gateway: {gateway}" in res.stdout
         subs[gateway] = pl.read_parquet(out / "submission.parquet").sort("sequence_id")

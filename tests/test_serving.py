@@ -32,16 +32,18 @@ def test_readme_local_rerun_with_relative_paths(trained, tmp_path):
     for name in ("test.csv", "test_demographics.csv"):
         shutil.copy(nb.Path(cfg.data_dir) / name, data / name)
     install_standin_gateway(data)
-    # Per-subject assignment depends on the call order, which is random per run: compare without it.
+    # Per-subject assignment and upside-down detection depend on the call order, which is random
+    # per run: compare without them.
     res = run_script("--stage", "infer", "--model-path", "working/bundle", "--data-dir", "data",
-                     "--subject-assignment", "false", cwd=project)
+                     "--subject-assignment", "false", "--upside-down-fix", "false", cwd=project)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "gateway: kaggle_evaluation" in res.stdout and "fallback: 0 calls" in res.stdout
     assert "problems: none" in res.stdout
     relative = pl.read_parquet(project / "working" / "submission.parquet").sort("sequence_id")
     absolute_out = tmp_path / "absolute"
     res = run_script("--stage", "infer", "--model-path", str(project / "working" / "bundle"), "--data-dir",
-                     str(data), "--out-dir", str(absolute_out), "--subject-assignment", "false", cwd=tmp_path)
+                     str(data), "--out-dir", str(absolute_out), "--subject-assignment", "false",
+                     "--upside-down-fix", "false", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert relative.equals(pl.read_parquet(absolute_out / "submission.parquet").sort("sequence_id"))
     assert relative.height == pl.read_csv(data / "test.csv")["sequence_id"].n_unique()
