@@ -270,6 +270,15 @@ def _parse_value(text: str, annotation: str) -> Any:
     return text
 
 
+def checked_choices(text: str, allowed: Iterable[str], flag: str) -> str:
+    """A comma-separated choice (--models, --net-variants, --torch-arch) trimmed and checked."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    unknown = sorted(set(items) - set(allowed))
+    if unknown or not items:
+        raise ValueError(f"{flag}: unknown {unknown or 'nothing'}; choose from {tuple(allowed)}")
+    return ",".join(items)
+
+
 def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
     """Build the Config from profile defaults, CMI_* environment variables and flags.
 
@@ -308,17 +317,9 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
         raise ValueError(f"--stage must be all, train or infer, got {cfg.stage!r}")
     if is_competition_rerun():
         cfg.stage = "infer"  # never train inside the scoring rerun
-    cfg.models = ",".join(m.strip() for m in cfg.models.split(",") if m.strip())
-    unknown_models = set(cfg.models.split(",")) - set(MODEL_FAMILIES)
-    if unknown_models:
-        raise ValueError(f"--models: unknown {sorted(unknown_models)}; choose from {MODEL_FAMILIES}")
-    cfg.net_variants = ",".join(v.strip() for v in cfg.net_variants.split(",") if v.strip())
-    if set(cfg.net_variants.split(",")) - set(NET_VARIANTS) or not cfg.net_variants:
-        raise ValueError(f"--net-variants: choose from {NET_VARIANTS}, got {cfg.net_variants!r}")
-    cfg.torch_arch = ",".join(a.strip() for a in cfg.torch_arch.split(",") if a.strip())
-    unknown_archs = set(cfg.torch_arch.split(",")) - set(TORCH_ARCHS)
-    if unknown_archs or not cfg.torch_arch:
-        raise ValueError(f"--torch-arch: unknown {sorted(unknown_archs)}; choose from {tuple(TORCH_ARCHS)}")
+    cfg.models = checked_choices(cfg.models, MODEL_FAMILIES, "--models")
+    cfg.net_variants = checked_choices(cfg.net_variants, NET_VARIANTS, "--net-variants")
+    cfg.torch_arch = checked_choices(cfg.torch_arch, TORCH_ARCHS, "--torch-arch")
     if cfg.out_dir is None:
         cfg.out_dir = str(KAGGLE_WORKING if on_kaggle() else Path("working"))
     if cfg.data_dir is None:  # the competition folder when attached, else demo data in ./demo_data
