@@ -1877,9 +1877,13 @@ class TrainingData:
     dataset: Dataset              # train_demographics flag the upside-down wearers (when detected)
     upside_down: UpsideDownCheck  # fitted on the training rows; predict() detects test wearers with it
     _inputs: dict[str, "NetInputs"] = field(default_factory=dict)
+    _targets: NetTargets | None = None
 
     def net_targets(self) -> NetTargets:
-        return net_targets(self.dataset.train)
+        """The nets' targets (computed once, shared by every net member)."""
+        if self._targets is None:
+            self._targets = net_targets(self.dataset.train)
+        return self._targets
 
     def net_inputs(self, view: str, cfg: Config) -> "NetInputs":
         """Per-timestep inputs of the nets for a CV view (computed once, shared by torch and keras)."""
@@ -2862,6 +2866,12 @@ def ema_update(ema: Any, model: Any, decay: float) -> None:
                 pe.copy_(pm)
 
 
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Learning-rate warmup in optimiser steps: --torch-warmup-epochs, leaving at least the last
+    epoch to the decay (both frameworks)."""
+    return steps_per_epoch * min(cfg.torch_warmup_epochs, max(cfg.epochs - 1, 0))
+
+
 def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: int) -> tuple[Any, Any]:
     """AdamW (no weight decay on the loss weights, which learn 10x faster) and its schedule: linear
     warmup for --torch-warmup-epochs, then cosine to zero at the last epoch."""
@@ -2871,8 +2881,7 @@ def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: in
         groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.torch_lr * 10})
     opt = torch.optim.AdamW(groups, lr=cfg.torch_lr)
     total = steps_per_epoch * cfg.epochs
-    warmup = steps_per_epoch * min(cfg.torch_warmup_epochs, max(cfg.epochs - 1, 0))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, warmup)] * len(groups))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, warmup_steps(cfg, steps_per_epoch))] * len(groups))
 
 
 def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: InputScaler, cfg: Config,
@@ -3288,8 +3297,7 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     model = build_keras_model(cfg, len(scaler.columns))
     lengths = np.array([len(a) for a in tr.arrays])
     steps = math.ceil(len(lengths) / cfg.torch_batch_size)
-    warmup = steps * min(cfg.torch_warmup_epochs, max(cfg.epochs - 1, 0))
-    opt = keras.optimizers.AdamW(lib.WarmupCosine(cfg.torch_lr, warmup, steps * cfg.epochs),
+    opt = keras.optimizers.AdamW(lib.WarmupCosine(cfg.torch_lr, warmup_steps(cfg, steps), steps * cfg.epochs),
                                  weight_decay=cfg.torch_weight_decay, clipnorm=1.0)
     if keras_policy() == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
