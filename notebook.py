@@ -21,13 +21,14 @@
 #    loaded with polars as Float32 and validated with messages that name file, column and fix.
 # 3. **Metric**: the competition score (binary F1 target/non-target + macro F1 over 8 targets and
 #    `non_target`), and its two halves.
-# 4. **Features**: canonical right hand, upside-down wearers detected per subject and turned back,
-#    cleaned quaternions, gravity-free world-frame acceleration, angular velocity, thermopile and
-#    time-of-flight summaries, Welch band powers.
+# 4. **Features**: canonical right hand (IMU axes, thermopiles and ToF grids mirrored), upside-down
+#    wearers detected per subject and turned back, cleaned quaternions, gravity-free world-frame
+#    acceleration, angular velocity, thermopile and time-of-flight summaries, Welch band powers.
 # 5. **Models**: LightGBM on per-sequence aggregates; a PyTorch CNN-BiGRU-attention net (packed
 #    sequences, orientation and per-step phase heads, phase-weighted pooling; optionally also a
-#    Squeezeformer + [CLS] encoder) and its Keras 3 twin on the per-timestep channels. All are
-#    trained with modality dropout, so the IMU-only half of the test set is served by the same models.
+#    Squeezeformer + [CLS] encoder) and its Keras 3 twin on the per-timestep channels (optionally
+#    also the raw 8x8 ToF grids, through a per-frame 2D CNN). All are trained with modality
+#    dropout, so the IMU-only half of the test set is served by the same models.
 # 6. **Evaluation**: every model is scored twice on its out-of-fold predictions: as recorded, and
 #    with the raw thermopile/ToF cells nulled exactly as in the IMU-only test sequences, through
 #    the very code path `predict()` runs. Their mean is the expected leaderboard figure.
@@ -180,6 +181,9 @@ class Config:
                                   "(gesture steps and transition steps apart) beside the attention pool",
                                   True)
     max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0)
+    tof_grid: bool = _doc("nets also read the five raw 8x8 ToF grids per step through a small per-frame "
+                          "2D convolution (beside the per-sensor ToF statistics; the IMU-only variant "
+                          "never reads them)", False)
     net_variants: str = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
                              "(IMU channels only); comma-separated, each its own ensemble member "
                              "(<member>, <member>_imu) whose blend weight per CV view decides", "all")
@@ -406,10 +410,18 @@ def allowed_pairs() -> list[tuple[str, str]]:
 # %% [markdown]
 # ## 3. Small utilities
 #
-# Atomic writes: a Kaggle session can die at any moment; every artefact is written to a temporary
-# file and renamed, so a reader sees either the old complete file or the new complete one.
+# Label positions (unknown text never stops a run), and atomic writes: a Kaggle session can die at
+# any moment; every artefact is written to a temporary file and renamed, so a reader sees either
+# the old complete file or the new complete one.
 
 # %%
+def label_index(values: Iterable[Any], names: list[str]) -> np.ndarray:
+    """Position of each value among `names`; text that is not one of them (a typo, a null)
+    counts as the first."""
+    pos = {n: i for i, n in enumerate(names)}
+    return np.array([pos.get(v, 0) for v in values], dtype=np.int64)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -565,11 +577,15 @@ def quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _mirror_tables() -> tuple[np.ndarray, np.ndarray]:
     """Column permutation and signs that reflect the lateral (x) axis on a SENSOR_COLS matrix:
     acc (-x, y, z); quaternion (w, x, -y, -z) (the same reflection seen through a rotation);
-    thermopiles and ToF sensors 3 and 5 sit mirror-wise and swap places."""
+    thermopiles and ToF sensors 3 and 5 sit mirror-wise and swap places, and every 8x8 ToF grid
+    is flipped left to right. The flip assumes a grid's columns run along the lateral axis: the
+    competition does not document the pixel layout, and the 15 sample sequences cannot settle it."""
     idx = {c: i for i, c in enumerate(SENSOR_COLS)}
     swap = {"thm_3": "thm_5", "thm_5": "thm_3"}
-    for p in range(64):
-        swap[f"tof_3_v{p}"], swap[f"tof_5_v{p}"] = f"tof_5_v{p}", f"tof_3_v{p}"
+    for s in range(1, 6):
+        other = {3: 5, 5: 3}.get(s, s)
+        for p in range(64):
+            swap[f"tof_{s}_v{p}"] = f"tof_{other}_v{p - p % 8 + 7 - p % 8}"
     perm = np.array([idx[swap.get(c, c)] for c in SENSOR_COLS])
     sign = np.array([-1.0 if c in ("acc_x", "rot_y", "rot_z") else 1.0 for c in SENSOR_COLS], np.float32)
     return perm, sign
@@ -1788,7 +1804,9 @@ def cached_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config
 # ### 7.4 Per-step inputs for the nets
 #
 # The nets read the per-row channels above plus two per-row presence flags, one array per sequence
-# (section 11 scales them). Training, the CV views and predict() all build them here.
+# (section 11 scales them). Training, the CV views and predict() all build them here. With
+# `--tof-grid` the raw pixels of the five 8x8 grids (canonical frame) follow, last: distances in
+# mm, "no response" (-1) as a distance beyond the sensor's range, NaN where the sensor is missing.
 
 # %%
 @dataclass
@@ -1803,14 +1821,24 @@ class NetInputs:
         return NetInputs(self.ids[idx], self.names, [self.arrays[i] for i in idx], self.demographics[idx])
 
 
-def net_inputs_from(prepared: Sequences, channels: pl.DataFrame) -> NetInputs:
-    """derive()'s output -> per-sequence channel arrays for the nets (same path in training and predict)."""
+TOF_GRID_CHANNELS = [f"tof_{s}_px{p}" for s in range(1, 6) for p in range(64)]
+TOF_NO_RESPONSE = 255.0  # beyond the largest distance a ToF pixel reports (249)
+
+
+def net_inputs_from(prepared: Sequences, channels: pl.DataFrame, tof_grid: bool = False) -> NetInputs:
+    """derive()'s output -> per-sequence channel arrays for the nets (same path in training and
+    predict); `tof_grid` appends the raw ToF pixels (TOF_GRID_CHANNELS)."""
     names = [c for c in channels.columns if c != "sequence_id"]
     x = channels.select(names).to_numpy().astype(np.float32)
     tof_valid = [names.index(f"tof_{s}_valid") for s in range(1, 6)]
     flags = np.column_stack([~np.isnan(x[:, names.index("thm_mean")]), (~np.isnan(x[:, tof_valid])).any(axis=1)])
-    x = np.hstack([x, flags.astype(np.float32)])
+    parts = [x, flags.astype(np.float32)]
     names = names + ["mod_present_thm", "mod_present_tof"]
+    if tof_grid:
+        pixels = prepared.block(TOF_COLS).astype(np.float32)
+        parts.append(np.where(pixels < 0, np.float32(TOF_NO_RESPONSE), pixels))
+        names += TOF_GRID_CHANNELS
+    x = np.hstack(parts)
     sg = Segments.of(channels["sequence_id"].to_numpy())
     arrays = np.split(x, sg.starts[1:]) if len(x) else []
     demo = prepared.meta.select(list(DEFAULT_DEMOGRAPHICS)).to_numpy().astype(np.float32)[sg.starts]
@@ -1863,7 +1891,7 @@ def net_targets(train: pl.DataFrame) -> NetTargets:
     phase = (train["phase"] == "Gesture").fill_null(False).to_numpy().astype(np.float32)
     starts = Segments.of(train["sequence_id"].to_numpy()).starts
     return NetTargets(np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()]),
-                      np.array([ORIENTATIONS.index(o) if o in ORIENTATIONS else 0 for o in labels["orientation"].to_list()]),
+                      label_index(labels["orientation"].to_list(), ORIENTATIONS),
                       np.split(phase, starts[1:]))
 
 
@@ -1889,7 +1917,7 @@ class TrainingData:
         """Per-timestep inputs of the nets for a CV view (computed once, shared by torch and keras)."""
         if view not in self._inputs:
             train = self.dataset.train if view == "full" else blank_modalities(self.dataset.train)
-            inputs = net_inputs_from(*derive(train, self.dataset.train_demographics, cfg))
+            inputs = net_inputs_from(*derive(train, self.dataset.train_demographics, cfg), tof_grid=cfg.tof_grid)
             assert inputs.ids.tolist() == self.labels["sequence_id"].to_list()
             self._inputs[view] = inputs
         return self._inputs[view]
@@ -1941,8 +1969,9 @@ def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], prefix: s
     (so changing another family's settings never retrains it). `arch` is the torch encoder the
     models are built as: only a Squeezeformer depends on the torch_sqz_* fields (the Keras twin
     is a GRU net whatever --torch-arch says)."""
-    shared = ("seed", "folds", "epochs", "sample_rate_hz", "tof_pooling", "modality_dropout", "max_len",
-              "net_variants")
+    shared = ("seed", "folds", "sample_rate_hz", "tof_pooling", "modality_dropout")
+    if prefix == "torch":  # the nets' shared fields (LightGBM does not read them)
+        shared += ("epochs", "max_len", "net_variants", "tof_grid")
     keys = {k: getattr(cfg, k) for k in sorted(vars(cfg))
             if (k.startswith((prefix, "aug_")) or k in shared) and k != "torch_arch"
             and (arch == "squeezeformer" or not k.startswith("torch_sqz_"))}
@@ -2205,9 +2234,10 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
 # %% [markdown]
 # ## 11. Sequence inputs for the neural nets
 #
-# The nets read the per-row channels of section 7 (IMU physics; thermopile and ToF summaries) plus
-# two per-row presence flags, standardised with statistics fitted on the training folds only (they
-# travel in the checkpoint) and with missing values set to 0 *after* scaling. Modality dropout
+# The nets read the per-row channels of section 7 (IMU physics; thermopile and ToF summaries; with
+# `--tof-grid` the raw ToF pixels too) plus two per-row presence flags, standardised with
+# statistics fitted on the training folds only (they travel in the checkpoint) and with missing
+# values set to 0 *after* scaling. Modality dropout
 # nulls the unscaled thm/tof channels and zeroes the flags, which is exactly what raw IMU-only rows
 # produce, so training, the imu_only CV view and predict() all see the same thing. The Keras twin
 # reads the very same arrays. What a net reads travels with each fold in its `InputScaler`: the
@@ -2235,6 +2265,15 @@ def input_columns(names: list[str], variant: str) -> np.ndarray:
         values, flags = modality_channel_mask(names)
         return np.flatnonzero(~values & ~flags)
     raise ValueError(f"--net-variants: unknown {variant!r}; choose from {NET_VARIANTS}")
+
+
+TOF_GRID_DIM = 32  # per-step embedding of the five ToF grids (--tof-grid)
+
+
+def tof_grid_pixels(cfg: Config) -> int:
+    """How many trailing input channels of a net under `cfg` are raw ToF pixels (--tof-grid; an
+    IMU-only variant reads none)."""
+    return len(TOF_GRID_CHANNELS) if cfg.tof_grid and cfg.net_variants == "all" else 0
 
 
 @dataclass
@@ -2311,6 +2350,11 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return batches
 
 
+def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator) -> list[np.ndarray]:
+    """One training epoch's batches (both frameworks), bucketed by the length a net reads."""
+    return length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.torch_batch_size, rng)
+
+
 # %% [markdown]
 # ## 12. PyTorch nets: CNN-BiGRU-attention and Squeezeformer
 #
@@ -2322,7 +2366,9 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 # the body orientation (per sequence) and, on the BiGRU output, the gesture phase (per step); with
 # `--torch-phase-pool` that phase head also weights two extra pools (gesture steps, transition
 # steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
-# convolution, so a sequence's output does not depend on how much padding its batch adds.
+# convolution, so a sequence's output does not depend on how much padding its batch adds. With
+# `--tof-grid` a `GridEncoder` first turns each valid step's five raw 8x8 ToF grids into a small
+# embedding (two 3x3 convolutions with max-pooling, shared across steps), in place of the pixels.
 #
 # `--torch-arch squeezeformer` swaps the encoder (same inputs, heads, losses and recipe): input
 # projection, 2x time reduction, sinusoidal positions, Squeezeformer blocks (half-step feed-forward,
@@ -2463,14 +2509,38 @@ def _torch_lib() -> Any:
     def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None].to(x.device)
 
+    class GridEncoder(nn.Module):
+        """--tof-grid: the last `pixels` input channels (five 8x8 ToF grids) of every valid step
+        through a small 2D CNN shared across steps, replaced by its TOF_GRID_DIM embedding; the other
+        channels pass through. Padded steps stay zero. Without pixels it is the identity."""
+
+        def __init__(self, in_ch: int, pixels: int) -> None:
+            super().__init__()
+            self.pixels = pixels
+            self.out_ch = in_ch - pixels + (TOF_GRID_DIM if pixels else 0)
+            if pixels:
+                self.cnn = nn.Sequential(nn.Conv2d(pixels // 64, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                         nn.Flatten(), nn.Linear(128, TOF_GRID_DIM), nn.ReLU())
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            if not self.pixels:
+                return x
+            plain, grid = x[..., :-self.pixels], x[..., -self.pixels:]
+            e = self.cnn(grid[mask].reshape(-1, self.pixels // 64, 8, 8)).to(plain.dtype)
+            out = plain.new_zeros(*mask.shape, TOF_GRID_DIM)
+            out[mask] = e
+            return torch.cat([plain, out], dim=-1)
+
     class GestureNet(nn.Module):
         """CNN -> packed BiGRU -> masked attention (+ phase-weighted pools) -> heads, and a per-step
         phase head on the BiGRU output (one step per `phase_stride` input steps)."""
 
         def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
-                     use_demographics: bool, phase_pool: bool) -> None:
+                     use_demographics: bool, phase_pool: bool, grid_pixels: int = 0) -> None:
             super().__init__()
-            chans = [in_ch, *conv]
+            self.frame = GridEncoder(in_ch, grid_pixels)
+            chans = [self.frame.out_ch, *conv]
             self.blocks = nn.ModuleList([ResBlock(a, b, 3, dropout) for a, b in zip(chans[:-1], chans[1:])])
             self.gru = nn.GRU(chans[-1], hidden, batch_first=True, bidirectional=True)
             self.pool = MaskedAttentionPool(2 * hidden)
@@ -2482,6 +2552,7 @@ def _torch_lib() -> Any:
         def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
                     packed: bool = True) -> dict[str, torch.Tensor]:
             mask = time_mask(x, lengths)
+            x = self.frame(x, mask)
             h = x.transpose(1, 2) * mask.unsqueeze(1).to(x.dtype)
             for block in self.blocks:
                 h, mask = block(h, mask)
@@ -2567,9 +2638,11 @@ def _torch_lib() -> Any:
         """Projection + positions -> Squeezeformer blocks -> [CLS] + transformer encoder -> heads."""
 
         def __init__(self, in_ch: int, n_demo: int, dim: int, layers: int, heads: int, kernel: int,
-                     cls_layers: int, reduction: int, dropout: float, use_demographics: bool) -> None:
+                     cls_layers: int, reduction: int, dropout: float, use_demographics: bool,
+                     grid_pixels: int = 0) -> None:
             super().__init__()
-            self.project = nn.Sequential(nn.Linear(in_ch, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
+            self.frame = GridEncoder(in_ch, grid_pixels)
+            self.project = nn.Sequential(nn.Linear(self.frame.out_ch, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
             self.reduction = max(int(reduction), 1)
             self.blocks = nn.ModuleList([SqueezeformerBlock(dim, heads, kernel, dropout) for _ in range(layers)])
             self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -2582,7 +2655,7 @@ def _torch_lib() -> Any:
         def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             """The [CLS] output: the sequence summary the heads see."""
             mask = time_mask(x, lengths)
-            h = self.project(x) * mask.unsqueeze(-1).to(x.dtype)
+            h = self.project(self.frame(x, mask)) * mask.unsqueeze(-1).to(x.dtype)
             if self.reduction > 1:  # pad to a multiple first, so the grouping never depends on batch padding
                 r = self.reduction
                 h = nn.functional.pad(h, (0, 0, 0, (-h.shape[1]) % r))
@@ -2623,12 +2696,13 @@ def build_torch_model(cfg: Config, in_ch: int) -> Any:
     if cfg.torch_arch == "squeezeformer":
         return lib.SqueezeformerNet(in_ch, len(DEFAULT_DEMOGRAPHICS), cfg.torch_sqz_dim, cfg.torch_sqz_layers,
                                     cfg.torch_sqz_heads, cfg.torch_sqz_kernel, cfg.torch_sqz_cls_layers,
-                                    cfg.torch_sqz_reduction, cfg.torch_dropout, cfg.torch_demographics)
+                                    cfg.torch_sqz_reduction, cfg.torch_dropout, cfg.torch_demographics,
+                                    tof_grid_pixels(cfg))
     if cfg.torch_arch != "gru":
         raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
     conv = tuple(int(c) for c in str(cfg.torch_conv).split(","))
     return lib.GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.torch_hidden, cfg.torch_dropout,
-                          cfg.torch_demographics, cfg.torch_phase_pool)
+                          cfg.torch_demographics, cfg.torch_phase_pool, tof_grid_pixels(cfg))
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -2975,8 +3049,7 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
         t0 = time.perf_counter()
         model.train()
         losses = [steps.step(to_torch(training_batch(tr, targets, idx, scaler, cfg, rng), device))
-                  for idx in length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)),
-                                            cfg.torch_batch_size, rng)]
+                  for idx in training_buckets(lengths, cfg, rng)]
         losses = [v for v in losses if v is not None]
         scores = view_metrics(views_va, y_va, lambda va: torch_predict_proba([(evaluated, scaler)], np.ones(1), va))
         log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
@@ -3038,11 +3111,12 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 #
 # The same design in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
 # Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, and a
-# masked temporal attention pooling. The custom layers are registered for serialization, so a
-# saved `.keras` fold reloads with plain `keras.saving.load_model`. It reads the very same inputs
-# and scaler as the PyTorch net (section 11) and trains on the same augmented batches (gesture head
-# only: the auxiliary heads are the torch nets'). Mixed precision (`mixed_float16`, float32 output) is
-# used on GPU only: on these CPUs it measured ~200x slower.
+# masked temporal attention pooling. A fold is saved as its weight arrays and scaler
+# (`fold{k}.weights.npz`) and rebuilt from the config, so it loads under other Keras versions. It
+# reads the very same inputs and scaler as the PyTorch net (section 11), trains on the same
+# augmented batches and has the same orientation and per-step phase heads (and, with `--tof-grid`,
+# the same per-frame grid CNN, `TofGridEncoder`). Mixed precision (`mixed_float16`, float32
+# output) is used on GPU only: on these CPUs it measured ~200x slower.
 # Inference avoids `model.predict` (100+ ms of overhead per call): the model runs inside one
 # `tf.function` with a (batch, time, channels) signature, inputs padded to fixed length buckets.
 
@@ -3162,6 +3236,36 @@ def _keras_lib() -> Any:
             return {"peak": self.peak, "warmup": self.warmup, "total": self.total}
 
     @keras.saving.register_keras_serializable(package="cmi")
+    class TofGridEncoder(keras.layers.Layer):
+        """The torch GridEncoder's twin: the last `pixels` channels (five 8x8 ToF grids) of every
+        step through a small 2D CNN shared across steps, replaced by its embedding; padded steps
+        are zeroed, so the first convolution never sees them."""
+
+        def __init__(self, pixels: int, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.pixels = pixels
+            self.conv1 = keras.layers.Conv2D(16, 3, padding="same", activation="relu")
+            self.conv2 = keras.layers.Conv2D(32, 3, padding="same", activation="relu")
+            self.pool = keras.layers.MaxPooling2D(2)
+            self.dense = keras.layers.Dense(TOF_GRID_DIM, activation="relu")
+
+        def build(self, x_shape: Any, mask_f_shape: Any = None) -> None:
+            self.conv1.build((None, 8, 8, self.pixels // 64))
+            self.conv2.build((None, 4, 4, 16))
+            self.dense.build((None, 128))
+            self.built = True
+
+        def call(self, x: Any, mask_f: Any) -> Any:
+            b, t = ops.shape(x)[0], ops.shape(x)[1]
+            grid = ops.transpose(ops.reshape(x[..., -self.pixels:], (-1, self.pixels // 64, 8, 8)), (0, 2, 3, 1))
+            e = self.dense(ops.reshape(self.pool(self.conv2(self.pool(self.conv1(grid)))), (-1, 128)))
+            e = ops.reshape(e, (b, t, TOF_GRID_DIM)) * ops.expand_dims(ops.cast(mask_f, e.dtype), -1)
+            return ops.concatenate([ops.cast(x[..., :-self.pixels], e.dtype), e], axis=-1)
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "pixels": self.pixels}
+
+    @keras.saving.register_keras_serializable(package="cmi")
     class PhaseSteps(keras.layers.Layer):
         """Per-step gesture-phase probability (batch, steps) from the BiGRU output; the padding mask
         is consumed here (masked_phase_loss leaves padded steps out)."""
@@ -3192,7 +3296,8 @@ def _keras_lib() -> Any:
 
     _KERAS_LIB = SimpleNamespace(keras=keras, tf=tf, MaskedResBlock=MaskedResBlock,
                                  MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine,
-                                 masked_phase_loss=masked_phase_loss, PhaseSteps=PhaseSteps)
+                                 masked_phase_loss=masked_phase_loss, PhaseSteps=PhaseSteps,
+                                 TofGridEncoder=TofGridEncoder)
     return _KERAS_LIB
 
 
@@ -3210,6 +3315,8 @@ def build_keras_model(cfg: Config, in_ch: int) -> Any:
     m_in = keras.Input((None,), name="mask")
     d_in = keras.Input((len(DEFAULT_DEMOGRAPHICS),), name="demo")
     h, m = x_in, m_in
+    if tof_grid_pixels(cfg):
+        h = lib.TofGridEncoder(tof_grid_pixels(cfg), name="tof_grid")(h, m)
     for i, filters in enumerate(int(c) for c in str(cfg.torch_conv).split(",")):
         h, m = lib.MaskedResBlock(filters, 3, cfg.torch_dropout, name=f"res{i}")(h, m)
     seq = keras.layers.Bidirectional(keras.layers.GRU(cfg.torch_hidden, return_sequences=True), name="bigru")(
@@ -3312,7 +3419,7 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         losses = []
-        for idx in length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.torch_batch_size, rng):
+        for idx in training_buckets(lengths, cfg, rng):
             x, lb, demo, y, orientation, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
             batch = keras_batch(x, lb, demo)
             y_all = {"gesture": y, "orientation": orientation,
@@ -3600,8 +3707,7 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], context: n
 
 def context_labels(labels: pl.DataFrame) -> dict[str, np.ndarray]:
     """Orientation and starting-behaviour index per sequence (unknown text counts as the first)."""
-    return {t: np.array([names.index(v) if v in names else 0 for v in labels[t].to_list()])
-            for t, names in CONTEXT_TARGETS.items()}
+    return {t: label_index(labels[t].to_list(), names) for t, names in CONTEXT_TARGETS.items()}
 
 
 def context_config(cfg: Config) -> Config:
@@ -3970,7 +4076,7 @@ def ensemble_members(cfg: Config) -> list[tuple[str, Callable[..., dict[str, Any
 
 
 def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every member's folds, its OOF files (oof/oof_<member>[_imu].npy) and its CV report."""
+    """Every member's folds, its OOF files (oof/oof_<member>_<view>.npy) and its CV report."""
     out = Path(cfg.out_dir)
     y_true = td.labels["gesture"].to_list()
     families: dict[str, dict[str, Any]] = {}
@@ -3978,10 +4084,9 @@ def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[
         with watch(f"train_{name}"):
             fam = trainer(member_cfg, td, out / "bundle", out)
         families[name] = fam
-        for view in VIEWS:
-            suffix = "" if view == "full" else "_imu"
-            arr = fam["oof"][view]
-            atomic_write(out / "oof" / f"oof_{name}{suffix}.npy", lambda p, a=arr: np.save(p, a))
+        for view in VIEWS:  # named by member and view (a "_imu" suffix alone would make torch's
+            arr = fam["oof"][view]  # IMU-only view and torch_imu's full view the same file)
+            atomic_write(out / "oof" / f"oof_{name}_{view}.npy", lambda p, a=arr: np.save(p, a))
         report["models"][name] = model_report(y_true, fam["oof"], td.folds)
         print_fold_table(name, report["models"][name])
     if "lgbm" in families and cfg.lgbm_imu_reference:
@@ -4100,8 +4205,9 @@ def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, 
         torch = _torch_lib().torch
         torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
         return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
-    if member_family(name) == "keras":
-        folds = [keras_fold_predictor(load_keras_fold(path / f, config_from(manifest["config"]))) for f in fam["files"]]
+    if member_family(name) == "keras":  # rebuilt from the run's config, narrowed to this member's variant
+        cfg = dataclasses.replace(config_from(manifest["config"]), net_variants="imu" if name.endswith("_imu") else "all")
+        folds = [keras_fold_predictor(load_keras_fold(path / f, cfg)) for f in fam["files"]]
         return [p for p, _ in folds], weights, [sc for _, sc in folds]
     raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
                       f"this notebook version.")
@@ -4115,7 +4221,7 @@ def produced_names(cfg: Config) -> dict[str, list[str]]:
                           **{c: np.linspace(0.1, 1.0, n, dtype=np.float32) for c in SENSOR_COLS}})
     prepared, channels = derive(frame, pl.DataFrame({"subject": ["SUBJ_CHECK"]}), cfg)
     return {"features": aggregate_features(prepared, channels, cfg.sample_rate_hz).names,
-            "channels": net_inputs_from(prepared, channels).names}
+            "channels": net_inputs_from(prepared, channels, cfg.tof_grid).names}
 
 
 def subject_of(sequence: Any, demographics: Any) -> str | None:
@@ -4183,8 +4289,8 @@ class Runtime:
             return
         # Features must be computed as in training, whatever the serving config says.
         trained = manifest.get("config", {})
-        self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling")
-                                                    if k in trained})
+        self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling",
+                                                                            "tof_grid") if k in trained})
         made = produced_names(self.cfg)
         for name, fam in manifest["families"].items():
             try:
@@ -4318,7 +4424,7 @@ class Runtime:
                     table = table or aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
                     p = lgbm_predict_proba(boosters, weights, table.matrix(names))
                 else:
-                    inputs = inputs or net_inputs_from(prepared, channels)
+                    inputs = inputs or net_inputs_from(prepared, channels, self.cfg.tof_grid)
                     p = keras_predict_proba(*model[:2], inputs, model[2]) if member_family(name) == "keras" \
                         else torch_predict_proba(*model, inputs)
             except Exception as err:

@@ -84,7 +84,7 @@ def breakdown(rt: "nb.Runtime", sequences: list[pl.DataFrame], demo: pl.DataFram
             boosters, weights, names = rt.models["lgbm"]
             nb.lgbm_predict_proba(boosters, weights, table.matrix(names))
             t = lap(f"lgbm: {len(boosters)} folds predict", t)
-        inputs = nb.net_inputs_from(prepared, channels)
+        inputs = nb.net_inputs_from(prepared, channels, rt.cfg.tof_grid)
         t = lap("net inputs", t)
         for name, model in rt.models.items():
             if nb.member_family(name) == "keras":

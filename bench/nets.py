@@ -4,7 +4,7 @@ Prints, for the PyTorch nets (BiGRU packed and unpacked, Squeezeformer) and the 
   - training throughput (sequences/second, one epoch over demo sequences; torch in fp32 and in
     CPU bf16 autocast, the measurement behind torch_precision=auto choosing fp32 on CPU),
   - single-sequence inference latency for N folds (p50/p95 over real-length sequences).
-Usage: python bench/nets.py [--profile quick] [--folds 5] [--n 200]
+Usage: python bench/nets.py [--profile quick] [--folds 5] [--n 200] [--tof-grid]
 """
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ def main() -> None:
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--tof-grid", action="store_true", help="the nets also read the raw 8x8 ToF grids")
     args = ap.parse_args()
     # Model sizes follow --profile; the data is always the quick profile's demo set (not regenerated).
     data = ["--demo-train-subjects", "16", "--demo-test-subjects", "4", "--demo-pairs-per-subject", "51"]
-    cfg = nb.parse_config(["--profile", args.profile, "--demo", "--data-dir", str(ROOT / "demo_data"), *data],
-                          environ={})
+    cfg = nb.parse_config(["--profile", args.profile, "--demo", "--data-dir", str(ROOT / "demo_data"), *data,
+                           "--tof-grid", str(args.tof_grid).lower()], environ={})
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))
     labels = nb.sequence_labels(ds.train)
-    inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
+    inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg), tof_grid=cfg.tof_grid)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     sample = inputs.subset(np.arange(len(y)) < 256)
     targets = nb.net_targets(ds.train).subset(np.arange(len(y)) < 256)

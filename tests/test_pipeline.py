@@ -33,7 +33,7 @@ def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
             assert len(r["per_fold"]) == 2
     seqs = pl.read_csv(out / "oof" / "sequences.csv")
     assert seqs.columns == ["sequence_id", "subject", "gesture", "fold"]
-    oof = np.load(out / "oof" / "oof_lgbm.npy")
+    oof = np.load(out / "oof" / "oof_lgbm_full.npy")
     assert oof.dtype == np.float32 and oof.shape == (seqs.height, 18)
     np.testing.assert_allclose(oof.sum(axis=1), 1.0, rtol=1e-4)
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
@@ -118,7 +118,7 @@ def test_cv_imu_view_is_the_predict_path(trained, family):
     out = nb.Path(cfg.out_dir)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
     seqs = pl.read_csv(out / "oof" / "sequences.csv")
-    oof_imu = np.load(out / "oof" / f"oof_{family}_imu.npy")
+    oof_imu = np.load(out / "oof" / f"oof_{family}_imu_only.npy")
     runtime = nb.Runtime(cfg)
     runtime.load()
     folds_models = runtime.models[family]
@@ -149,7 +149,7 @@ def test_resumed_run_gives_the_same_oof(tmp_path):
     # Determinism too: the nets of both runs trained from scratch with the same seed (on CPU they
     # are bit-exact for a fixed thread count; the tolerance only allows for float summation order).
     for name in ("lgbm", "torch", "torch_sqz", "keras"):
-        for f in (f"oof_{name}.npy", f"oof_{name}_imu.npy"):
+        for f in (f"oof_{name}_full.npy", f"oof_{name}_imu_only.npy"):
             np.testing.assert_allclose(np.load(tmp_path / "a" / "out" / "oof" / f),
                                        np.load(tmp_path / "b" / "out" / "oof" / f), rtol=1e-5, atol=1e-6)
 
@@ -163,6 +163,10 @@ def test_fold_fingerprints_follow_only_their_own_settings():
     assert sqz(base) != sqz(wider)
     assert twin(base) == twin(wider) == twin(nb.dataclasses.replace(base, torch_arch="gru"))
     assert twin(base) != twin(nb.dataclasses.replace(base, torch_hidden=base.torch_hidden + 1))
+    assert twin(base) != twin(nb.dataclasses.replace(base, tof_grid=True))
+    lgbm = lambda cfg: nb._fold_fingerprint(cfg, td, ["c"], "lgbm")  # noqa: E731
+    assert lgbm(base) == lgbm(nb.dataclasses.replace(base, epochs=base.epochs + 1, tof_grid=True, max_len=64))
+    assert lgbm(base) != lgbm(nb.dataclasses.replace(base, lgbm_num_leaves=base.lgbm_num_leaves + 1))
 
 
 def test_missing_bundle_raises_with_a_clear_message(tmp_path, sample_dir):

@@ -128,12 +128,12 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
 def test_skipped_folds_still_fill_every_oof_row(tmp_path):
     cfg = smoke_config(tmp_path, models="torch", lgbm_imu_reference=False)
     nb.train(cfg)
-    first = {v: np.load(tmp_path / "out" / "oof" / f"oof_torch{s}.npy") for v, s in (("full", ""), ("imu", "_imu"))}
+    first = {v: np.load(tmp_path / "out" / "oof" / f"oof_torch_{v}.npy") for v in nb.VIEWS}
     stamp = (tmp_path / "out" / "bundle" / "torch" / "fold0.pt").stat().st_mtime_ns
     nb.train(cfg)  # every fold is in the bundle: skipped, but its validation rows are predicted again
     assert (tmp_path / "out" / "bundle" / "torch" / "fold0.pt").stat().st_mtime_ns == stamp
-    for v, s in (("full", ""), ("imu", "_imu")):
-        again = np.load(tmp_path / "out" / "oof" / f"oof_torch{s}.npy")
+    for v in nb.VIEWS:
+        again = np.load(tmp_path / "out" / "oof" / f"oof_torch_{v}.npy")
         assert (again.sum(1) > 0.99).all()
         np.testing.assert_allclose(again, first[v], rtol=1e-5, atol=1e-6)
     log = (tmp_path / "out" / "logs" / "torch.jsonl").read_text().strip().splitlines()
