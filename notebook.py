@@ -255,6 +255,11 @@ def member_family(member: str) -> str:
     return "torch" if base in TORCH_ARCHS.values() else base
 
 
+def member_variant(member: str) -> str:
+    """The --net-variants choice an ensemble member was trained under (all or imu)."""
+    return "imu" if member.endswith("_imu") else "all"
+
+
 def on_kaggle() -> bool:
     return KAGGLE_WORKING.exists() or "KAGGLE_KERNEL_RUN_TYPE" in os.environ
 
@@ -2237,9 +2242,9 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
 # The nets read the per-row channels of section 7 (IMU physics; thermopile and ToF summaries; with
 # `--tof-grid` the raw ToF pixels too) plus two per-row presence flags, standardised with
 # statistics fitted on the training folds only (they travel in the checkpoint) and with missing
-# values set to 0 *after* scaling. Modality dropout
-# nulls the unscaled thm/tof channels and zeroes the flags, which is exactly what raw IMU-only rows
-# produce, so training, the imu_only CV view and predict() all see the same thing. The Keras twin
+# values set to 0 *after* scaling. Modality dropout nulls the unscaled thm/tof channels and zeroes
+# the flags, which is exactly what raw IMU-only rows produce, so training, the imu_only CV view
+# and predict() all see the same thing. The Keras twin
 # reads the very same arrays. What a net reads travels with each fold in its `InputScaler`: the
 # last `--max-len` steps (the gesture is at the end) and its channels: all of them, or for an
 # IMU-only variant (`--net-variants imu`, members `torch_imu`, `keras_imu`) the IMU ones alone.
@@ -3315,8 +3320,9 @@ def build_keras_model(cfg: Config, in_ch: int) -> Any:
     m_in = keras.Input((None,), name="mask")
     d_in = keras.Input((len(DEFAULT_DEMOGRAPHICS),), name="demo")
     h, m = x_in, m_in
-    if tof_grid_pixels(cfg):
-        h = lib.TofGridEncoder(tof_grid_pixels(cfg), name="tof_grid")(h, m)
+    pixels = tof_grid_pixels(cfg)
+    if pixels:
+        h = lib.TofGridEncoder(pixels, name="tof_grid")(h, m)
     for i, filters in enumerate(int(c) for c in str(cfg.torch_conv).split(",")):
         h, m = lib.MaskedResBlock(filters, 3, cfg.torch_dropout, name=f"res{i}")(h, m)
     seq = keras.layers.Bidirectional(keras.layers.GRU(cfg.torch_hidden, return_sequences=True), name="bigru")(
@@ -4206,7 +4212,7 @@ def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, 
         torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
         return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
     if member_family(name) == "keras":  # rebuilt from the run's config, narrowed to this member's variant
-        cfg = dataclasses.replace(config_from(manifest["config"]), net_variants="imu" if name.endswith("_imu") else "all")
+        cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
         folds = [keras_fold_predictor(load_keras_fold(path / f, cfg)) for f in fam["files"]]
         return [p for p, _ in folds], weights, [sc for _, sc in folds]
     raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
