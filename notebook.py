@@ -150,9 +150,9 @@ class Config:
                                  "direction opposes everyone else's; at inference from the subject's "
                                  "sequences so far, so answers depend on the call order) and turn their "
                                  "rows back before every model", True)
-    lgbm_imu_reference: bool = _doc("also train a LightGBM on IMU features alone, as the "
-                                    "yardstick for the imu_only view (reported, not served; off in "
-                                    "the quick profile to keep it under 5 minutes)", True)
+    lgbm_imu_reference: bool | None = _doc("also train a LightGBM on IMU features alone, as the "
+                                           "yardstick for the imu_only view (reported, not served; off in "
+                                           "the quick profile to keep it under 5 minutes)")
     stop_after_folds: int = _doc("if > 0, stop after training this many new folds (split a long "
                                  "Kaggle session; a rerun resumes from the bundle)", 0)
     # --- PyTorch CNN-BiGRU-attention
@@ -193,9 +193,9 @@ class Config:
     torch_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
                                          "channels (as an IMU-only test sequence)", 0.5)
     torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0)
-    torch_arch: str = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
+    torch_arch: str | None = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
                            "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
-                           "each is its own ensemble member (torch, torch_sqz) with the same recipe", "gru")
+                           "each is its own ensemble member (torch, torch_sqz) with the same recipe")
     torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)")
     torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks")
     torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4)
@@ -219,13 +219,15 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, torch_conv="16,32", torch_hidden=16,
+    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, lgbm_imu_reference=True, torch_conv="16,32", torch_hidden=16,
                   torch_arch="gru,squeezeformer", torch_sqz_dim=32, torch_sqz_layers=1, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_conv="32,64", torch_hidden=48,
+    "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_arch="gru",
+                  torch_conv="32,64", torch_hidden=48,
                   torch_sqz_dim=64, torch_sqz_layers=2, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
-    "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, torch_conv="64,128", torch_hidden=128,
+    "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, lgbm_imu_reference=True, torch_arch="gru",
+                 torch_conv="64,128", torch_hidden=128,
                  torch_sqz_dim=128, torch_sqz_layers=3, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
@@ -316,14 +318,15 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     for name, value in vars(known).items():
         if value is not None:
             explicit[name] = _parse_value(value, str(fields[name].type))
-    cfg = Config()
-    profile = explicit.get("profile") or ("full" if on_kaggle() else "quick")
+    cfg = dataclasses.replace(Config(), **explicit)
+    profile = cfg.profile or ("full" if on_kaggle() else "quick")
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    # A profile fills only the fields left unset (None): a value given by flag, by CMI_ variable or
+    # by editing a default in the Config cell above always wins.
     for name, value in PROFILES[profile].items():
-        setattr(cfg, name, value)
-    for name, value in explicit.items():
-        setattr(cfg, name, value)
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
     cfg.profile = profile
     if cfg.stage not in ("all", "train", "infer"):
         raise ValueError(f"--stage must be all, train or infer, got {cfg.stage!r}")
@@ -2037,24 +2040,34 @@ def fold_meta_matches(meta_path: Path, fingerprint: str) -> bool:
         return False
 
 
+def bundle_file(member: str, k: int, suffix: str) -> str:
+    """The one place bundle file names are made: fold k of a member, directly in the bundle folder
+    (lgbm_fold0.txt, torch_fold0.pt, keras_fold0.weights.npz, each with its meta file
+    <member>_fold<k>.json). No sub-folders: the kaggle CLI's default upload skips them."""
+    return f"{member}_fold{k}{suffix}"
+
+
+def fold_meta_path(path: Path) -> Path:
+    """The meta file beside a fold file: torch_fold0.pt -> torch_fold0.json."""
+    return path.parent / f"{path.name.split('.')[0]}.json"
+
+
 def saved_fold_matches(path: Path, fingerprint: str) -> bool:
-    """A net's fold file (fold{k}.pt, fold{k}.weights.npz) is in the bundle with its meta file
-    fold{k}.json, written last, naming this fingerprint."""
-    return path.exists() and fold_meta_matches(path.parent / f"{path.name.split('.')[0]}.json", fingerprint)
+    """A net's fold file is in the bundle with its meta file, written last, naming this fingerprint."""
+    return path.exists() and fold_meta_matches(fold_meta_path(path), fingerprint)
 
 
 def net_member_setup(cfg: Config, td: TrainingData, bundle: Path,
-                     family: str) -> tuple[str, dict[str, "NetInputs"], NetTargets, str, Path]:
+                     family: str) -> tuple[str, dict[str, "NetInputs"], NetTargets, str]:
     """What the fold loop of a net member works with: its name, the inputs per CV view, the
-    targets, the fingerprint its folds must carry and its bundle folder. The Keras twin shares the
-    torch_* architecture fields, so both fingerprint on them (a Squeezeformer also on torch_sqz_*)."""
+    targets and the fingerprint its folds must carry. The Keras twin shares the torch_*
+    architecture fields, so both fingerprint on them (a Squeezeformer also on torch_sqz_*)."""
     member = member_name(family, cfg)
     inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
     fp = _fold_fingerprint(cfg, td, inputs["full"].names, "torch",
                            arch=cfg.torch_arch if family == "torch" else "gru")
-    folder = bundle / member
-    folder.mkdir(parents=True, exist_ok=True)
-    return member, inputs, td.net_targets(), fp, folder
+    bundle.mkdir(parents=True, exist_ok=True)
+    return member, inputs, td.net_targets(), fp
 
 
 # %% [markdown]
@@ -2191,22 +2204,21 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
     names = select_features(td.views["full"], cfg, out)
     x = {v: feature_matrix(td.views[v], names) for v in VIEWS}
     fp = _fold_fingerprint(cfg, td, names, "lgbm")
-    model_dir = bundle / "lgbm"
-    model_dir.mkdir(parents=True, exist_ok=True)
+    bundle.mkdir(parents=True, exist_ok=True)
 
     def load_fold(k: int) -> Any:
-        path = model_dir / f"fold{k}.txt"
-        return lgb.Booster(model_file=str(path)) if path.exists() and fold_meta_matches(
-            model_dir / f"fold{k}.json", fp) else None
+        path = bundle / bundle_file("lgbm", k, ".txt")
+        return lgb.Booster(model_file=str(path)) if saved_fold_matches(path, fp) else None
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         t0 = time.perf_counter()
         x_va = np.vstack([x["full"][va], x["imu_only"][va]])  # early stopping watches both views
         booster = train_lgbm_fold(cfg, x["full"][tr], td.y[tr], x_va, np.concatenate([td.y[va], td.y[va]]),
                                   names, cfg.seed + k)
-        atomic_write(model_dir / f"fold{k}.txt", lambda p: booster.save_model(str(p)))
-        write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_iteration": booster.best_iteration,
-                                                 "seconds": time.perf_counter() - t0})
+        path = bundle / bundle_file("lgbm", k, ".txt")
+        atomic_write(path, lambda p: booster.save_model(str(p)))
+        write_json(fold_meta_path(path), {"fingerprint": fp, "best_iteration": booster.best_iteration,
+                                          "seconds": time.perf_counter() - t0})
         return booster, f"trained {booster.best_iteration} rounds"
 
     res = run_folds(cfg, td, "lgbm", load_fold, fit_fold,
@@ -2214,7 +2226,7 @@ def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[s
     gain = np.mean([b.feature_importance("gain") for b in res["models"]], axis=0)
     imp = pl.DataFrame({"feature": names, "gain": gain}).sort("gain", descending=True)
     atomic_write(out / "feature_importance.csv", lambda p: imp.write_csv(p))
-    return {"oof": res["oof"], "files": [f"lgbm/fold{k}.txt" for k in range(cfg.folds)],
+    return {"oof": res["oof"], "files": [bundle_file("lgbm", k, ".txt") for k in range(cfg.folds)],
             "fold_weights": res["fold_weights"], "feature_names": names, "fingerprint": fp}
 
 
@@ -3085,11 +3097,11 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = torch_device()
-    member, inputs, targets, fp, model_dir = net_member_setup(cfg, td, bundle, "torch")
+    member, inputs, targets, fp = net_member_setup(cfg, td, bundle, "torch")
     names = inputs["full"].names
 
     def load_fold(k: int) -> Any:
-        path = model_dir / f"fold{k}.pt"
+        path = bundle / bundle_file(member, k, ".pt")
         return load_torch_checkpoint(path, device)[:2] if saved_fold_matches(path, fp) else None
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
@@ -3098,16 +3110,17 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
                                epoch_logger(out, member, k))
         ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(cfg),
                 "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
-        atomic_write(model_dir / f"fold{k}.pt", lambda p: torch.save(ckpt, p))
+        path = bundle / bundle_file(member, k, ".pt")
+        atomic_write(path, lambda p: torch.save(ckpt, p))
         # The meta file comes last: a fold whose checkpoint was cut short has none and is retrained.
-        write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_epoch": res["epoch"],
-                                                 "best_score": res["score"], "bad_steps": res["bad_steps"],
-                                                 "uncertainty_s": res["uncertainty_s"]})
-        return load_torch_checkpoint(model_dir / f"fold{k}.pt", device)[:2], f"trained, best epoch {res['epoch']}"
+        write_json(fold_meta_path(path), {"fingerprint": fp, "best_epoch": res["epoch"],
+                                          "best_score": res["score"], "bad_steps": res["bad_steps"],
+                                          "uncertainty_s": res["uncertainty_s"]})
+        return load_torch_checkpoint(path, device)[:2], f"trained, best epoch {res['epoch']}"
 
     res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda net, v, va: torch_predict_proba([net], np.ones(1), inputs[v].subset(va)))
-    return {"oof": res["oof"], "files": [f"{member}/fold{k}.pt" for k in range(cfg.folds)],
+    return {"oof": res["oof"], "files": [bundle_file(member, k, ".pt") for k in range(cfg.folds)],
             "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
 
 
@@ -3469,27 +3482,27 @@ def keras_fold_predictor(fold: tuple[Any, InputScaler]) -> tuple[Any, InputScale
 def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
     """All folds of the Keras twin of `cfg.net_variants` (member keras or keras_imu), with the same
     skip-if-present + OOF rule as the other families."""
-    member, inputs, targets, fp, model_dir = net_member_setup(cfg, td, bundle, "keras")
+    member, inputs, targets, fp = net_member_setup(cfg, td, bundle, "keras")
     names = inputs["full"].names
 
     def load_fold(k: int) -> Any:
-        path = model_dir / f"fold{k}.weights.npz"
+        path = bundle / bundle_file(member, k, ".weights.npz")
         return keras_fold_predictor(load_keras_fold(path, cfg)) if saved_fold_matches(path, fp) else None
 
     def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
         res = train_keras_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
                                {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k,
                                epoch_logger(out, member, k))
-        path = model_dir / f"fold{k}.weights.npz"
+        path = bundle / bundle_file(member, k, ".weights.npz")
         save_keras_fold(path, res["model"], res["scaler"])
-        write_json(model_dir / f"fold{k}.json", {"fingerprint": fp, "best_epoch": res["epoch"],
-                                                 "best_score": res["score"]})
+        write_json(fold_meta_path(path), {"fingerprint": fp, "best_epoch": res["epoch"],
+                                          "best_score": res["score"]})
         # OOF comes from the saved artefact, exactly as a resumed fold or predict() sees it.
         return keras_fold_predictor(load_keras_fold(path, cfg)), f"trained, best epoch {res['epoch']}"
 
     res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda m, v, va: keras_predict_proba([m[0]], np.ones(1), inputs[v].subset(va), [m[1]]))
-    return {"oof": res["oof"], "files": [f"{member}/fold{k}.weights.npz" for k in range(cfg.folds)],
+    return {"oof": res["oof"], "files": [bundle_file(member, k, ".weights.npz") for k in range(cfg.folds)],
             "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
 
 
@@ -3728,8 +3741,7 @@ def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[st
     names = imu_feature_names(td.views["imu_only"])
     x = feature_matrix(td.views["imu_only"], names)
     y = context_labels(td.labels)
-    folder = bundle / "context"
-    folder.mkdir(parents=True, exist_ok=True)
+    bundle.mkdir(parents=True, exist_ok=True)
     oof, files = [], []
     for target, classes in CONTEXT_TARGETS.items():
         part = np.zeros((len(x), len(classes)), dtype=np.float32)
@@ -3737,7 +3749,7 @@ def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[st
             va, tr = td.folds == k, td.folds != k
             booster = train_lgbm_fold(context_config(cfg), x[tr], y[target][tr], x[va], y[target][va], names,
                                       cfg.seed + k, n_classes=len(classes))
-            files.append(f"context/{target}_fold{k}.txt")
+            files.append(bundle_file(f"context_{target}", k, ".txt"))
             atomic_write(bundle / files[-1], lambda p, b=booster: b.save_model(str(p)))
             part[va] = booster.predict(x[va], num_iteration=booster.best_iteration)
         accuracy = float((part.argmax(1) == y[target]).mean())
@@ -3947,7 +3959,13 @@ def verify_bundle_files(bundle: Path, files: list[str], listed: dict[str, dict[s
             raise BundleError(f"{path}: not listed in manifest.json. Fix: retrain the bundle with this "
                               f"notebook version (manifest format {BUNDLE_FORMAT}).")
         if not path.is_file():
-            raise BundleError(f"{path}: missing. Fix: upload the whole bundle folder, manifest and model files together.")
+            if "/" in name:  # the layout with one sub-folder per member, which uploads can drop
+                raise BundleError(f"{path}: missing. This bundle keeps its models in sub-folders (written by an "
+                                  f"older version of this notebook), and the kaggle CLI's default upload skips "
+                                  f"sub-folders. Fix: retrain with this version, which writes every file at the "
+                                  f"top of bundle/, or attach the training notebook's output itself as the input.")
+            raise BundleError(f"{path}: missing. Fix: publish every file of the bundle folder with manifest.json "
+                              f"(`kaggle datasets create -p working/bundle`, or attach the training notebook's output).")
         got = file_digest(path)
         if got["bytes"] != want["bytes"]:
             raise BundleError(f"{path}: {got['bytes']:,} bytes where the manifest lists {want['bytes']:,} "
@@ -4015,9 +4033,12 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
                for name, rep in report["models"].items()},
     }
     write_json(bundle / "manifest.json", manifest)
+    username = kaggle_username()
     write_json(bundle / "dataset-metadata.json", {
-        "title": "CMI BFRB model bundle", "id": f"{kaggle_username()}/cmi-bfrb-bundle",
-        "licenses": [{"name": "CC0-1.0"}]})
+        "title": "CMI BFRB model bundle", "id": f"{username}/cmi-bfrb-bundle", "licenses": [{"name": "CC0-1.0"}]})
+    if username == "YOUR_KAGGLE_USERNAME":
+        say(f"bundle: before `kaggle datasets create -p {bundle}`, edit {bundle / 'dataset-metadata.json'}: "
+            f"replace YOUR_KAGGLE_USERNAME by your Kaggle username (no KAGGLE_USERNAME or ~/.kaggle/kaggle.json here)")
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
@@ -4338,8 +4359,13 @@ class Runtime:
                     raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
                 verify_bundle_files(path, spec["files"], manifest.get("files", {}))
                 for target in CONTEXT_TARGETS:
+                    # bundle_file(f"context_{target}", k, ...), or an older bundle's context/<target>_fold<k>.txt
+                    prefixes = (f"context_{target}_fold", f"{target}_fold")
                     self.context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"]
-                                            if Path(f).name.startswith(f"{target}_")]
+                                            if Path(f).name.startswith(prefixes)]
+                    if not self.context[target]:
+                        raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
+                                          f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
                 self.context_names = spec["feature_names"]
             except Exception as err:
                 self.left_out["slot models"] = failure_reason(err)

@@ -1,4 +1,5 @@
-"""Loading, validation and the demo dataset's schema, against the real sample files."""
+"""Loading, validation and the demo dataset's schema: on the made sample folder (conftest), and on the
+real competition sample when CMITEST_SAMPLE_DIR names it."""
 import csv
 import shutil
 
@@ -7,18 +8,29 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import smoke_config
+from conftest import sequence_ids, smoke_config
 
 
 def test_real_sample_files_load_as_float32(sample_dir):
     train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
     assert train.columns == nb.TRAIN_COLS
     assert all(train.schema[c] == pl.Float32 for c in nb.SENSOR_COLS)
+    assert train.height == pl.read_csv(sample_dir / "train_sample.csv", columns=["row_id"]).height
     demo = nb.load_demographics(sample_dir / "train_demographics.csv")
-    assert demo.height == 81
+    assert demo.height == pl.read_csv(sample_dir / "train_demographics.csv").height
+    assert set(train["subject"]) <= set(demo["subject"])
     nb.validate_train(train, demo, sample_dir / "train_sample.csv")
     test = nb.load_sensor_csv(sample_dir / "test.csv", nb.TEST_COLS)
-    assert test["sequence_id"].n_unique() == 2
+    assert all(test.schema[c] == pl.Float32 for c in nb.SENSOR_COLS)
+    assert test["sequence_id"].unique(maintain_order=True).to_list() == sequence_ids(sample_dir / "test.csv")
+
+
+def test_the_schema_constants_are_the_real_files_headers(real_sample_dir):
+    """The column lists the notebook (and its demo generator, and the made fixture) rely on are the
+    competition's own, in order."""
+    for name, cols in [("train_sample.csv", nb.TRAIN_COLS), ("test.csv", nb.TEST_COLS),
+                       ("train_demographics.csv", nb.DEMO_COLS), ("test_demographics.csv", nb.DEMO_COLS)]:
+        assert nb.read_csv_header(real_sample_dir / name) == cols, name
 
 
 def _write_train(tmp_path, sample_dir, edit):
@@ -72,7 +84,8 @@ def test_duplicate_row_ids_and_counter_order(tmp_path, sample_dir):
 def test_subject_missing_from_demographics_warns_and_uses_defaults(tmp_path, sample_dir, caplog):
     _write_train(tmp_path, sample_dir, lambda r: r)
     demo = pl.read_csv(tmp_path / "train_demographics.csv")
-    demo.filter(pl.col("subject") != "SUBJ_059520").write_csv(tmp_path / "train_demographics.csv")
+    first = pl.read_csv(tmp_path / "train.csv", columns=["subject"], n_rows=1)["subject"][0]
+    demo.filter(pl.col("subject") != first).write_csv(tmp_path / "train_demographics.csv")
     ds = nb.load_training_data(tmp_path)
     assert "missing from demographics" in caplog.text
     feats = nb.build_features(ds.train, ds.train_demographics, smoke_config(tmp_path))
@@ -89,13 +102,12 @@ def test_string_typed_all_null_columns_are_cast(sample_dir):
     assert clean.meta.equals(clean.meta.sort("sequence_id", "sequence_counter"))
 
 
-def test_demo_dataset_follows_the_competition_schema(tmp_path, sample_dir):
+def test_demo_dataset_follows_the_competition_schema(tmp_path):
     cfg = smoke_config(tmp_path)
     d = nb.generate_demo_dataset(tmp_path / "demo", cfg)
-    for name, real in [("train.csv", "train_sample.csv"), ("test.csv", "test.csv"),
-                       ("train_demographics.csv", "train_demographics.csv"),
-                       ("test_demographics.csv", "test_demographics.csv")]:
-        assert nb.read_csv_header(d / name) == nb.read_csv_header(sample_dir / real), name
+    for name, cols in [("train.csv", nb.TRAIN_COLS), ("test.csv", nb.TEST_COLS),
+                       ("train_demographics.csv", nb.DEMO_COLS), ("test_demographics.csv", nb.DEMO_COLS)]:
+        assert nb.read_csv_header(d / name) == cols, name
     train = pl.read_csv(d / "train.csv")
     test = pl.read_csv(d / "test.csv", infer_schema_length=None)
     assert set(train["gesture"].unique()) <= set(nb.GESTURES)
@@ -136,7 +148,8 @@ def test_train_csv_with_a_byte_order_mark_loads(tmp_path, sample_dir):
     raw = (sample_dir / "train_sample.csv").read_bytes()
     (tmp_path / "train.csv").write_bytes(b"\xef\xbb\xbf" + raw)
     frame = nb.load_sensor_csv(tmp_path / "train.csv", nb.TRAIN_COLS)
-    assert frame.columns[0] == "row_id" and frame.height == 1000
+    plain = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TRAIN_COLS)
+    assert frame.columns[0] == "row_id" and frame.equals(plain)
 
 
 def test_demo_sequences_follow_the_real_phase_structure(tmp_path):

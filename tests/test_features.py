@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import smoke_config
+from conftest import full_sensor_sequence, smoke_config
 
 FS = 10.0
 
@@ -170,7 +170,7 @@ def test_feature_level_blanking_equals_the_raw_imu_only_path(sample_dir):
 
 def test_mirroring_twice_is_identity_and_left_twin_matches(sample_dir):
     train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TEST_COLS)
-    seq = train.filter(pl.col("sequence_id") == "SEQ_000007")
+    seq = train.filter(pl.col("sequence_id") == full_sensor_sequence(train))
     x = nb.sensor_matrix(seq)
     np.testing.assert_array_equal(nb.mirror_sensors(nb.mirror_sensors(x)), x)
     assert not np.array_equal(nb.mirror_sensors(x), x)
@@ -193,14 +193,15 @@ def test_feature_cache_reuses_and_never_serves_stale(tmp_path, sample_dir):
     first = nb.cached_features(train, demo, cfg, tmp_path)
     again = nb.cached_features(train, demo, cfg, tmp_path)
     assert first.equals(again)
-    changed = train.with_columns(pl.when(pl.col("sequence_id") == "SEQ_000007")
+    sid = train["sequence_id"][0]
+    changed = train.with_columns(pl.when(pl.col("sequence_id") == sid)
                                  .then(pl.col("acc_x") + 1.0).otherwise(pl.col("acc_x")).alias("acc_x"))
     stale = nb.cached_features(changed, demo, cfg, tmp_path)
     fresh = nb.build_features(changed, demo, cfg)
     as_array = lambda f: f.drop("sequence_id").to_numpy().astype(float)  # noqa: E731
     assert stale["sequence_id"].equals(fresh["sequence_id"])
     np.testing.assert_allclose(as_array(stale), as_array(fresh), rtol=1e-5, atol=1e-5)
-    row = stale["sequence_id"].to_list().index("SEQ_000007")
+    row = stale["sequence_id"].to_list().index(sid)
     assert stale["acc_x__mean"][row] == pytest.approx(first["acc_x__mean"][row] + 1.0, abs=1e-4)
 
 

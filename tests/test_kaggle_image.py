@@ -1,7 +1,7 @@
 """The "train anywhere, upload the bundle" use: a bundle trained with requirements.txt serves under
 Kaggle's image versions (mid-2025: Keras 3.8, TF 2.18, torch 2.6, LightGBM 4.5, polars 1.21,
 numpy 1.26), and the pipeline runs there end to end. The README's test command installs that set
-(requirements-kaggle.txt) into .venv-kaggle; CMI_KAGGLE_PYTHON points elsewhere if wanted."""
+(requirements-kaggle.txt) into .venv-kaggle; CMITEST_KAGGLE_PYTHON points elsewhere if wanted."""
 import os
 import shutil
 import subprocess
@@ -13,14 +13,15 @@ import pytest
 import notebook as nb
 from conftest import ROOT, run_script
 
-KAGGLE_PYTHON = Path(os.environ.get("CMI_KAGGLE_PYTHON", ROOT / ".venv-kaggle" / "bin" / "python"))
+KAGGLE_PYTHON = Path(os.environ.get("CMITEST_KAGGLE_PYTHON", ROOT / ".venv-kaggle" / "bin" / "python"))
 
 
 @pytest.fixture(scope="module")
 def kaggle_python() -> Path:
     if not KAGGLE_PYTHON.exists():
         message = (f"{KAGGLE_PYTHON} not found. Fix: python3 -m venv .venv-kaggle && "
-                   f".venv-kaggle/bin/pip install -r requirements-kaggle.txt (the README's test command does it)")
+                   f".venv-kaggle/bin/pip install -r requirements-kaggle.txt (the README's test command does it), "
+                   f"or set CMITEST_KAGGLE_PYTHON to the Python of such an environment")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

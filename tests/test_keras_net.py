@@ -55,9 +55,31 @@ def test_more_padding_does_not_change_the_output(keras_fold):
 
 
 def test_learning_rate_is_readable_from_a_schedule(keras_fold):
-    _, res, _ = keras_fold
-    lr = nb.keras_learning_rate(res["model"].optimizer)
-    assert 0 <= lr <= nb.Config().torch_lr
+    """keras_learning_rate reads a float, and a schedule at the optimizer's step; the twin's schedule is
+    the torch recipe's (linear warmup, then cosine to zero) step for step."""
+    import keras
+    tmp, res, _ = keras_fold
+    cfg = smoke_config(tmp)
+    assert nb.keras_learning_rate(keras.optimizers.AdamW(learning_rate=3e-4)) == pytest.approx(3e-4)
+    steps_per_epoch, total = 5, 5 * cfg.epochs
+    warmup = nb.warmup_steps(cfg, steps_per_epoch)
+    assert 0 < warmup < total
+    opt = keras.optimizers.AdamW(nb._keras_lib().WarmupCosine(cfg.torch_lr, warmup, total))
+    torch_factor = nb._lr_lambda(total, warmup)
+    seen = []
+    for step in (0, warmup - 1, warmup, (warmup + total) // 2, total - 1, total, total + 3):
+        opt.iterations.assign(step)
+        seen.append(nb.keras_learning_rate(opt))
+        assert seen[-1] == pytest.approx(cfg.torch_lr * torch_factor(step), rel=1e-5, abs=1e-9), step
+    assert seen[1] == pytest.approx(cfg.torch_lr) and seen[-1] == pytest.approx(0.0, abs=1e-9)
+    assert seen[0] < seen[1] and seen[2] > seen[3] > seen[4] > 0
+    # After training, the optimizer stepped once per batch of every epoch (patience 0: none skipped),
+    # and the rate read is the schedule's at that step.
+    trained_opt = res["model"].optimizer
+    done = int(trained_opt.iterations)
+    assert done > 0 and done % cfg.epochs == 0
+    factor = nb._lr_lambda(done, nb.warmup_steps(cfg, done // cfg.epochs))
+    assert nb.keras_learning_rate(trained_opt) == pytest.approx(cfg.torch_lr * factor(done), abs=1e-9)
 
 
 def test_importing_the_notebook_does_not_import_tensorflow():

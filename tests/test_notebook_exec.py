@@ -29,7 +29,8 @@ def test_notebook_executes_top_to_bottom_with_inline_plots(stack, tmp_path):
     if stack != "pinned" and not KAGGLE_PYTHON.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{KAGGLE_PYTHON} missing: install requirements-kaggle.txt (the README's test command does)")
-        pytest.skip(f"{KAGGLE_PYTHON} missing")
+        pytest.skip(f"{KAGGLE_PYTHON} missing: python3 -m venv .venv-kaggle && .venv-kaggle/bin/pip install -r "
+                    f"requirements-kaggle.txt (the README's test command does it), or set CMITEST_KAGGLE_PYTHON")
     env = {**os.environ, "CMI_PROFILE": "smoke", "CMI_DEMO": "1", "CMI_DATA_DIR": str(tmp_path / "demo"),
            "CMI_OUT_DIR": str(tmp_path / "out"), "CMI_LGBM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("KAGGLE_IS_COMPETITION_RERUN", None)

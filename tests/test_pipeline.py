@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import ROOT, install_standin_gateway, run_script, smoke_config
+from conftest import ROOT, install_standin_gateway, run_script, sequence_ids, smoke_config, two_sequences
 
 
 def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
@@ -65,7 +65,7 @@ def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
                      str(sample_dir), "--out-dir", str(tmp_path), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     sub = pl.read_parquet(tmp_path / "submission.parquet")
-    assert sorted(sub["sequence_id"]) == ["SEQ_000001", "SEQ_000011"]
+    assert sorted(sub["sequence_id"]) == sorted(sequence_ids(sample_dir / "test.csv"))
     assert set(sub["gesture"]) <= set(nb.GESTURES)
     assert "problems: none" in res.stdout
     # An inference-only run reports its own stages, not those of an earlier training run.
@@ -143,8 +143,8 @@ def test_resumed_run_gives_the_same_oof(tmp_path):
     cut = smoke_config(tmp_path / "b", stop_after_folds=1)
     with pytest.raises(nb.StopRequested):
         nb.train(cut)
-    assert (tmp_path / "b" / "out" / "bundle" / "lgbm" / "fold0.txt").exists()
-    assert not (tmp_path / "b" / "out" / "bundle" / "lgbm" / "fold1.txt").exists()
+    assert (tmp_path / "b" / "out" / "bundle" / "lgbm_fold0.txt").exists()
+    assert not (tmp_path / "b" / "out" / "bundle" / "lgbm_fold1.txt").exists()
     nb.train(smoke_config(tmp_path / "b"))
     # Determinism too: the nets of both runs trained from scratch with the same seed (on CPU they
     # are bit-exact for a fixed thread count; the tolerance only allows for float summation order).
@@ -294,7 +294,7 @@ def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
     runtime = nb.set_runtime(cfg)
     test = pl.read_csv(sample_dir / "test.csv")
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
-    seq = test.filter(pl.col("sequence_id") == "SEQ_000001")
+    seq = test.filter(pl.col("sequence_id") == two_sequences(test)[0])
     runtime.require()
     runtime.rule = "argmax"
     nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))

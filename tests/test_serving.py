@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import ROOT, install_standin_gateway, run_script, smoke_config
+from conftest import ROOT, install_standin_gateway, run_script, smoke_config, two_sequences
 
 ALL_FAMILIES = {"lgbm", "torch", "torch_sqz", "keras"}
 
@@ -48,6 +48,63 @@ def test_readme_local_rerun_with_relative_paths(trained, tmp_path):
     assert relative.equals(pl.read_parquet(absolute_out / "submission.parquet").sort("sequence_id"))
     assert relative.height == pl.read_csv(data / "test.csv")["sequence_id"].n_unique()
     assert not (project / "submission.parquet").exists()  # written into OUT, not where the user stands
+
+
+def test_a_bundle_uploaded_the_kaggle_cli_default_way_serves_whole(trained, sample_dir, tmp_path):
+    """`kaggle datasets create -p working/bundle` without --dir-mode uploads the regular files at the top
+    of the folder and skips sub-folders (its documented default, "skip"). A copy made by that rule
+    serves with every family and the intact bundle's answers."""
+    cfg, _ = trained
+    bundle = nb.Path(cfg.out_dir) / "bundle"
+    uploaded = tmp_path / "kaggle-input" / "cmi-bfrb-bundle"
+    uploaded.mkdir(parents=True)
+    for path in bundle.iterdir():
+        if path.is_file() and not path.is_symlink():
+            shutil.copy(path, uploaded / path.name)
+    assert not [p for p in bundle.iterdir() if p.is_dir()], "the bundle must keep no file in a sub-folder"
+    test = pl.read_csv(sample_dir / "test.csv")
+    demo = pl.read_csv(sample_dir / "test_demographics.csv")
+    answers = {}
+    for label, path in (("intact", bundle), ("uploaded", uploaded.parent)):  # a mounted dataset's parent
+        runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(path), subject_assignment=False,
+                                                    upside_down_fix=False))
+        runtime.load()
+        assert runtime.error is None and set(runtime.models) == ALL_FAMILIES and not runtime.left_out, label
+        answers[label] = [runtime.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+                          for _, seq in test.group_by("sequence_id", maintain_order=True)]
+        assert runtime.fallbacks == 0
+    assert answers["uploaded"] == answers["intact"]
+
+
+def test_the_slot_models_load_from_the_bundle(trained, tmp_path):
+    """Whatever rule the smoke run chose, its slot models must load and answer when the rule is slots."""
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["serving_rule"] = "slots"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.rule == "slots" and "slot models" not in runtime.left_out, runtime.left_out
+    assert all(len(runtime.context[t]) == cfg.folds for t in nb.CONTEXT_TARGETS)
+    x = np.zeros((1, len(runtime.context_names)), dtype=np.float32)
+    p = nb.context_proba(runtime.context, x)
+    assert p.shape == (1, nb.UNIFORM_CONTEXT.size) and np.isfinite(p).all()
+
+
+def test_a_bundle_of_the_sub_folder_layout_says_how_to_recover(trained, tmp_path):
+    """A bundle of the older layout (models in one sub-folder per member) whose sub-folders an upload
+    dropped: the message says why and what to do, not just "missing"."""
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["families"]["lgbm"]["files"] = ["lgbm/" + f for f in manifest["families"]["lgbm"]["files"]]
+    manifest["files"] = {("lgbm/" + k if k.startswith("lgbm_") else k): v for k, v in manifest["files"].items()}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert "lgbm" not in runtime.models and "sub-folders" in runtime.left_out["lgbm"]
+    assert "retrain" in runtime.left_out["lgbm"]
 
 
 def test_serve_in_process_leaves_the_working_directory_and_reads_paths_as_given(trained, tmp_path, monkeypatch):
@@ -102,7 +159,7 @@ def test_truncated_lightgbm_file_is_left_out_and_never_crashes_the_process(train
     bundles = []
     for cut in (0.05, 0.5, 0.999):
         bundle = copy_bundle(cfg, tmp_path / f"cut{cut}")
-        path = bundle / "lgbm" / "fold0.txt"
+        path = bundle / "lgbm_fold0.txt"
         data = path.read_bytes()
         path.write_bytes(data[: int(len(data) * cut)])
         bundles.append(str(bundle))
@@ -115,13 +172,13 @@ def test_truncated_lightgbm_file_is_left_out_and_never_crashes_the_process(train
     for bundle in bundles:
         r = result[bundle]
         assert set(r["models"]) == ALL_FAMILIES - {"lgbm"} and r["answer"] in nb.GESTURES, r
-        assert "fold0.txt" in r["left_out"]["lgbm"] and "bytes" in r["left_out"]["lgbm"], r
+        assert "lgbm_fold0.txt" in r["left_out"]["lgbm"] and "bytes" in r["left_out"]["lgbm"], r
 
 
 def test_a_fold_from_another_run_is_refused_by_its_sha256(trained, tmp_path):
     cfg, _ = trained
     bundle = copy_bundle(cfg, tmp_path / "bundle")
-    path = bundle / "lgbm" / "fold1.txt"
+    path = bundle / "lgbm_fold1.txt"
     text = path.read_text()
     i = text.index("num_class=") + len("num_class=")  # "18" -> "19": same size, other content
     path.write_text(text[:i + 1] + ("9" if text[i + 1] != "9" else "7") + text[i + 2:])
@@ -139,12 +196,12 @@ def test_killed_retrain_with_other_settings_leaves_no_bundle_that_loads(trained,
     shutil.copytree(cfg.data_dir, data)
     out = tmp_path / "out"
     shutil.copytree(cfg.out_dir, out)
-    before = (out / "bundle" / "lgbm" / "fold0.txt").read_bytes()
+    before = (out / "bundle" / "lgbm_fold0.txt").read_bytes()
     retrain = nb.dataclasses.replace(cfg, data_dir=str(data), demo=False, out_dir=str(out), seed=cfg.seed + 1,
                                      stop_after_folds=1, model_path=None)
     with pytest.raises(nb.StopRequested):
         nb.train(retrain)
-    assert (out / "bundle" / "lgbm" / "fold0.txt").read_bytes() != before  # a fold of the new run
+    assert (out / "bundle" / "lgbm_fold0.txt").read_bytes() != before  # a fold of the new run
     assert not (out / "bundle" / "manifest.json").exists()
     runtime = nb.Runtime(nb.dataclasses.replace(retrain, stop_after_folds=0))
     with pytest.raises(nb.BundleError, match="manifest.json"):
@@ -167,7 +224,7 @@ def test_one_absurd_value_poisons_no_family(trained, sample_dir):
     runtime = nb.set_runtime(cfg)
     test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=None)
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
-    seq = test.filter(pl.col("sequence_id") == "SEQ_000011")
+    seq = test.filter(pl.col("sequence_id") == two_sequences(test)[1])
     seq = seq.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(1e30).otherwise(pl.col("acc_z")).alias("acc_z"))
     runtime.require()
     probas, view, _ = runtime.proba(seq, demo)
@@ -181,7 +238,7 @@ def test_a_family_that_fails_per_call_is_left_out_of_that_blend_only(trained, sa
     runtime.require()
     test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=None)
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
-    seq = test.filter(pl.col("sequence_id") == "SEQ_000001")
+    seq = test.filter(pl.col("sequence_id") == two_sequences(test)[0])
     weights = runtime.manifest["blend_weights"]["full"]
     heaviest = max(zip(weights, runtime.manifest["families"]))[1]
     predictors, *rest = runtime.models[heaviest]

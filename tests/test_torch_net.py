@@ -129,9 +129,9 @@ def test_skipped_folds_still_fill_every_oof_row(tmp_path):
     cfg = smoke_config(tmp_path, models="torch", lgbm_imu_reference=False)
     nb.train(cfg)
     first = {v: np.load(tmp_path / "out" / "oof" / f"oof_torch_{v}.npy") for v in nb.VIEWS}
-    stamp = (tmp_path / "out" / "bundle" / "torch" / "fold0.pt").stat().st_mtime_ns
+    stamp = (tmp_path / "out" / "bundle" / "torch_fold0.pt").stat().st_mtime_ns
     nb.train(cfg)  # every fold is in the bundle: skipped, but its validation rows are predicted again
-    assert (tmp_path / "out" / "bundle" / "torch" / "fold0.pt").stat().st_mtime_ns == stamp
+    assert (tmp_path / "out" / "bundle" / "torch_fold0.pt").stat().st_mtime_ns == stamp
     for v in nb.VIEWS:
         again = np.load(tmp_path / "out" / "oof" / f"oof_torch_{v}.npy")
         assert (again.sum(1) > 0.99).all()
@@ -146,5 +146,15 @@ def test_input_blanking_equals_the_raw_imu_only_path(sample_dir):
     cfg = nb.parse_config(["--profile", "smoke"], environ={})
     full = nb.net_inputs_from(*nb.derive(train, demo, cfg))
     raw_blank = nb.net_inputs_from(*nb.derive(nb.blank_modalities(train), demo, cfg))
-    for a, b in zip(full.arrays, raw_blank.arrays):
-        np.testing.assert_allclose(nb.blank_input_modalities(a, full.names), b, rtol=1e-6, atol=1e-6)
+    assert full.names == raw_blank.names
+    assert len(full.arrays) == len(raw_blank.arrays) == train["sequence_id"].n_unique() > 0
+    values, flags = nb.modality_channel_mask(full.names)
+    assert values.any() and flags.any()
+    changed = 0
+    for a, b in zip(full.arrays, raw_blank.arrays, strict=True):
+        assert a.shape == b.shape
+        blanked = nb.blank_input_modalities(a, full.names)
+        changed += not np.array_equal(blanked, a, equal_nan=True)
+        np.testing.assert_allclose(blanked, b, rtol=1e-6, atol=1e-6)
+        assert np.isnan(b[:, values]).all() and (b[:, flags] == 0).all()
+    assert changed > 0, "no sequence carried thm/ToF: the comparison would prove nothing"
