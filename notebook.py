@@ -14,7 +14,37 @@
 # %% [markdown]
 # # CMI – Detect Behavior with Sensor Data: one notebook from raw CSV to submission
 #
-# What this notebook does, top to bottom:
+# **On Kaggle** (Settings: accelerator **GPU T4 x2**, internet **off**), three journeys:
+#
+# 1. **Train.** Add Input → the competition; Save Version → Save & Run All. Everything lands in
+#    `/kaggle/working`: `bundle/` (the models), `cv_report.json`, `oof/`, `plots/`. The full profile
+#    (the Kaggle default) is estimated at 1.5-2 hours.
+# 2. **Publish the bundle.** Nothing to upload: in the inference notebook, Add Input → Notebook
+#    Output → this training notebook. Or download the output and run
+#    `kaggle datasets create -p working/bundle` (first replace `YOUR_KAGGLE_USERNAME` in
+#    `bundle/dataset-metadata.json` if the training log asked you to).
+# 3. **Submit inference-only.** A new notebook from this same file, with the competition **and**
+#    your bundle as inputs; in the settings cell below, uncomment `%env CMI_STAGE=infer` (and
+#    `CMI_MODEL_PATH` if more than one bundle is attached). Nothing trains. Submit from the Output tab.
+#
+# **Settings** go in the next cell as `%env CMI_<FIELD>=value` lines, one per Config field (section
+# 1; `python notebook.py --help` lists them). A value set there, by a command-line flag, or by
+# editing a default in the Config cell is never overridden by the profile; a misspelt name or a bad
+# value stops the run at once, naming the option and what it takes.
+
+# %% tags=["settings"]
+# Settings: remove the "# " in front of the lines you want. Run from the command line,
+# notebook.py ignores this cell (use flags there, e.g. --folds 5).
+# Training:
+# # %env CMI_FOLDS=5
+# # %env CMI_EPOCHS=60
+# # %env CMI_STOP_AFTER_FOLDS=3
+# Inference-only, with your bundle attached:
+# # %env CMI_STAGE=infer
+# # %env CMI_MODEL_PATH=/kaggle/input/cmi-bfrb-bundle
+
+# %% [markdown]
+# ## What this notebook does, top to bottom
 #
 # 1. **Config**: one dataclass; every field can be set as `--flag` or `CMI_<FIELD>` env var.
 # 2. **Data**: the competition CSVs (or a generated demo dataset in the exact same schema),
@@ -35,17 +65,17 @@
 # 7. **Ensemble**: blend weights per view fitted on OOF (with a nested check), an optional
 #    target/non-target scale kept only if it wins out of sample, and the serving rule that wins when
 #    replayed on OOF, up to assigning a subject's sequences to the study's 102 slots.
-# 8. **Bundle**: models + manifest in `OUT/bundle` (every file with its size and SHA-256), ready for
-#    `kaggle datasets create`, loadable under other Keras/torch/LightGBM versions than it was trained with.
+# 8. **Bundle**: models + manifest in `OUT/bundle`, every file at its top level with its size and
+#    SHA-256, loadable under other Keras/torch/LightGBM versions than it was trained with.
 # 9. **Inference**: `predict(sequence, demographics)` loads the bundle lazily on its first call and
 #    returns one of the 18 gesture names, served by `kaggle_evaluation` or a built-in gateway. A model
 #    family that fails is left out of the blend and counted; a bundle that cannot serve at all stops
 #    the run with its path and the fix, never a silent submission of fallback answers.
 #
 # Speed on a 2-core CPU without GPU: `quick` (the local default) runs the whole demo end to end in
-# about 4 min (expected LB 0.80 served on the demo data, whose confusable gestures move alike as in
-# the real study) and then serves a sequence in tens of milliseconds; `smoke` runs in seconds and is
-# what the tests use; `full` (the Kaggle default) is estimated at 1.5-2 h on a Kaggle T4.
+# about 4-5 min and then serves a sequence in tens of milliseconds; `smoke` runs in seconds and is
+# what the tests use; `full` (the Kaggle default) is estimated at 1.5-2 h on a Kaggle T4. Figures:
+# docs/RESULTS.md; why each default: docs/DECISIONS.md.
 
 # %%
 from __future__ import annotations
@@ -53,13 +83,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import math
 import os
 import platform
-import shutil
+import re
 import sys
 import tempfile
 import time
@@ -86,8 +117,18 @@ KAGGLE_DATA_DIR = Path("/kaggle/input/cmi-detect-behavior-with-sensor-data")
 KAGGLE_WORKING = Path("/kaggle/working")
 
 
-def _doc(text: str, default: Any = None) -> Any:
-    return field(default=default, metadata={"doc": text})
+MODEL_FAMILIES = ("lgbm", "torch", "keras")
+NET_VARIANTS = ("all", "imu")  # --net-variants: what each net reads (member name suffix "" / "_imu")
+TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
+
+
+def _doc(text: str, default: Any = None, *, choices: Iterable[str] = (), many: bool = False,
+         low: float | None = None, high: float | None = None, items: tuple[str, int | None] | None = None) -> Any:
+    """A Config field: its doc and what values it allows (checked by parse_config before anything runs):
+    `choices` (`many`: comma-separated, several of them), a number in [`low`, `high`], or `items`, a
+    comma-separated list of (type, count)."""
+    return field(default=default, metadata={"doc": text, "choices": tuple(choices), "many": many, "low": low,
+                                            "high": high, "items": items})
 
 
 @dataclass
@@ -103,49 +144,53 @@ class Config:
                                   "found under /kaggle/input")
     # --- what to run
     profile: str | None = _doc("smoke (seconds, for tests) | quick (minutes on a 2-core CPU, the "
-                               "local default) | full (competition settings, the Kaggle default)")
+                               "local default) | full (competition settings, the Kaggle default)",
+                               choices=("smoke", "quick", "full"))
     stage: str = _doc("all = train then serve; train = train only; infer = load a bundle and serve",
-                      "all")
-    models: str | None = _doc("comma-separated model families to train: lgbm, torch, keras")
-    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)")
-    epochs: int | None = _doc("training epochs for the neural nets")
-    seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42)
+                      "all", choices=("all", "train", "infer"))
+    models: str | None = _doc("comma-separated model families to train: lgbm, torch, keras",
+                              choices=MODEL_FAMILIES, many=True)
+    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)
+    epochs: int | None = _doc("training epochs for the neural nets", low=1)
+    seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0)
     sample_rate_hz: float = _doc("sampling rate used as the time base of every derivative and "
-                                 "of the Welch bands", 10.0)
+                                 "of the Welch bands", 10.0, low=0.5, high=1000.0)
     # --- demo data
-    demo_train_subjects: int | None = _doc("demo dataset: number of training subjects")
-    demo_test_subjects: int | None = _doc("demo dataset: number of test subjects")
+    demo_train_subjects: int | None = _doc("demo dataset: number of training subjects", low=2)
+    demo_test_subjects: int | None = _doc("demo dataset: number of test subjects", low=1)
     demo_pairs_per_subject: int | None = _doc("demo dataset: (orientation, gesture) pairs per "
-                                              "subject, at most 51 (x2 starting behaviours)")
+                                              "subject, at most 51 (x2 starting behaviours)", low=1, high=51)
     demo_noise: float = _doc("demo dataset: scale of subject and sequence variation (higher = harder)",
-                             1.0)
+                             1.0, low=0.0)
     demo_imu_only_share: float = _doc("demo dataset: share of test sequences with empty thm/tof",
-                                      0.5)
+                                      0.5, low=0.0, high=1.0)
     # --- features
     feature_cache: bool = _doc("reuse per-sequence features across runs (keyed by sequence_id "
                                "and a content hash, so changed data is recomputed)", True)
     tof_pooling: bool = _doc("add 2x2 coarse spatial pooling of each 8x8 ToF grid", True)
     top_k_features: int = _doc("if > 0, LightGBM uses only the top-K features of "
-                               "feature_importance.csv from a previous run", 0)
+                               "feature_importance.csv from a previous run", 0, low=0)
     importance_path: str | None = _doc("feature_importance.csv to select from; default "
                                        "OUT/feature_importance.csv")
     # --- LightGBM
-    lgbm_learning_rate: float | None = _doc("LightGBM learning rate")
-    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)")
-    lgbm_early_stopping: int = _doc("LightGBM early stopping patience, rounds", 50)
-    lgbm_num_leaves: int = _doc("LightGBM num_leaves", 31)
-    lgbm_min_data_in_leaf: int = _doc("LightGBM min_data_in_leaf", 10)
+    lgbm_learning_rate: float | None = _doc("LightGBM learning rate", low=1e-5, high=1.0)
+    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1)
+    lgbm_early_stopping: int = _doc("LightGBM early stopping patience, rounds", 50, low=1)
+    lgbm_num_leaves: int = _doc("LightGBM num_leaves", 31, low=2)
+    lgbm_min_data_in_leaf: int = _doc("LightGBM min_data_in_leaf", 10, low=1)
     lgbm_feature_fraction: float = _doc("LightGBM feature_fraction (column subsampling per tree)",
-                                        0.5)
-    lgbm_bagging_fraction: float = _doc("LightGBM bagging_fraction, with subsample_freq=1", 0.8)
-    lgbm_lambda_l2: float = _doc("LightGBM L2 regularisation", 1.0)
-    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)")
-    lgbm_class_weight: str = _doc("none | balanced: per-class sample weights (none measured ahead at "
-                                  "realistic volume: 0.8202 vs 0.8176 expected LB, see the README)", "none")
+                                        0.5, low=0.01, high=1.0)
+    lgbm_bagging_fraction: float = _doc("LightGBM bagging_fraction, with subsample_freq=1", 0.8,
+                                        low=0.01, high=1.0)
+    lgbm_lambda_l2: float = _doc("LightGBM L2 regularisation", 1.0, low=0.0)
+    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)", low=2)
+    lgbm_class_weight: str = _doc("none | balanced: per-class sample weights (docs/DECISIONS.md)", "none",
+                                  choices=("none", "balanced"))
     lgbm_threads: int = _doc("LightGBM threads; 0 = auto (1 below 10k training rows, where "
-                             "thread overhead outweighs the work; else all cores)", 0)
+                             "thread overhead outweighs the work; else all cores)", 0, low=0)
     modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
-                                   "thm/tof blanked as in the IMU-only test sequences", 1.0)
+                                   "thm/tof blanked as in the IMU-only test sequences", 1.0,
+                                   low=0.0, high=1.0)
     upside_down_fix: bool = _doc("detect subjects who wear the device upside down (their mean gravity "
                                  "direction opposes everyone else's; at inference from the subject's "
                                  "sequences so far, so answers depend on the call order) and turn their "
@@ -154,68 +199,80 @@ class Config:
                                            "yardstick for the imu_only view (reported, not served; off in "
                                            "the quick profile to keep it under 5 minutes)")
     stop_after_folds: int = _doc("if > 0, stop after training this many new folds (split a long "
-                                 "Kaggle session; a rerun resumes from the bundle)", 0)
+                                 "Kaggle session; a rerun resumes from the bundle)", 0, low=0)
     # --- PyTorch CNN-BiGRU-attention
     torch_conv: str | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
-                                  "(each block halves the time axis)")
-    torch_hidden: int | None = _doc("BiGRU hidden size per direction")
-    torch_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3)
+                                  "(each block halves the time axis)", items=("int", None))
+    torch_hidden: int | None = _doc("BiGRU hidden size per direction", low=1)
+    torch_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3, low=0.0, high=0.95)
     torch_demographics: bool = _doc("join a demographics embedding before the heads", True)
-    torch_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3)
-    torch_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1)
-    torch_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2)
-    torch_batch_size: int = _doc("sequences per batch (length-bucketed)", 64)
-    torch_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1)
-    torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99)
+    torch_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3,
+                           low=1e-7, high=1.0)
+    torch_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1, low=0)
+    torch_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2, low=0.0)
+    torch_batch_size: int = _doc("sequences per batch (length-bucketed)", 64, low=1)
+    torch_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1, low=0.0, high=0.5)
+    torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99,
+                            low=0.0, high=0.9999)
     torch_patience: int = _doc("early stopping patience, epochs, on the validation metric; 0 = train "
                                "every epoch and keep the last (EMA) weights, so the fold that produces "
-                               "the OOF never picks its own epoch", 0)
-    torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty")
-    torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5")
+                               "the OOF never picks its own epoch", 0, low=0)
+    torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty",
+                                     choices=("uncertainty", "fixed"))
+    torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5",
+                                   items=("float", 3))
     torch_aux_weights: str = _doc("fixed weights of the orientation and phase losses, added to the "
                                   "gesture heads' loss (never uncertainty-weighted: a learned weight "
-                                  "favours the easy per-step phase task over the gesture)", "0.2,0.2")
+                                  "favours the easy per-step phase task over the gesture)", "0.2,0.2",
+                                  items=("float", 2))
     torch_aux_heads: bool = _doc("train the auxiliary heads: body orientation (4 classes, per sequence) "
                                  "and gesture phase (per step, BiGRU net only)", True)
     torch_phase_pool: bool = _doc("BiGRU net: pool the sequence also weighted by the phase head "
                                   "(gesture steps and transition steps apart) beside the attention pool",
                                   True)
-    max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0)
+    max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0,
+                        low=0)
     tof_grid: bool = _doc("nets also read the five raw 8x8 ToF grids per step through a small per-frame "
                           "2D convolution (beside the per-sensor ToF statistics; the IMU-only variant "
                           "never reads them)", False)
     net_variants: str = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
                              "(IMU channels only); comma-separated, each its own ensemble member "
-                             "(<member>, <member>_imu) whose blend weight per CV view decides", "all")
+                             "(<member>, <member>_imu) whose blend weight per CV view decides", "all",
+                             choices=NET_VARIANTS, many=True)
     torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
-                                "bf16 | fp16", "auto")
-    torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3)
+                                "bf16 | fp16", "auto", choices=("auto", "fp32", "bf16", "fp16"))
+    torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3, low=0)
     torch_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
-                                         "channels (as an IMU-only test sequence)", 0.5)
-    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0)
+                                         "channels (as an IMU-only test sequence)", 0.5, low=0.0, high=1.0)
+    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0, low=0)
     torch_arch: str | None = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
                            "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
-                           "each is its own ensemble member (torch, torch_sqz) with the same recipe")
-    torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)")
-    torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks")
-    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4)
-    torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31)
-    torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1)
+                           "each is its own ensemble member (torch, torch_sqz) with the same recipe",
+                                  choices=tuple(TORCH_ARCHS), many=True)
+    torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)", low=8)
+    torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks", low=1)
+    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4, low=1)
+    torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31, low=1)
+    torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1,
+                                     low=1)
     torch_sqz_reduction: int = _doc("time steps averaged into one after the input projection "
-                                    "(attention cost falls with its square); 1 = off", 2)
-    aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5)
-    aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3)
-    aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3)
-    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3)
-    aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5)
-    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3)
+                                    "(attention cost falls with its square); 1 = off", 2, low=1)
+    aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5,
+                             low=0.0, high=1.0)
+    aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3,
+                                low=0.0, high=1.0)
+    aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3, low=0.0, high=1.0)
+    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3, low=0.0, high=1.0)
+    aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5,
+                               low=0.0, high=1.0)
+    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3, low=0.0, high=1.0)
     # --- inference
     subject_assignment: bool = _doc("allow the serving rules that assign a subject's sequences so far to "
                                     "gestures or to the study's slots (served only when their replayed OOF "
                                     "wins); false = a per-sequence decision", True)
     fallback_gesture: str = _doc("gesture returned when nothing else can be predicted",
                                  "Text on phone")
-    log_level: str = _doc("logging level", "INFO")
+    log_level: str = _doc("logging level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -239,10 +296,7 @@ def config_from(saved: dict[str, Any]) -> Config:
     return dataclasses.replace(Config(), **{k: v for k, v in saved.items() if k in names})
 
 
-MODEL_FAMILIES = ("lgbm", "torch", "keras")
-NET_VARIANTS = ("all", "imu")  # --net-variants: what each net reads (member name suffix "" / "_imu")
 PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path")
-TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
 
 
 def member_name(family: str, cfg: Config) -> str:
@@ -270,84 +324,225 @@ def is_competition_rerun() -> bool:
     return bool(os.environ.get("KAGGLE_IS_COMPETITION_RERUN"))
 
 
-def _parse_value(text: str, annotation: str) -> Any:
-    if "bool" in annotation:
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the option, the value given, what is allowed
+    and the fix. Raised while parsing, before any data is read."""
+
+
+# The Config's sections (the `# ---` comments in the class), each from its first field on: --help groups.
+CONFIG_SECTIONS = {"where things are": "data_dir", "what to run": "profile", "demo data": "demo_train_subjects",
+                   "features": "feature_cache", "LightGBM": "lgbm_learning_rate",
+                   "PyTorch CNN-BiGRU-attention and the Keras twin": "torch_conv", "inference": "subject_assignment"}
+JUPYTER_KERNEL_FLAGS = ("-f", "--f")  # ipykernel's `-f connection.json`: not ours, ignored
+# ...and traitlets settings such as nbclient's --HistoryManager.hist_file=:memory: (ours are lower case)
+JUPYTER_TRAITLET = re.compile(r"--[A-Z]\w*\.\w+(=.*)?")
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_of(name: str) -> str:
+    return f"CMI_{name.upper()}"
+
+
+def allowed_values(f: dataclasses.Field) -> str:
+    """What a field accepts, in words (for errors and --help)."""
+    meta, kind = f.metadata, str(f.type)
+    if meta.get("choices"):
+        return ("one or more of " if meta["many"] else "one of ") + ", ".join(meta["choices"]) + (
+            " (comma-separated)" if meta["many"] else "")
+    if meta.get("items"):
+        typ, count = meta["items"]
+        return f"{count or 'one or more'} comma-separated {'integers' if typ == 'int' else 'numbers'}"
+    if "bool" in kind:
+        return "true or false"
+    number = "an integer" if "int" in kind else "a number" if "float" in kind else "text"
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"{number} from {low:g} to {high:g}"
+    return f"{number} >= {low:g}" if low is not None else number
+
+
+def _config_error(name: str, where: str, problem: str, f: dataclasses.Field) -> ConfigError:
+    return ConfigError(f"{where}: {problem}; {flag_of(name)} (or {env_of(name)}) takes {allowed_values(f)}. "
+                       f"Fix: give an allowed value, or leave it unset for the profile's or the Config's default.")
+
+
+def _parse_value(text: str, f: dataclasses.Field, where: str) -> Any:
+    kind = str(f.type)
+    if "bool" in kind:
         if text.lower() in ("1", "true", "yes", "on", ""):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"not a boolean: {text!r}")
-    if "int" in annotation:
-        return int(text)
-    if "float" in annotation:
-        return float(text)
-    return text
+        raise _config_error(f.name, where, "not a boolean", f)
+    try:
+        return int(text) if "int" in kind else float(text) if "float" in kind else text
+    except ValueError:
+        raise _config_error(f.name, where, f"not {'an integer' if 'int' in kind else 'a number'}", f) from None
 
 
-def checked_choices(text: str, allowed: Iterable[str], flag: str) -> str:
-    """A comma-separated choice (--models, --net-variants, --torch-arch) trimmed and checked."""
-    items = [x.strip() for x in str(text).split(",") if x.strip()]
-    unknown = sorted(set(items) - set(allowed))
-    if unknown or not items:
-        raise ValueError(f"{flag}: unknown {unknown or 'nothing'}; choose from {tuple(allowed)}")
-    return ",".join(items)
+def checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """`value` if the field allows it (a comma-separated choice comes back trimmed), else ConfigError."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices"):
+        items = [x.strip() for x in str(value).split(",")] if meta["many"] else [value]
+        if not all(items) or any(x not in meta["choices"] for x in items) or len(items) != len(set(items)):
+            raise _config_error(f.name, where, "not among the choices", f)
+        return ",".join(items)
+    if meta.get("items"):
+        typ, count = meta["items"]
+        try:
+            parsed = [int(x) if typ == "int" else float(x) for x in str(value).split(",")]
+        except ValueError:
+            parsed = []
+        if not parsed or (count and len(parsed) != count) or min(parsed) < 0 or (typ == "int" and min(parsed) < 1):
+            raise _config_error(f.name, where, "not a list it can use", f)
+        return value
+    low, high = meta.get("low"), meta.get("high")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)):
+        raise _config_error(f.name, where, "out of range", f)
+    return value
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else "."
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    meta, kind = f.metadata, str(f.type)
+    if meta.get("choices"):
+        return ",".join(meta["choices"][:2]) + ",..." if meta["many"] else "{" + ",".join(meta["choices"]) + "}"
+    if meta.get("items"):
+        return ",".join(["N"] * (meta["items"][1] or 2))
+    if f.name in PATH_FIELDS:
+        return "PATH"
+    return "N" if "int" in kind else "X" if "float" in kind else "TEXT"
+
+
+def config_parser(fields: dict[str, dataclasses.Field]) -> argparse.ArgumentParser:
+    """Every Config field as a flag, grouped by the Config's sections, with what it takes and its
+    default per profile."""
+    parser = argparse.ArgumentParser(
+        prog="notebook.py", usage="%(prog)s [--option VALUE ...]   (every option below, also as CMI_<FIELD>)",
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="CMI - Detect Behavior with Sensor Data: train, cross-validate and serve, one notebook.\n"
+                    "  train and serve on demo data:  python notebook.py\n"
+                    "  competition data:              python notebook.py --data-dir DIR\n"
+                    "  serve a bundle only:           python notebook.py --stage infer --model-path DIR --data-dir DIR",
+        epilog="Every option is also an environment variable CMI_<FIELD>: --folds 5 is CMI_FOLDS=5 (in a "
+               "Kaggle notebook: %env CMI_FOLDS=5). A flag wins over the variable. A profile fills only "
+               "the options left unset, whether by flag, variable or an edit of the Config cell.")
+    starts = {first: title for title, first in CONFIG_SECTIONS.items()}
+    group = parser
+    for name, f in fields.items():
+        if name in starts:
+            group = parser.add_argument_group(starts[name])
+        if any(name in p for p in PROFILES.values()):
+            default = "per profile: " + ", ".join(f"{p} {PROFILES[p][name]}" for p in PROFILES)
+        else:
+            default = {"profile": "quick, full on Kaggle"}.get(name, f.default)
+        facts = [allowed_values(f)] if allowed_values(f) != "text" else []
+        facts += [f"default: {default}"] if default is not None else []
+        text = f"{f.metadata['doc']} [{'; '.join(facts)}]" if facts else f.metadata["doc"]
+        text = text.replace("%", "%%")
+        if "bool" in str(f.type):  # --flag alone means true; --flag false turns it off
+            group.add_argument(flag_of(name), dest=name, nargs="?", const="true", default=None, help=text,
+                               metavar="true|false")
+        else:
+            group.add_argument(flag_of(name), dest=name, default=None, help=text, metavar=_metavar(f))
+    return parser
+
+
+def given_settings(argv: list[str], environ: dict[str, str],
+                   fields: dict[str, dataclasses.Field]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values set by CMI_ variables and flags (a flag wins), and where each came from. Unknown
+    names are errors that suggest the closest valid one."""
+    explicit, where = {}, {}
+    for key, text in environ.items():
+        if not key.startswith("CMI_"):
+            continue
+        name = key[4:].lower()
+        if name not in fields:
+            raise ConfigError(f"{key}: no such setting{_closest(key, map(env_of, fields))} Fix: use one of the "
+                              f"CMI_<FIELD> names that `python notebook.py --help` lists, or unset {key}.")
+        where[name] = f"{key}={text!r}"
+        explicit[name] = _parse_value(text, fields[name], where[name])
+    known, unknown = config_parser(fields).parse_known_args(argv)
+    rest = list(unknown)
+    while rest:
+        token = rest.pop(0)
+        if token in JUPYTER_KERNEL_FLAGS:
+            rest = rest[1:]
+        elif not (token.startswith("--f=") or JUPYTER_TRAITLET.fullmatch(token)):
+            option = token.split("=", 1)[0]
+            raise ConfigError(f"{token!r}: no such option{_closest(option, map(flag_of, fields))} Fix: see "
+                              f"`python notebook.py --help` for every option.")
+    for name, value in vars(known).items():
+        if value is not None:
+            where[name] = f"{flag_of(name)} {value!r}"
+            explicit[name] = _parse_value(value, fields[name], where[name])
+    return explicit, where
 
 
 def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Build the Config from profile defaults, CMI_* environment variables and flags.
-
-    Unknown arguments are ignored so the same call works under Jupyter (which passes `-f kernel.json`).
-    """
+    """Build the Config from CMI_* environment variables and flags, the Config's own defaults, and the
+    profile for what is still unset. Every value is checked here, before any data is read; only
+    Jupyter's own kernel arguments are ignored."""
     environ = dict(os.environ if environ is None else environ)
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    explicit: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"CMI_{name.upper()}"
-        if key in environ:
-            explicit[name] = _parse_value(environ[key], str(f.type))
-    parser = argparse.ArgumentParser(description="CMI BFRB pipeline", add_help=True)
-    helps = {name: f.metadata["doc"].replace("%", "%%") for name, f in fields.items()}  # argparse formats help with %
-    for name, f in fields.items():
-        flag = "--" + name.replace("_", "-")
-        if "bool" in str(f.type):  # --flag alone means true; --flag false turns it off
-            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, help=helps[name])
-        else:
-            parser.add_argument(flag, dest=name, default=None, help=helps[name])
-    known, _unknown = parser.parse_known_args(argv)
-    for name, value in vars(known).items():
-        if value is not None:
-            explicit[name] = _parse_value(value, str(fields[name].type))
+    explicit, where = given_settings(argv, environ, fields)
     cfg = dataclasses.replace(Config(), **explicit)
-    profile = cfg.profile or ("full" if on_kaggle() else "quick")
-    if profile not in PROFILES:
-        raise ValueError(f"--profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    profile = checked_value(fields["profile"], cfg.profile, where.get("profile", "Config.profile")) or (
+        "full" if on_kaggle() else "quick")
     # A profile fills only the fields left unset (None): a value given by flag, by CMI_ variable or
     # by editing a default in the Config cell above always wins.
     for name, value in PROFILES[profile].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
+            where[name] = f"profile {profile}: {name}={value!r}"
     cfg.profile = profile
-    if cfg.stage not in ("all", "train", "infer"):
-        raise ValueError(f"--stage must be all, train or infer, got {cfg.stage!r}")
+    for name, f in fields.items():
+        setattr(cfg, name, checked_value(f, getattr(cfg, name), where.get(name, f"Config.{name} = {getattr(cfg, name)!r}")))
     if is_competition_rerun():
         cfg.stage = "infer"  # never train inside the scoring rerun
-    cfg.models = checked_choices(cfg.models, MODEL_FAMILIES, "--models")
-    cfg.net_variants = checked_choices(cfg.net_variants, NET_VARIANTS, "--net-variants")
-    cfg.torch_arch = checked_choices(cfg.torch_arch, TORCH_ARCHS, "--torch-arch")
     if cfg.out_dir is None:
         cfg.out_dir = str(KAGGLE_WORKING if on_kaggle() else Path("working"))
-    if cfg.data_dir is None:  # the competition folder when attached, else demo data in ./demo_data
-        if not cfg.demo and KAGGLE_DATA_DIR.exists():
-            cfg.data_dir = str(KAGGLE_DATA_DIR)
-        else:
-            cfg.data_dir, cfg.demo = "demo_data", True
     # Every path is made absolute here, once: the evaluation gateway runs in another working
     # directory, and a relative path read after that would point somewhere else.
     for name in PATH_FIELDS:
         if getattr(cfg, name):
             setattr(cfg, name, os.path.abspath(os.path.expanduser(getattr(cfg, name))))
+    if cfg.data_dir is None:  # the competition folder when attached, else the demo folder
+        if not cfg.demo and KAGGLE_DATA_DIR.exists():
+            cfg.data_dir = str(KAGGLE_DATA_DIR)
+        else:
+            # Beside the out folder; on Kaggle outside /kaggle/working (the notebook's saved output).
+            # An inference-only run never generates data: it serves the folder's test files or stops.
+            cfg.data_dir = str(Path(tempfile.gettempdir()) / "cmi-demo-data" if on_kaggle()
+                               else Path(cfg.out_dir).parent / "demo_data")
+            cfg.demo = cfg.demo or cfg.stage != "infer"
+    if cfg.demo and cfg.stage != "infer" and cfg.demo_train_subjects < cfg.folds:
+        raise ConfigError(f"{where.get('demo_train_subjects', 'demo_train_subjects')} with "
+                          f"{where.get('folds', 'folds')}: folds are grouped by subject, so the demo needs at "
+                          f"least as many training subjects as folds. Fix: raise --demo-train-subjects or "
+                          f"lower --folds.")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"--out-dir (or CMI_OUT_DIR) {cfg.out_dir!r}: a file, not a folder. Fix: name a folder "
+                          f"(it is created if missing), or move the file away.")
     return cfg
+
+
+def feature_cache_dir(cfg: Config) -> Path:
+    """Locally under the out folder; on Kaggle a temporary folder, so the cache never becomes part of
+    the notebook's saved output in /kaggle/working."""
+    return Path(tempfile.gettempdir()) / "cmi-feature-cache" if on_kaggle() else Path(cfg.out_dir) / "cache"
 
 
 # %% [markdown]
@@ -428,6 +623,10 @@ def label_index(values: Iterable[Any], names: list[str]) -> np.ndarray:
     counts as the first."""
     pos = {n: i for i, n in enumerate(names)}
     return np.array([pos.get(v, 0) for v in values], dtype=np.int64)
+
+
+class DataError(ValueError):
+    """Malformed or missing input data; the message names the file, the column and the fix."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -644,6 +843,8 @@ def turn_upside_down(x: np.ndarray) -> np.ndarray:
 # - **Posture** tilts gravity (seated, leaning, lying on back or side).
 
 # %%
+DEMO_STAMP = "demo_config.json"  # the generator's mark on a folder it wrote
+COMPETITION_FILES = ("train.csv", "train_demographics.csv", "test.csv", "test_demographics.csv")
 DEMO_VERSION = 2  # part of the demo settings: a demo folder from another generator is regenerated
 
 # What each sensor faces at a target: (ToF answer rate, distance noise in mm, temperature in C or
@@ -973,18 +1174,28 @@ def generate_demo_dataset(out: Path, cfg: Config) -> Path:
     _demo_demographics(train_subj).write_csv(out / "train_demographics.csv")
     _demo_rows(rng, test_subj, False, cfg, seq_iter).write_csv(out / "test.csv")
     _demo_demographics(test_subj).write_csv(out / "test_demographics.csv")
-    write_json(out / "demo_config.json", {**demo_settings(cfg), "upside_down_subjects":
+    write_json(out / DEMO_STAMP, {**demo_settings(cfg), "upside_down_subjects":
                                            [s["subject"] for s in train_subj if s["upside_down"]]})
     return out
 
 
+def is_demo_folder(folder: Path) -> bool:
+    return (Path(folder) / DEMO_STAMP).is_file()
+
+
 def resolve_data_dir(cfg: Config) -> Path:
-    """The data folder; (re)generates the demo dataset there when the config asks for demo data."""
+    """The data folder; (re)generates the demo dataset there when the config asks for demo data,
+    only into an empty folder or one the generator wrote itself: real data is never overwritten."""
     if not cfg.demo:
         return Path(cfg.data_dir)
     demo_dir = Path(cfg.data_dir)
+    stamp = demo_dir / DEMO_STAMP
+    if demo_dir.is_dir() and any(demo_dir.iterdir()) and not stamp.exists():
+        held = [n for n in COMPETITION_FILES if (demo_dir / n).exists()] or sorted(p.name for p in demo_dir.iterdir())[:4]
+        raise DataError(f"{demo_dir}: holds {held}, which the demo generator did not write, so it will not write "
+                        f"demo data there. Fix: give --data-dir an empty or new folder for the demo, or leave out "
+                        f"--demo to use the data in {demo_dir}.")
     wanted = demo_settings(cfg)
-    stamp = demo_dir / "demo_config.json"
     stamped = json.loads(stamp.read_text()) if stamp.exists() else {}
     if not ({k: stamped.get(k) for k in wanted} == wanted and (demo_dir / "test_demographics.csv").exists()):
         t0 = time.perf_counter()
@@ -1001,10 +1212,6 @@ def resolve_data_dir(cfg: Config) -> Path:
 # data stops here, before any training, with the file, the column and the fix.
 
 # %%
-class DataError(ValueError):
-    """Malformed input data; the message names the file, the column and the fix."""
-
-
 def _sensor_schema(columns: Iterable[str]) -> dict[str, pl.DataType]:
     sensor = set(SENSOR_COLS)
     return {c: pl.Float32 for c in columns if c in sensor}
@@ -1113,6 +1320,18 @@ class Dataset:
     train: pl.DataFrame
     train_demographics: pl.DataFrame
     data_dir: Path
+
+
+def require_data_files(data_dir: Path, stage: str) -> None:
+    """Stop before any work when the folder lacks what the stage reads."""
+    needed = COMPETITION_FILES if stage in ("all", "train") else COMPETITION_FILES[2:]
+    missing = [n for n in needed if not (Path(data_dir) / n).is_file()]
+    if missing:
+        what = "training and serving" if stage == "all" else "training" if stage == "train" else "serving"
+        raise DataError(f"{data_dir}: missing {missing}; {what} reads {list(needed)} from the data folder. "
+                        f"Fix: pass --data-dir to the folder holding the competition files"
+                        + (" (test.csv and test_demographics.csv for --stage infer)" if stage == "infer" else "")
+                        + ", or run without --data-dir for the demo data.")
 
 
 def load_training_data(data_dir: Path) -> Dataset:
@@ -1940,7 +2159,7 @@ def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
         say(f"upside-down wearers: {len(turned)} of {labels['subject'].n_unique()} training subjects "
             f"({', '.join(turned) or 'none'}); their rows are turned back before every model")
         ds = dataclasses.replace(ds, train_demographics=mark_upside_down(ds.train_demographics, turned))
-    cache_dir = out / "cache"
+    cache_dir = feature_cache_dir(cfg)
     views = {"full": cached_features(ds.train, ds.train_demographics, cfg, cache_dir, "features, full view"),
              "imu_only": cached_features(blank_modalities(ds.train), ds.train_demographics, cfg, cache_dir,
                                          "features, IMU-only view")}
@@ -2916,6 +3135,13 @@ class EarlyStopping:
         return self.left <= 0
 
 
+def kept_epoch(cfg: Config, epoch: int) -> str:
+    """What a fold kept, in words (the log line after its training)."""
+    if cfg.torch_patience <= 0:
+        return f"trained {epoch + 1} epochs, kept the last"
+    return f"trained, kept epoch {epoch + 1} (the best validation score; patience {cfg.torch_patience})"
+
+
 def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
                  proba_of: Callable[[NetInputs], np.ndarray]) -> dict[str, float]:
     """The competition metric of a net on each CV view of the validation fold, and their mean."""
@@ -3116,7 +3342,7 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
         write_json(fold_meta_path(path), {"fingerprint": fp, "best_epoch": res["epoch"],
                                           "best_score": res["score"], "bad_steps": res["bad_steps"],
                                           "uncertainty_s": res["uncertainty_s"]})
-        return load_torch_checkpoint(path, device)[:2], f"trained, best epoch {res['epoch']}"
+        return load_torch_checkpoint(path, device)[:2], kept_epoch(cfg, res["epoch"])
 
     res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda net, v, va: torch_predict_proba([net], np.ones(1), inputs[v].subset(va)))
@@ -3498,7 +3724,7 @@ def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
         write_json(fold_meta_path(path), {"fingerprint": fp, "best_epoch": res["epoch"],
                                           "best_score": res["score"]})
         # OOF comes from the saved artefact, exactly as a resumed fold or predict() sees it.
-        return keras_fold_predictor(load_keras_fold(path, cfg)), f"trained, best epoch {res['epoch']}"
+        return keras_fold_predictor(load_keras_fold(path, cfg)), kept_epoch(cfg, res["epoch"])
 
     res = run_folds(cfg, td, member, load_fold, fit_fold,
                     lambda m, v, va: keras_predict_proba([m[0]], np.ones(1), inputs[v].subset(va), [m[1]]))
@@ -3804,20 +4030,27 @@ class PlotFolder:
         self.written.append(path)
 
 
-def plot_confusion(plots: PlotFolder, y: np.ndarray, proba: np.ndarray) -> None:
-    cm = np.zeros((len(GESTURES), len(GESTURES)))
-    np.add.at(cm, (y, proba.argmax(1)), 1)
-    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plots.figure(figsize=(11, 9.5))
-    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
-    ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=8)
-    ax.axhline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
-    ax.axvline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Ensemble OOF confusion (full view, row-normalised; targets above/left of red)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+def plot_confusion(plots: PlotFolder, y: np.ndarray, ens: dict[str, np.ndarray]) -> None:
+    """The ensemble OOF confusion of both CV views side by side: colours row-normalised (the share of
+    each true gesture), the counts written in the cells."""
+    fig, axes = plots.figure(1, len(VIEWS), figsize=(20, 9.5))
+    for ax, view in zip(axes, VIEWS, strict=True):
+        counts = np.zeros((len(GESTURES), len(GESTURES)), dtype=int)
+        np.add.at(counts, (y, ens[view].argmax(1)), 1)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i, j in zip(*np.nonzero(counts)):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
+        ax.set_yticks(range(len(GESTURES)), GESTURES, fontsize=8)
+        ax.axhline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+        ax.axvline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+        ax.set_xlabel("predicted gesture")
+        ax.set_ylabel("true gesture")
+        ax.set_title(f"Ensemble OOF, {view} view (counts; colour = share of the row; targets above/left of red)",
+                     fontsize=9)
+    fig.colorbar(im, ax=axes[-1], fraction=0.04)
     plots.save(fig, "confusion_matrix.png")
 
 
@@ -3837,6 +4070,7 @@ def plot_per_gesture_f1(plots: PlotFolder, y: np.ndarray, ens: dict[str, np.ndar
 
 def plot_training_curves(plots: PlotFolder, logs: Path) -> None:
     """One figure per net family: training loss and validation metric per epoch and fold."""
+    from matplotlib.ticker import MaxNLocator
     for log in sorted(logs.glob("*.jsonl")):
         family = log.stem
         recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -3849,8 +4083,11 @@ def plot_training_curves(plots: PlotFolder, logs: Path) -> None:
             axes[1].plot([r["epoch"] for r in rk], [r["imu_only"] for r in rk], color=color, ls="--")
         axes[0].set_title(f"{family}: training loss")
         axes[1].set_title(f"{family}: validation metric (solid full, dashed IMU-only)")
+        axes[0].set_ylabel("training loss (mean over batches)")
+        axes[1].set_ylabel("competition metric, validation fold")
         for a in axes:
             a.set_xlabel("epoch")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0].legend(fontsize=7)
         plots.save(fig, f"training_curves_{family}.png")
 
@@ -3887,7 +4124,7 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
         LOG.warning("plots skipped: matplotlib unavailable (%s)", err)
         return []
     y = np.array([GESTURE_INDEX[g] for g in y_true])
-    for name, draw in [("confusion", lambda: plot_confusion(plots, y, ens["full"])),
+    for name, draw in [("confusion", lambda: plot_confusion(plots, y, ens)),
                        ("per-gesture F1", lambda: plot_per_gesture_f1(plots, y, ens)),
                        ("curves", lambda: plot_training_curves(plots, out / "logs")),
                        ("weights", lambda: plot_ensemble_weights(plots, report.get("ensemble_weights", {}))),
@@ -3900,9 +4137,10 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
 
 
 def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str, Any] | None = None,
-                      continues: bool = True) -> dict[str, Any]:
+                      continues: bool = True, show: bool = True) -> dict[str, Any]:
     """OUT/run_summary.json: wall time per stage, peak memory, versions, device, config.
-    `continues`: add to the summary on disk (serving after training in one run), else start anew."""
+    `continues`: add to the summary on disk (serving after training in one run), else start anew;
+    `show`: print it (once per run, at its end)."""
     try:
         import resource
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -3916,8 +4154,9 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
                "peak_rss_mb": peak_mb, "device": device, "versions": library_versions(),
                "config": dataclasses.asdict(cfg), **(extra or {})}
     write_json(path, summary)
-    print("run summary: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items())
-          + f"; total {summary['total_seconds']:.1f}s; peak RSS {peak_mb or float('nan'):.0f} MB; device {device}")
+    if show:
+        print("run summary: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items())
+              + f"; total {summary['total_seconds']:.1f}s; peak RSS {peak_mb or float('nan'):.0f} MB; device {device}")
     return summary
 
 
@@ -4031,6 +4270,7 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "versions": library_versions(),
         "cv": {name: {v: rep[v]["metric"] for v in VIEWS if v in rep}
                for name, rep in report["models"].items()},
+        "expected_lb": report.get("expected_lb"),
     }
     write_json(bundle / "manifest.json", manifest)
     username = kaggle_username()
@@ -4197,7 +4437,8 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     with watch("plots"):
         plots = make_plots(out, td.labels["gesture"].to_list(), ens, report)
     say(f"plots: {len(plots)} written to {out / 'plots'}")
-    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]}, continues=False)
+    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]}, continues=False,
+                      show=cfg.stage == "train")  # stage all prints it after serving
     return report
 
 
@@ -4282,6 +4523,7 @@ class Runtime:
         self.manifest: dict[str, Any] = {}
         self.models: dict[str, Any] = {}
         self.left_out: dict[str, str] = {}  # family -> why it could not be loaded
+        self.demo_bundle_on_other_data = False  # trained on generated demo data, serving data that is not
         self.problems: Counter[str] = Counter()
         self.calls = 0
         self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> family -> calls
@@ -4316,6 +4558,11 @@ class Runtime:
             return
         # Features must be computed as in training, whatever the serving config says.
         trained = manifest.get("config", {})
+        if trained.get("demo") and self.cfg.data_dir and not is_demo_folder(Path(self.cfg.data_dir)):
+            self.demo_bundle_on_other_data = True
+            LOG.warning("predict: the bundle %s was trained on generated demo data, and %s is not demo data: "
+                        "its answers mean nothing there. Fix: train on the competition data (leave out --demo).",
+                        path, self.cfg.data_dir)
         self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling",
                                                                             "tof_grid") if k in trained})
         made = produced_names(self.cfg)
@@ -4531,7 +4778,7 @@ class Runtime:
         return {"calls": self.calls, "serving_rule": self.rule, "served": {v: dict(c) for v, c in self.served.items()},
                 "reduced_blend_calls": self.reduced, "fallback_calls": self.fallbacks, "upside_down_calls": self.turned,
                 "left_out_at_load": dict(self.left_out), "problems": dict(self.problems),
-                "bundle_error": self.error}
+                "bundle_error": self.error, "demo_bundle_on_other_data": self.demo_bundle_on_other_data}
 
     def summary(self) -> str:
         served = "; ".join(f"{v} served by " + (", ".join(f"{n} ({c})" for n, c in self.served[v].items()) or "none")
@@ -4665,6 +4912,24 @@ def configure_logging(cfg: Config) -> None:
     LOG.setLevel(level)
 
 
+def config_line(cfg: Config) -> str:
+    """The run's settings in one line; an inference-only run describes the bundle it will serve."""
+    where = f"data={cfg.data_dir}{' (demo)' if cfg.demo else ''} out={cfg.out_dir}"
+    if cfg.stage != "infer":
+        return (f"config: profile={cfg.profile} stage={cfg.stage} models={cfg.models} folds={cfg.folds} "
+                f"epochs={cfg.epochs} {where}")
+    try:
+        path = find_bundle(Runtime(cfg).bundle_path())
+        manifest = json.loads((path / "manifest.json").read_text())
+        trained, lb = manifest.get("config", {}), manifest.get("expected_lb")
+        return (f"config: stage=infer, serving the bundle {path}: trained with profile={trained.get('profile')} "
+                f"folds={trained.get('folds')} members={','.join(manifest.get('families', {}))} on "
+                f"{'demo' if trained.get('demo') else 'competition'} data, CV expected LB "
+                f"{'n/a' if lb is None else f'{lb:.4f}'}; {where}")
+    except Exception:
+        return f"config: stage=infer, no readable bundle at {Runtime(cfg).bundle_path()} (see below); {where}"
+
+
 def main(argv: list[str] | None = None) -> Config:
     """Train (unless --stage infer or the scoring rerun); returns the config that serving uses."""
     # Busy-waiting OpenMP threads slow LightGBM/torch ~100x when another process holds a core;
@@ -4672,22 +4937,25 @@ def main(argv: list[str] | None = None) -> Config:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg = parse_config(argv)
     configure_logging(cfg)
-    t0 = time.perf_counter()
-    print(f"config: profile={cfg.profile} stage={cfg.stage} models={cfg.models} folds={cfg.folds} "
-          f"out={cfg.out_dir}")
+    print(config_line(cfg))
+    require_data_files(resolve_data_dir(cfg), cfg.stage)
     if cfg.stage in ("all", "train"):
+        t0 = time.perf_counter()
         try:
             train(cfg)
         except StopRequested as stop:
             print(str(stop))
             cfg.stage = "train"  # nothing complete to serve yet
+        print(f"training: done in {time.perf_counter() - t0:.1f}s")
     set_runtime(cfg)
-    print(f"main: done in {time.perf_counter() - t0:.1f}s")
     return cfg
 
 
 # %%
 if __name__ == "__main__":
-    CFG = main()
+    try:
+        CFG = main()
+    except (ConfigError, DataError) as err:  # a setting or a file to fix: the message says which and how
+        sys.exit(f"{type(err).__name__}: {err}")
     if CFG.stage in ("all", "infer"):
         serve(CFG)

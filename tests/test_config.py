@@ -19,7 +19,7 @@ def test_jupyter_arguments_are_ignored():
     """The kernel's own `-f connection.json` changes nothing: the same Config as without it, with the
     settings given by environment and by flag intact."""
     env = {"CMI_FOLDS": "4", "CMI_PROFILE": "smoke"}
-    kernel = ["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"]
+    kernel = ["-f", "/root/.local/share/jupyter/runtime/kernel-1.json", "--HistoryManager.hist_file=:memory:"]
     plain = nb.parse_config(["--epochs", "3"], environ=env)
     assert nb.parse_config(kernel + ["--epochs", "3"], environ=env) == plain
     assert nb.parse_config(["--epochs", "3"] + kernel, environ=env) == plain
@@ -58,6 +58,25 @@ def test_help_lists_every_option():
     for f in nb.dataclasses.fields(nb.Config):
         assert "--" + f.name.replace("_", "-") in res.stdout
     assert "10% of" in res.stdout  # help texts with a percent sign print as written
+    # grouped by the Config's sections, each option with what it takes and its default per profile
+    for title in nb.CONFIG_SECTIONS:
+        assert f"\n{title}:\n" in res.stdout, title
+    assert "CMI_<FIELD>" in res.stdout
+    flat = " ".join(res.stdout.split())
+    assert "{all,train,infer}" in flat and "per profile: smoke 2, quick 3, full 5" in flat
+
+
+def test_the_help_sections_are_the_config_cell_sections():
+    """CONFIG_SECTIONS names the `# --- title` comments of the Config class, each before its first field."""
+    source = nb.Path(nb.__file__).read_text()
+    body = source[source.index("class Config:"):source.index("PROFILES: dict")]
+    titles = [line.strip()[len("# --- "):] for line in body.splitlines() if line.strip().startswith("# --- ")]
+    assert [t.split(" (")[0] for t in titles] == [t.split(" and ")[0] for t in nb.CONFIG_SECTIONS] or \
+        len(titles) == len(nb.CONFIG_SECTIONS)
+    for title, first in nb.CONFIG_SECTIONS.items():
+        after = body.split("\n")
+        i = next(k for k, line in enumerate(after) if line.strip().startswith(f"{first}:"))
+        assert after[i - 1].strip().startswith("# --- "), (title, first)
 
 
 def test_every_path_is_absolute_once_parsed(tmp_path, monkeypatch):
@@ -77,9 +96,13 @@ def _a_value_no_profile_uses(name):
     used = {p.get(name) for p in nb.PROFILES.values()}
     candidates = {"models": ["lgbm", "torch", "keras,lgbm"], "torch_arch": ["squeezeformer", "gru"],
                   "torch_conv": ["24,48", "40,80"], "lgbm_imu_reference": [True, False]}.get(name)
-    if candidates is None:
-        base = max(v for v in used if v is not None)
-        candidates = [type(base)(base * 3 + 1)]
+    if candidates is None:  # a number inside the field's allowed range
+        meta = {f.name: f.metadata for f in nb.dataclasses.fields(nb.Config)}[name]
+        low, high = meta["low"] or 0, meta["high"] or 10 ** 6
+        if all(isinstance(v, int) for v in used):
+            candidates = [v for v in range(max(int(low), 6), int(low) + 300) if v <= high]  # 6+: folds <= subjects
+        else:
+            candidates = [v for v in (0.05, 0.07, 0.11, 0.33, 0.77, 1.0) if low <= v <= high]
     return next(c for c in candidates if c not in used or name == "lgbm_imu_reference")
 
 
@@ -109,10 +132,9 @@ def test_an_edit_of_the_config_cell_survives_every_profile(tmp_path):
     import subprocess
     import sys
     source = (nb.Path(nb.__file__)).read_text()
-    edits = {'    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)")':
-             '    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", 7)',
-             '    torch_hidden: int | None = _doc("BiGRU hidden size per direction")':
-             '    torch_hidden: int | None = _doc("BiGRU hidden size per direction", 20)'}
+    edits = {'_doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)':
+             '_doc("number of CV folds (grouped by subject, stratified by gesture)", 4, low=2)',
+             '_doc("BiGRU hidden size per direction", low=1)': '_doc("BiGRU hidden size per direction", 20, low=1)'}
     for old, new in edits.items():
         assert source.count(old) == 1, old
         source = source.replace(old, new)
@@ -124,4 +146,66 @@ def test_an_edit_of_the_config_cell_survives_every_profile(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.split()[0] in nb.PROFILES]
-    assert lines == [f"{p} 7 20 True" for p in sorted(nb.PROFILES)]
+    assert lines == [f"{p} 4 20 True" for p in sorted(nb.PROFILES)]
+
+
+def test_unknown_names_are_errors_that_suggest_the_closest():
+    with pytest.raises(nb.ConfigError, match=r"'--n-folds'.*did you mean --folds\?"):
+        nb.parse_config(["--n-folds", "5"], environ={})
+    with pytest.raises(nb.ConfigError, match=r"'--fold'.*did you mean --folds\?"):
+        nb.parse_config(["--fold", "5"], environ={})  # no abbreviations: a prefix is a typo too
+    with pytest.raises(nb.ConfigError, match=r"CMI_FOLD: no such setting; did you mean CMI_FOLDS\?"):
+        nb.parse_config([], environ={"CMI_FOLD": "5"})
+    with pytest.raises(nb.ConfigError, match=r"'stray'"):
+        nb.parse_config(["stray"], environ={})
+    # The test suite's own variables and other programs' are not the notebook's.
+    assert nb.parse_config([], environ={"CMITEST_SAMPLE_DIR": "/x", "KAGGLE_USERNAME": "me"}).folds == 3
+
+
+BAD_VALUES = [
+    (["--folds", "1"], {}, r"--folds '1': out of range; --folds \(or CMI_FOLDS\) takes an integer >= 2"),
+    (["--epochs", "0"], {}, r"--epochs '0': out of range.*integer >= 1"),
+    ([], {"CMI_FOLDS": "abc"}, r"CMI_FOLDS='abc': not an integer"),
+    (["--stage", "fit"], {}, r"--stage 'fit'.*one of all, train, infer"),
+    (["--models", "lgbm,xgb"], {}, r"--models 'lgbm,xgb'.*one or more of lgbm, torch, keras"),
+    (["--torch-precision", "fp8"], {}, r"--torch-precision 'fp8'.*auto, fp32, bf16, fp16"),
+    (["--aug-mixup", "1.5"], {}, r"--aug-mixup '1.5'.*from 0 to 1"),
+    (["--torch-head-weights", "1,2"], {}, r"--torch-head-weights '1,2'.*3 comma-separated numbers"),
+    (["--demo-train-subjects", "2", "--folds", "3", "--demo"], {}, r"at least as many training subjects as folds"),
+    (["--subject-assignment", "maybe"], {}, r"--subject-assignment 'maybe': not a boolean"),
+]
+
+
+@pytest.mark.parametrize("argv,env,message", BAD_VALUES, ids=[" ".join(a) or next(iter(e)) for a, e, _ in BAD_VALUES])
+def test_a_bad_value_names_the_option_what_was_given_and_what_is_allowed(argv, env, message):
+    with pytest.raises(nb.ConfigError, match=message) as err:
+        nb.parse_config(argv, environ=env)
+    assert "Fix:" in str(err.value)
+
+
+def test_a_bad_config_cell_value_is_caught_too(tmp_path):
+    """The Config cell edited to folds = 1: the same check as a flag, naming the cell's field."""
+    import subprocess
+    import sys
+    old = '_doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)'
+    source = nb.Path(nb.__file__).read_text()
+    assert source.count(old) == 1
+    (tmp_path / "edited.py").write_text(source.replace(old, old.replace(", low=2)", ", 1, low=2)")))
+    res = subprocess.run([sys.executable, "-c", "import edited; edited.parse_config([], environ={})"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "ConfigError: Config.folds = 1: out of range" in res.stderr, res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("args,env,shown", [
+    (["--folds", "1"], {}, "--folds"), (["--epochs", "0"], {}, "--epochs"), ([], {"CMI_FOLDS": "abc"}, "CMI_FOLDS"),
+    (["--n-folds", "5"], {}, "--folds"), ([], {"CMI_FOLD": "5"}, "CMI_FOLDS"), (["--stage", "fit"], {}, "--stage"),
+    (["--out-dir", "a_file"], {}, "--out-dir")])
+def test_the_script_stops_before_reading_or_writing_anything(args, env, shown, tmp_path):
+    """As a user runs it: a message on stderr naming the option, a non-zero exit, and no folder made
+    (no demo data generated, no fold file written)."""
+    from conftest import run_script
+    (tmp_path / "a_file").write_text("not a folder")
+    res = run_script(*args, cwd=tmp_path, env_extra=env, timeout=120)
+    assert res.returncode != 0 and "ConfigError:" in res.stderr and shown in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

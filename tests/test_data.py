@@ -194,3 +194,51 @@ def test_a_long_wait_never_pushes_the_gesture_out_of_a_demo_sequence():
     for _ in range(3000):
         n_start, n_move, n_pause, n_gest = nb._demo_timeline(rng, nb.START_BEHAVIORS[1], 0.6)
         assert n_start >= 0 and n_gest >= 14 and n_start + n_move + n_pause + n_gest <= 700
+
+
+def _digests(folder):
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_demo_data_never_overwrites_a_folder_of_competition_files(tmp_path, sample_dir):
+    from conftest import run_script
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("test.csv", "test_demographics.csv", "train_demographics.csv"):
+        shutil.copy(sample_dir / name, data / name)
+    before = _digests(data)
+    res = run_script("--demo", "--data-dir", str(data), "--profile", "smoke", cwd=tmp_path, timeout=300)
+    assert res.returncode != 0 and "DataError:" in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    assert str(data) in res.stderr and "Fix:" in res.stderr and "test.csv" in res.stderr
+    assert _digests(data) == before, "the real files must be left byte for byte"
+    # A folder the generator wrote itself (it marks it) is its own to rewrite.
+    cfg = smoke_config(tmp_path / "own")
+    nb.resolve_data_dir(cfg)
+    cfg.seed += 1
+    assert nb.resolve_data_dir(cfg) == nb.Path(cfg.data_dir) and nb.is_demo_folder(nb.Path(cfg.data_dir))
+
+
+def test_inference_without_test_files_stops_naming_the_folder_and_what_it_needs(tmp_path, sample_dir):
+    from conftest import run_script
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    shutil.copy(sample_dir / "test.csv", only_test / "test.csv")
+    for args, missing in ((["--data-dir", str(only_test)], "['test_demographics.csv']"),
+                          ([], "['test.csv', 'test_demographics.csv']")):
+        res = run_script("--stage", "infer", *args, cwd=tmp_path, timeout=300)
+        assert res.returncode != 0 and f"missing {missing}" in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "Fix: pass --data-dir" in res.stderr and "predict:" not in res.stdout
+    assert not (tmp_path / "demo_data").exists(), "an inference-only run never generates data"
+
+
+def test_the_demo_goes_beside_the_out_folder_and_never_into_kaggles_output(tmp_path, monkeypatch):
+    cfg = nb.parse_config(["--out-dir", str(tmp_path / "runs" / "out")], environ={})
+    assert cfg.demo and cfg.data_dir == str(tmp_path / "runs" / "demo_data")
+    assert nb.feature_cache_dir(cfg) == tmp_path / "runs" / "out" / "cache"
+    monkeypatch.setattr(nb, "on_kaggle", lambda: True)
+    monkeypatch.setattr(nb, "KAGGLE_DATA_DIR", tmp_path / "no-competition-attached")
+    on_kaggle = nb.parse_config([], environ={})
+    assert on_kaggle.out_dir == "/kaggle/working" and on_kaggle.profile == "full"
+    for path in (on_kaggle.data_dir, str(nb.feature_cache_dir(on_kaggle))):
+        assert not path.startswith("/kaggle/working") and path.startswith(nb.tempfile.gettempdir()), path

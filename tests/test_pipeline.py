@@ -68,8 +68,16 @@ def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
     assert sorted(sub["sequence_id"]) == sorted(sequence_ids(sample_dir / "test.csv"))
     assert set(sub["gesture"]) <= set(nb.GESTURES)
     assert "problems: none" in res.stdout
+    # The config line describes the bundle served; one run summary, at the end.
+    assert f"serving the bundle {bundle}: trained with profile=smoke folds=2" in res.stdout
+    assert res.stdout.count("run summary:") == 1 and res.stdout.strip().splitlines()[-1].startswith("run summary:")
+    # A demo-trained bundle on data that is not the demo: said before the gateway starts, and recorded.
+    warning = "was trained on generated demo data"
+    assert warning in res.stderr and res.stdout.index("gateway:") > 0
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["serving"]["demo_bundle_on_other_data"] is True
     # An inference-only run reports its own stages, not those of an earlier training run.
-    assert set(json.loads((tmp_path / "run_summary.json").read_text())["stage_seconds"]) == {"serve"}
+    assert set(summary["stage_seconds"]) == {"serve"}
 
 
 def test_kaggle_evaluation_and_builtin_gateways_give_the_same_submission(trained, tmp_path):

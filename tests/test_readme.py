@@ -9,7 +9,7 @@ README = (ROOT / "README.md").read_text()
 NOT_IN_REPO = ("working/", "data/", "demo_data/", "/kaggle/", "bundle/", ".venv")
 COMPETITION_FILES = {"train.csv", "train_demographics.csv", "test.csv", "test_demographics.csv",
                      "train_sample.csv", "kaggle_evaluation/"}  # the competition's download (docs/DATA.md)
-BUNDLE_FILES = {"manifest.json", "dataset-metadata.json"}  # written into working/bundle/ by a run
+RUN_FILES = {"manifest.json", "dataset-metadata.json", "demo_config.json"}  # a run writes them (bundle, demo data)
 
 
 def code_blocks(text: str) -> list[str]:
@@ -39,7 +39,7 @@ def _named_paths(text: str, folders: bool = True) -> set[str]:
     ticked = {t for t in re.findall(r"`([^`\s]+)`", text)
               if re.fullmatch(file_name, t) or (folders and re.fullmatch(r"[\w.\-]+/[\w.\-/]*", t))}
     return {p for p in links | ticked if not p.startswith(("http", *NOT_IN_REPO)) and "<" not in p
-            and p not in COMPETITION_FILES | BUNDLE_FILES}
+            and p not in COMPETITION_FILES | RUN_FILES}
 
 
 def test_every_file_the_readme_names_exists_in_the_repository():

@@ -21,6 +21,17 @@ def copy_bundle(cfg, dest):
     return dest
 
 
+def loaded_after_edit(cfg, dest, edit):
+    """A fresh Runtime over a copy of the smoke bundle whose manifest `edit` changed in place."""
+    bundle = copy_bundle(cfg, dest)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    return runtime
+
+
 def test_readme_local_rerun_with_relative_paths(trained, tmp_path):
     """The README's rerun command verbatim, from a project folder holding data/ (with the gateway
     package) and working/bundle: the same submission as the same bundle served with absolute paths."""
@@ -79,12 +90,7 @@ def test_a_bundle_uploaded_the_kaggle_cli_default_way_serves_whole(trained, samp
 def test_the_slot_models_load_from_the_bundle(trained, tmp_path):
     """Whatever rule the smoke run chose, its slot models must load and answer when the rule is slots."""
     cfg, _ = trained
-    bundle = copy_bundle(cfg, tmp_path / "bundle")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["serving_rule"] = "slots"
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
-    runtime.load()
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(serving_rule="slots"))
     assert runtime.rule == "slots" and "slot models" not in runtime.left_out, runtime.left_out
     assert all(len(runtime.context[t]) == cfg.folds for t in nb.CONTEXT_TARGETS)
     x = np.zeros((1, len(runtime.context_names)), dtype=np.float32)
@@ -96,13 +102,11 @@ def test_a_bundle_of_the_sub_folder_layout_says_how_to_recover(trained, tmp_path
     """A bundle of the older layout (models in one sub-folder per member) whose sub-folders an upload
     dropped: the message says why and what to do, not just "missing"."""
     cfg, _ = trained
-    bundle = copy_bundle(cfg, tmp_path / "bundle")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["families"]["lgbm"]["files"] = ["lgbm/" + f for f in manifest["families"]["lgbm"]["files"]]
-    manifest["files"] = {("lgbm/" + k if k.startswith("lgbm_") else k): v for k, v in manifest["files"].items()}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
-    runtime.load()
+
+    def sub_folder_layout(manifest):
+        manifest["families"]["lgbm"]["files"] = ["lgbm/" + f for f in manifest["families"]["lgbm"]["files"]]
+        manifest["files"] = {("lgbm/" + k if k.startswith("lgbm_") else k): v for k, v in manifest["files"].items()}
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", sub_folder_layout)
     assert "lgbm" not in runtime.models and "sub-folders" in runtime.left_out["lgbm"]
     assert "retrain" in runtime.left_out["lgbm"]
 
@@ -288,12 +292,7 @@ def test_bundle_where_no_family_loads_stops_and_names_each_reason(trained, tmp_p
 
 def test_manifest_fallback_outside_the_18_is_never_served(trained, tmp_path):
     cfg, _ = trained
-    bundle = copy_bundle(cfg, tmp_path / "bundle")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["fallback_gesture"] = "Jump up and down"
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
-    runtime.load()
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(fallback_gesture="Jump up and down"))
     assert runtime.error is None and runtime.fallback in nb.GESTURES
     assert runtime.predict(pl.DataFrame(), pl.DataFrame()) in nb.GESTURES  # an empty call answers the fallback
 
