@@ -93,6 +93,7 @@ import platform
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -590,6 +591,11 @@ DEMO_COLS = ["subject", "adult_child", "age", "sex", "handedness", "height_cm",
 # Typical adult right-hander, used when a subject's demographics are missing.
 DEFAULT_DEMOGRAPHICS = dict(adult_child=1, age=22.0, sex=1, handedness=1, height_cm=168.0,
                             shoulder_to_wrist_cm=52.0, elbow_to_wrist_cm=25.0)
+# What a demographics cell may hold (the real files: age 10-53, height 135-190.5, shoulder to wrist
+# 41-71, elbow to wrist 18-44 cm); anything else is unreadable and gets the default above.
+DEMOGRAPHIC_RANGES = dict(adult_child=(0, 1), age=(5, 100), sex=(0, 1), handedness=(0, 1), height_cm=(90, 230),
+                          shoulder_to_wrist_cm=(20, 100), elbow_to_wrist_cm=(10, 60))
+DEMOGRAPHIC_CODES = ("adult_child", "sex", "handedness")  # 0 or 1, nothing between
 GRAVITY = 9.81
 UPSIDE_DOWN = "upside_down"  # per-subject flag next to the demographics: the device was worn upside down
 
@@ -1255,13 +1261,30 @@ def load_sensor_csv(path: Path, required: list[str]) -> pl.DataFrame:
     return frame
 
 
+def demographic_value(column: str) -> pl.Expr:
+    return pl.col(column).cast(pl.String, strict=False).cast(pl.Float32, strict=False)
+
+
+def demographic_ok(column: str) -> pl.Expr:
+    """A readable value inside the column's range (a 0/1 code exactly 0 or 1)."""
+    v, (low, high) = demographic_value(column), DEMOGRAPHIC_RANGES[column]
+    ok = v.is_finite() & (v >= low) & (v <= high)
+    return (ok & v.is_in([0.0, 1.0])) if column in DEMOGRAPHIC_CODES else ok
+
+
+def demographic_problems(frame: pl.DataFrame) -> list[str]:
+    """The demographics columns holding a value that is present but unreadable or out of range."""
+    return [c for c in DEFAULT_DEMOGRAPHICS if c in frame.columns
+            and frame.select((pl.col(c).is_not_null() & ~demographic_ok(c).fill_null(False)).any()).item()]
+
+
 def clean_demographics(frame: pl.DataFrame) -> pl.DataFrame:
     """Numeric demographics with defaults for missing columns or values (never raises)."""
     exprs = [pl.col("subject").cast(pl.String)] if "subject" in frame.columns else [pl.lit("?").alias("subject")]
     for c, default in DEFAULT_DEMOGRAPHICS.items():
         if c in frame.columns:
-            v = pl.col(c).cast(pl.String, strict=False).cast(pl.Float32, strict=False)
-            exprs.append(pl.when(v.is_finite()).then(v).otherwise(pl.lit(default)).cast(pl.Float32).alias(c))
+            exprs.append(pl.when(demographic_ok(c)).then(demographic_value(c)).otherwise(pl.lit(default))
+                         .cast(pl.Float32).alias(c))
         else:
             exprs.append(pl.lit(default, dtype=pl.Float32).alias(c))
     # Not a demographic of the file: set per subject when the device is detected upside down (7.1).
@@ -1279,6 +1302,12 @@ def load_demographics(path: Path) -> pl.DataFrame:
     missing = [c for c in DEMO_COLS if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}. Fix: use the competition file.")
+    for c in demographic_problems(frame):
+        bad = frame.filter(pl.col(c).is_not_null() & ~demographic_ok(c).fill_null(False)).row(0, named=True)
+        low, high = DEMOGRAPHIC_RANGES[c]
+        allowed = "0 or 1" if c in DEMOGRAPHIC_CODES else f"a number from {low} to {high}"
+        raise DataError(f"{path}: column {c!r} holds {bad[c]!r} for subject {bad['subject']!r}; it takes {allowed}. "
+                        f"Fix: correct the value, or leave the cell empty for the default ({DEFAULT_DEMOGRAPHICS[c]}).")
     return clean_demographics(frame)
 
 
@@ -1296,6 +1325,15 @@ def validate_train(train: pl.DataFrame, demographics: pl.DataFrame, path: Path) 
     if dup.any():
         raise DataError(f"{path}: column 'row_id' has duplicates, e.g. "
                         f"{train.filter(dup)['row_id'][0]!r}. Fix: drop the duplicated rows.")
+    subjects = train.group_by("sequence_id").agg(pl.col("subject").unique().alias("s")).filter(pl.col("s").list.len() > 1)
+    if subjects.height:
+        raise DataError(f"{path}: sequence {subjects['sequence_id'][0]!r} has rows of several values in column "
+                        f"'subject' ({subjects['s'][0].to_list()[:3]}; {subjects.height} sequences). Fix: one subject "
+                        f"per sequence_id: correct the subject column, or give each subject's rows their own sequence_id.")
+    if train["sequence_counter"].null_count():
+        sid = train.filter(pl.col("sequence_counter").is_null())["sequence_id"][0]
+        raise DataError(f"{path}: column 'sequence_counter' has {train['sequence_counter'].null_count()} empty cells "
+                        f"(e.g. in sequence {sid!r}). Fix: number each sequence's rows 0..n-1.")
     bad_order = (train.group_by("sequence_id")
                  .agg((pl.col("sequence_counter").diff().drop_nulls() <= 0).any().alias("bad"))
                  .filter(pl.col("bad")))
@@ -1303,6 +1341,13 @@ def validate_train(train: pl.DataFrame, demographics: pl.DataFrame, path: Path) 
         raise DataError(f"{path}: column 'sequence_counter' is not strictly increasing within "
                         f"sequence {bad_order['sequence_id'][0]!r} ({bad_order.height} sequences). "
                         f"Fix: sort rows by sequence_id, sequence_counter and drop repeats.")
+    gaps = (train.group_by("sequence_id").agg(((pl.col("sequence_counter").min() != 0)
+                                               | (pl.col("sequence_counter").max() != pl.len() - 1)).alias("bad"))
+            .filter(pl.col("bad")))
+    if gaps.height:
+        raise DataError(f"{path}: column 'sequence_counter' does not run 0..n-1 in sequence {gaps['sequence_id'][0]!r} "
+                        f"({gaps.height} sequences: rows missing, or counters of several recordings). Fix: number "
+                        f"each sequence's rows 0..n-1, or drop the incomplete sequences.")
     labels = train.group_by("sequence_id").agg(pl.col("gesture").n_unique().alias("k")).filter(pl.col("k") > 1)
     if labels.height:
         raise DataError(f"{path}: sequence {labels['sequence_id'][0]!r} has more than one value in "
@@ -1496,6 +1541,12 @@ def sanitize_sequences(frame: pl.DataFrame) -> Sequences:
     # otherwise overflow the derived channels and turn a net's output into NaN.
     np.clip(sensors, SENSOR_LOW, SENSOR_HIGH, out=sensors)
     return Sequences(meta.drop("_row"), sensors)
+
+
+def is_imu_only(sensors: np.ndarray) -> bool:
+    """True when every thm/tof cell of a SENSOR_COLS matrix is empty, as in the IMU-only half of
+    the test set (sanitised cells: unparsable or non-finite count as empty)."""
+    return bool(np.isnan(sensors[:, len(ACC_COLS) + len(ROT_COLS):]).all())
 
 
 def _segments(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -3086,8 +3137,9 @@ def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler,
 
 
 def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarray, inputs: NetInputs,
-                        batch_size: int = 64, packed: bool = True) -> np.ndarray:
-    """Fold-weighted class probabilities for every sequence of `inputs` (eval mode, no grad)."""
+                        batch_size: int = 64, packed: bool = True, fp32: bool = False) -> np.ndarray:
+    """Fold-weighted class probabilities for every sequence of `inputs` (eval mode, no grad; fp16
+    autocast on CUDA unless `fp32`, which the bundle's proof uses so that it holds on any device)."""
     torch = _torch_lib().torch
     lengths = np.array([len(a) for a in inputs.arrays])
     per_fold = []
@@ -3097,7 +3149,7 @@ def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarr
         p = np.zeros((len(lengths), len(GESTURES)), dtype=np.float32)
         for idx in length_buckets(lengths, batch_size, None):
             xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
-            with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+            with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda" and not fp32):
                 o = model(xb, lb, db, packed=packed)
             p[idx] = combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
         per_fold.append(p)
@@ -3551,10 +3603,11 @@ def keras_policy() -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def build_keras_model(cfg: Config, in_ch: int) -> Any:
+def build_keras_model(cfg: Config, in_ch: int, policy: str | None = None) -> Any:
+    """The Keras twin under `policy` (default: keras_policy(), mixed precision on a GPU for training)."""
     lib = _keras_lib()
     keras = lib.keras
-    keras.mixed_precision.set_global_policy(keras_policy())
+    keras.mixed_precision.set_global_policy(policy or keras_policy())
     x_in = keras.Input((None, in_ch), name="x")
     m_in = keras.Input((None,), name="mask")
     d_in = keras.Input((len(DEFAULT_DEMOGRAPHICS),), name="demo")
@@ -3691,11 +3744,12 @@ def save_keras_fold(path: Path, model: Any, scaler: InputScaler) -> None:
 
 
 def load_keras_fold(path: Path, cfg: Config) -> tuple[Any, InputScaler]:
-    """The net of `cfg` (the config it was trained with) rebuilt, with the saved weights set."""
+    """The net of `cfg` (the config it was trained with) rebuilt in float32, with the saved weights set:
+    one sequence per call gains nothing from mixed precision, and float32 answers do not depend on the device."""
     with np.load(path, allow_pickle=False) as z:
         scaler = InputScaler.from_state({k[len("scaler_"):]: z[k] for k in z.files if k.startswith("scaler_")})
         weights = [z[k] for k in sorted(k for k in z.files if k.startswith("w"))]
-    model = build_keras_model(cfg, len(scaler.mean))
+    model = build_keras_model(cfg, len(scaler.mean), policy="float32")
     model.set_weights(weights)  # checks every shape against the rebuilt architecture
     return model, scaler
 
@@ -4246,6 +4300,157 @@ def kaggle_username() -> str:
         return "YOUR_KAGGLE_USERNAME"
 
 
+def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
+                made: dict[str, list[str]]) -> Any:
+    """One family's fold models, after checking its inputs and its files against the manifest."""
+    wanted = fam.get("feature_names") or fam.get("channel_names") or []
+    have = made["features"] if "feature_names" in fam else made["channels"]
+    unknown = [c for c in wanted if c not in set(have)]
+    if unknown or ("channel_names" in fam and wanted != have):
+        raise BundleError(f"{path}/manifest.json: the {name} models expect feature/channel names this code "
+                          f"does not produce in that order (e.g. {(unknown or wanted)[:2]}). Fix: retrain the "
+                          f"bundle with this notebook version (manifest format {BUNDLE_FORMAT}).")
+    verify_bundle_files(path, fam["files"], manifest.get("files", {}))
+    weights = np.asarray(fam["fold_weights"], dtype=np.float64)
+    if name == "lgbm":
+        boosters = [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]]
+        for f, booster in zip(fam["files"], boosters, strict=True):
+            if booster.feature_name() != fam["feature_names"]:
+                got, want = booster.feature_name(), fam["feature_names"]
+                i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                raise BundleError(f"{path / f}: the booster's features differ from manifest.json's families.lgbm."
+                                  f"feature_names ({len(got)} vs {len(want)} names; first difference at position {i}). "
+                                  f"Fix: retrain the bundle, or restore the file and manifest written together.")
+        return boosters, weights, fam["feature_names"]
+    if member_family(name) == "torch":
+        torch = _torch_lib().torch
+        torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
+        return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
+    if member_family(name) == "keras":  # rebuilt from the run's config, narrowed to this member's variant
+        cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
+        folds = [keras_fold_predictor(load_keras_fold(path / f, cfg)) for f in fam["files"]]
+        return [p for p, _ in folds], weights, [sc for _, sc in folds]
+    raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
+                      f"this notebook version.")
+
+
+def produced_names(cfg: Config) -> dict[str, list[str]]:
+    """Feature and channel names the current code makes (from a tiny synthetic sequence)."""
+    n = 12
+    frame = pl.DataFrame({"sequence_id": ["SEQ_CHECK"] * n, "sequence_counter": list(range(n)),
+                          "subject": ["SUBJ_CHECK"] * n,
+                          **{c: np.linspace(0.1, 1.0, n, dtype=np.float32) for c in SENSOR_COLS}})
+    prepared, channels = derive(frame, pl.DataFrame({"subject": ["SUBJ_CHECK"]}), cfg)
+    return {"features": aggregate_features(prepared, channels, cfg.sample_rate_hz).names,
+            "channels": net_inputs_from(prepared, channels, cfg.tof_grid).names}
+
+
+def tie_call(sequence: pl.DataFrame, demographics: pl.DataFrame, turned: bool = False) -> Sequences:
+    """One call's rows prepared as every model reads them: the sequence and its one demographics row tied
+    by a fixed subject key, whatever they say (turned back first when the wearer is upside down)."""
+    seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
+    demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
+    return prepare_sequences(seq, mark_upside_down(demo, ["SUBJ_CALL"]) if turned else demo)
+
+
+def family_outputs(name: str, model: Any, prepared: Sequences, channels: pl.DataFrame, cfg: Config,
+                   cache: dict[str, Any], per_fold: bool = False) -> Any:
+    """A loaded family's class probabilities (n, 18) for prepared sequences, fold-weighted as served, or
+    one array per fold on the fp32 path (the proof). `cache` keeps the feature table and the net inputs
+    that several families read."""
+    if name == "lgbm":
+        boosters, weights, names = model
+        cache.setdefault("table", aggregate_features(prepared, channels, cfg.sample_rate_hz))
+        x = cache["table"].matrix(names)
+        return [lgbm_predict_proba([b], np.ones(1), x) for b in boosters] if per_fold else \
+            lgbm_predict_proba(boosters, weights, x)
+    if "inputs" not in cache:
+        cache["inputs"] = net_inputs_from(prepared, channels, cfg.tof_grid)
+    if member_family(name) == "keras":
+        predictors, weights, scalers = model
+        if per_fold:
+            return [keras_predict_proba([f], np.ones(1), cache["inputs"], [sc]) for f, sc in zip(predictors, scalers)]
+        return keras_predict_proba(predictors, weights, cache["inputs"], scalers)
+    nets, weights = model
+    if per_fold:
+        return [torch_predict_proba([net], np.ones(1), cache["inputs"], fp32=True) for net in nets]
+    return torch_predict_proba(nets, weights, cache["inputs"])
+
+
+def blend_of(probas: dict[str, np.ndarray], manifest: dict[str, Any], view: str) -> np.ndarray:
+    """The bundle's blend for `view` over the families in `probas` (weights renormalised; only zero-weight
+    families answering count equally), with the view's target scale."""
+    weights = dict(zip(manifest["families"], manifest["blend_weights"][view]))
+    w = np.array([weights.get(n, 0.0) for n in probas], dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones(len(probas))
+    return target_scaled(blend(list(probas.values()), w), manifest["target_scale"][view])
+
+
+# The bundle's proof (29): reference calls made by the demo generator (never competition rows: bundles are
+# published as datasets), every family's per-fold outputs on them and the blend's answers, stored at
+# training and replayed at load through the steps predict() runs.
+PROOF_SEED = 20250901
+PROOF_CALLS, PROOF_OUTPUTS = "proof_calls.parquet", "proof_outputs.npz"
+PROOF_TOLERANCE = 1e-3  # largest probability difference a family may show (library versions, devices)
+
+
+def proof_calls(cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Eight reference calls in the test schema: four demo subjects (the first left-handed) with two
+    sequences each, every second one IMU-only (thm/ToF empty); and their demographics."""
+    rng = np.random.default_rng(PROOF_SEED)
+    subjects = _demo_subjects(rng, 4, set(), 0)
+    subjects[0]["handedness"] = 0
+    rows = _demo_rows(rng, subjects, False, dataclasses.replace(cfg, demo_pairs_per_subject=1, demo_imu_only_share=0.0),
+                      iter(range(990001, 990100)))
+    imu_only = rows["sequence_id"].unique(maintain_order=True).to_list()[1::2]
+    rows = rows.with_columns(pl.when(pl.col("sequence_id").is_in(imu_only)).then(None).otherwise(pl.col(c)).alias(c)
+                             for c in THM_COLS + TOF_COLS)
+    return rows, _demo_demographics(subjects)
+
+
+def replay_proof(models: dict[str, Any], calls: pl.DataFrame, demographics: pl.DataFrame,
+                 cfg: Config) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Each family's per-fold probabilities (folds, calls, 18) on the reference calls, one call at a time
+    as predict() prepares it (no per-subject state: no history, no upside-down turn), and each call's view."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    views = []
+    for _, seq in calls.group_by("sequence_id", maintain_order=True):
+        prepared = tie_call(seq.with_columns(pl.lit("SEQ_CALL").alias("sequence_id")),
+                            demographics.filter(pl.col("subject") == seq["subject"][0]))
+        channels = sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
+        views.append("imu_only" if is_imu_only(prepared.sensors) else "full")
+        cache: dict[str, Any] = {}
+        for name, model in models.items():
+            out[name].append(np.stack(family_outputs(name, model, prepared, channels, cfg, cache, per_fold=True)))
+    return {name: np.concatenate(parts, axis=1) for name, parts in out.items()}, views
+
+
+def proof_answers(outputs: dict[str, np.ndarray], manifest: dict[str, Any], views: list[str]) -> list[str]:
+    """The blend's answer (argmax) per reference call from the families' per-fold outputs."""
+    answers = []
+    for i, view in enumerate(views):
+        probas = {n: blend(list(o[:, i:i + 1]), np.asarray(manifest["families"][n]["fold_weights"], np.float64))
+                  for n, o in outputs.items()}
+        answers.append(GESTURES[int(np.argmax(blend_of(probas, manifest, view)[0]))])
+    return answers
+
+
+def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the proof files into the bundle; returns the manifest's "proof" entry (the files are then
+    listed with their digests like every model file)."""
+    cfg = config_from(manifest["config"])
+    made = produced_names(cfg)
+    models = {name: load_family(bundle, name, fam, manifest, made) for name, fam in manifest["families"].items()}
+    calls, demographics = proof_calls(cfg)
+    outputs, views = replay_proof(models, calls, demographics, cfg)
+    atomic_write(bundle / PROOF_CALLS, lambda p: calls.write_parquet(p))
+    atomic_write(bundle / PROOF_OUTPUTS, lambda p: np.savez(p, **outputs))
+    return {"calls": PROOF_CALLS, "outputs": PROOF_OUTPUTS, "demographics": demographics.to_dicts(),
+            "views": views, "answers": proof_answers(outputs, manifest, views), "tolerance": PROOF_TOLERANCE,
+            "versions": library_versions()}
+
+
 def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
                  blend_weights: dict[str, list[float]], target_scale: dict[str, float],
                  report: dict[str, Any], context: dict[str, Any], rule: str) -> None:
@@ -4272,6 +4477,8 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
                for name, rep in report["models"].items()},
         "expected_lb": report.get("expected_lb"),
     }
+    manifest["proof"] = record_proof(bundle, manifest)
+    manifest["files"].update({f: file_digest(bundle / f) for f in (PROOF_CALLS, PROOF_OUTPUTS)})
     write_json(bundle / "manifest.json", manifest)
     username = kaggle_username()
     write_json(bundle / "dataset-metadata.json", {
@@ -4281,43 +4488,129 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
             f"replace YOUR_KAGGLE_USERNAME by your Kaggle username (no KAGGLE_USERNAME or ~/.kaggle/kaggle.json here)")
 
 
+MANIFEST_FIELDS = {"format_version": (int, str), "class_names": list, "feature_version": int, "families": dict,
+                   "files": dict, "blend_weights": dict, "target_scale": dict, "config": dict, "serving_rule": str,
+                   "fallback_gesture": str, "context": dict, "upside_down": dict}
+FIX_RETRAIN = "Fix: retrain the bundle with this notebook version, or restore manifest.json as training wrote it."
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _number_list(values: Any, n: int | None = None) -> bool:
+    """A list of finite non-negative numbers (of length n)."""
+    return (isinstance(values, list) and (n is None or len(values) == n) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values))
+
+
+def check_bundle_name(bundle: Path, name: Any, field_name: str) -> None:
+    """A file the manifest names must be a plain relative name that stays inside the bundle."""
+    path = Path(str(name))
+    inside = os.path.realpath(bundle / path).startswith(os.path.realpath(bundle) + os.sep)
+    if not isinstance(name, str) or not name or path.is_absolute() or ".." in path.parts or "\\" in name or not inside:
+        raise BundleError(f"{bundle}/manifest.json: {field_name} names {_short(name)}, which is not a file inside "
+                          f"the bundle folder. {FIX_RETRAIN}")
+
+
+def validate_manifest(bundle: Path, manifest: Any) -> dict[str, Any]:
+    """Every field serving reads, with its type and its value checked; a refusal names the field, the
+    value and the fix."""
+    where = f"{bundle}/manifest.json"
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: a JSON {type(manifest).__name__}, not an object. {FIX_RETRAIN}")
+    for key, kind in MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise BundleError(f"{where}: the field {key!r} is missing. {FIX_RETRAIN}")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise BundleError(f"{where}: {key} = {_short(manifest[key])} is not a {getattr(kind, '__name__', 'number')}. "
+                              f"{FIX_RETRAIN}")
+    families = manifest["families"]
+    if not families:
+        raise BundleError(f"{where}: lists no model family. {FIX_RETRAIN}")
+    for view in VIEWS:
+        weights, scale = manifest["blend_weights"].get(view), manifest["target_scale"].get(view)
+        if not (_number_list(weights, len(families)) and abs(sum(weights) - 1.0) < 1e-6):
+            raise BundleError(f"{where}: blend_weights.{view} = {_short(weights)}; it takes {len(families)} finite "
+                              f"non-negative weights summing to 1, one per family of {list(families)}. {FIX_RETRAIN}")
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+            raise BundleError(f"{where}: target_scale.{view} = {_short(scale)}; it takes a finite number > 0. {FIX_RETRAIN}")
+    for name, fam in families.items():
+        if not isinstance(fam, dict) or not isinstance(fam.get("files"), list) or not fam["files"]:
+            raise BundleError(f"{where}: families.{name} = {_short(fam)} lists no files. {FIX_RETRAIN}")
+        if not (_number_list(fam.get("fold_weights"), len(fam["files"])) and sum(fam["fold_weights"]) > 0):
+            raise BundleError(f"{where}: families.{name}.fold_weights = {_short(fam.get('fold_weights'))}; it takes "
+                              f"one finite non-negative weight per file, not all 0. {FIX_RETRAIN}")
+        names = fam.get("feature_names" if name == "lgbm" else "channel_names")
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise BundleError(f"{where}: families.{name} has no list of input names. {FIX_RETRAIN}")
+        for f in fam["files"]:
+            check_bundle_name(bundle, f, f"families.{name}.files")
+    context = manifest["context"]
+    if not (isinstance(context.get("files"), list) and isinstance(context.get("feature_names"), list)):
+        raise BundleError(f"{where}: context = {_short(context)} lacks its files or feature_names. {FIX_RETRAIN}")
+    for f in context["files"]:
+        check_bundle_name(bundle, f, "context.files")
+    for f, digest in manifest["files"].items():
+        check_bundle_name(bundle, f, "files")
+        if not (isinstance(digest, dict) and isinstance(digest.get("bytes"), int) and isinstance(digest.get("sha256"), str)):
+            raise BundleError(f"{where}: files.{f} = {_short(digest)}; it takes its bytes and sha256. {FIX_RETRAIN}")
+    return manifest
+
+
 def read_manifest(bundle: Path) -> dict[str, Any]:
-    """The manifest, checked for what the whole bundle depends on (format, class order, features)."""
+    """The manifest, checked for what the whole bundle depends on (format, class order, features)
+    and validated field by field."""
     path = bundle / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise BundleError(f"{path}: unreadable ({err}). Fix: copy or upload the bundle again.") from err
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     try:
         number = int(str(version).strip())  # a hand-edited "3" is still format 3
     except ValueError:
         number = None
     fix = "Fix: retrain the bundle with this notebook version."
-    if number != BUNDLE_FORMAT:
+    if number != BUNDLE_FORMAT and isinstance(manifest, dict):
         raise BundleError(f"{path} has format_version {version!r}; this code reads format {BUNDLE_FORMAT}. {fix}")
-    if manifest.get("class_names") != GESTURES:
+    validate_manifest(bundle, manifest)
+    if manifest["class_names"] != GESTURES:
         raise BundleError(f"{path}: class order differs from this code's 18 gestures. {fix}")
-    if manifest.get("feature_version") != FEATURE_VERSION:
+    if manifest["feature_version"] != FEATURE_VERSION:
         raise BundleError(f"{path}: feature_version {manifest.get('feature_version')!r}, this code computes "
                           f"feature version {FEATURE_VERSION}. {fix}")
-    if not isinstance(manifest.get("families"), dict) or not manifest["families"]:
-        raise BundleError(f"{path}: lists no model family. {fix}")
     return manifest
 
 
 def find_bundle(path: Path) -> Path:
-    """A bundle folder, or the first folder below `path` holding a manifest (Kaggle dataset mounts)."""
+    """A bundle folder; or, below `path` (a Kaggle dataset mount, /kaggle/input), the newest valid
+    bundle by its manifest's creation time. A broken bundle never shadows a valid one, and a line
+    names the one chosen and the others."""
     path = Path(path)
     if (path / "manifest.json").exists():
         return path
-    if path.exists():
-        for manifest in sorted(path.rglob("manifest.json")):
-            if len(manifest.relative_to(path).parts) <= 4:
-                return manifest.parent
-    raise FileNotFoundError(f"no model bundle at {path}: expected {path}/manifest.json (format "
-                            f"version {BUNDLE_FORMAT}) or a folder containing one. Fix: train first "
-                            f"(--stage train) or pass --model-path to the bundle (a mounted Kaggle dataset).")
+    found = sorted(m.parent for m in path.rglob("manifest.json") if len(m.relative_to(path).parts) <= 4) \
+        if path.exists() else []
+    if not found:
+        raise FileNotFoundError(f"no model bundle at {path}: expected {path}/manifest.json (format "
+                                f"version {BUNDLE_FORMAT}) or a folder containing one. Fix: train first "
+                                f"(--stage train) or pass --model-path to the bundle (a mounted Kaggle dataset).")
+    valid, broken = [], {}
+    for folder in found:
+        try:
+            valid.append((str(read_manifest(folder).get("created", "")), str(folder)))
+        except BundleError as err:
+            broken[folder] = str(err)
+    if not valid:
+        raise BundleError(f"{path}: no bundle below it can serve: " + "; ".join(broken.values()))
+    created, chosen = max(valid)
+    if len(found) > 1:
+        others = [f"{f} (older)" for _, f in sorted(valid)[:-1]] + [f"{f} (cannot serve: {why})" for f, why in broken.items()]
+        print(f"predict: {len(found)} bundles under {path}; serving the newest valid one, {chosen} (created "
+              f"{created or 'unknown'}); not served: {'; '.join(others)}")
+    return Path(chosen)
 
 
 # %% [markdown]
@@ -4455,48 +4748,15 @@ def failure_reason(err: Exception) -> str:
     return str(err) if isinstance(err, (BundleError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
 
 
-def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
-                made: dict[str, list[str]]) -> Any:
-    """One family's fold models, after checking its inputs and its files against the manifest."""
-    wanted = fam.get("feature_names") or fam.get("channel_names") or []
-    have = made["features"] if "feature_names" in fam else made["channels"]
-    unknown = [c for c in wanted if c not in set(have)]
-    if unknown or ("channel_names" in fam and wanted != have):
-        raise BundleError(f"{path}/manifest.json: the {name} models expect feature/channel names this code "
-                          f"does not produce in that order (e.g. {(unknown or wanted)[:2]}). Fix: retrain the "
-                          f"bundle with this notebook version (manifest format {BUNDLE_FORMAT}).")
-    verify_bundle_files(path, fam["files"], manifest.get("files", {}))
-    weights = np.asarray(fam["fold_weights"], dtype=np.float64)
-    if name == "lgbm":
-        return [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]], weights, fam["feature_names"]
-    if member_family(name) == "torch":
-        torch = _torch_lib().torch
-        torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
-        return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
-    if member_family(name) == "keras":  # rebuilt from the run's config, narrowed to this member's variant
-        cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
-        folds = [keras_fold_predictor(load_keras_fold(path / f, cfg)) for f in fam["files"]]
-        return [p for p, _ in folds], weights, [sc for _, sc in folds]
-    raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
-                      f"this notebook version.")
+FALLBACK_STREAK_LIMIT = 20  # this many calls in a row answered by the fallback stop serving (BundleError)
+FALLBACK_SHARE_LIMIT = 0.1  # a local gateway run whose calls fell back more often than this exits non-zero
 
 
-def produced_names(cfg: Config) -> dict[str, list[str]]:
-    """Feature and channel names the current code makes (from a tiny synthetic sequence)."""
-    n = 12
-    frame = pl.DataFrame({"sequence_id": ["SEQ_CHECK"] * n, "sequence_counter": list(range(n)),
-                          "subject": ["SUBJ_CHECK"] * n,
-                          **{c: np.linspace(0.1, 1.0, n, dtype=np.float32) for c in SENSOR_COLS}})
-    prepared, channels = derive(frame, pl.DataFrame({"subject": ["SUBJ_CHECK"]}), cfg)
-    return {"features": aggregate_features(prepared, channels, cfg.sample_rate_hz).names,
-            "channels": net_inputs_from(prepared, channels, cfg.tof_grid).names}
-
-
-def subject_of(sequence: Any, demographics: Any) -> str | None:
-    """The subject id of a call, from the sequence or else the demographics row (None if neither)."""
-    for frame in (sequence, demographics):
+def first_value(frames: Iterable[Any], column: str) -> str | None:
+    """The first non-empty value of `column` in the first of `frames` that has one (None if none)."""
+    for frame in frames:
         try:
-            value = frame["subject"][0]
+            value = frame[column][0]
             if value is not None and str(value):
                 return str(value)
         except Exception:
@@ -4504,10 +4764,14 @@ def subject_of(sequence: Any, demographics: Any) -> str | None:
     return None
 
 
-def is_imu_only(sensors: np.ndarray) -> bool:
-    """True when every thm/tof cell of a SENSOR_COLS matrix is empty, as in the IMU-only half of
-    the test set (sanitised cells: unparsable or non-finite count as empty)."""
-    return bool(np.isnan(sensors[:, len(ACC_COLS) + len(ROT_COLS):]).all())
+def subject_of(sequence: Any, demographics: Any) -> str | None:
+    """The subject id of a call, from the sequence or else the demographics row (None if neither)."""
+    return first_value((sequence, demographics), "subject")
+
+
+def call_sequence_id(sequence: Any, call: int) -> str:
+    """The call's sequence_id (the key of the per-subject history), or one of its own when it has none."""
+    return first_value((sequence,), "sequence_id") or f"CALL_{call}"
 
 
 class Runtime:
@@ -4529,11 +4793,14 @@ class Runtime:
         self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> family -> calls
         self.reduced = 0  # calls blended from fewer families than the bundle's blend weights name
         self.fallbacks = 0  # calls answered with the fallback gesture
-        self.history: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # subject -> (probabilities, context) so far
+        # subject -> sequence_id -> (probabilities, context): a sequence seen again replaces its entry
+        self.history: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.context: dict[str, list[Any]] = {}  # orientation / behaviour -> fold boosters (the slot models)
         self.rule = "argmax"
         self.context_names: list[str] = []
-        self.wear_scores: dict[str, list[float]] = {}  # subject -> upside-down scores seen so far
+        self.wear_scores: dict[str, dict[str, float]] = {}  # subject -> sequence_id -> upside-down score
+        self.streak = 0  # consecutive calls answered by the fallback
+        self.lock = threading.RLock()  # one call at a time; the first calls wait for one load
         self.turned = 0  # calls whose rows were turned back (an upside-down wearer)
         self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
 
@@ -4547,7 +4814,14 @@ class Runtime:
         return own
 
     def load(self) -> None:
-        self.loaded = True
+        """Read and check the bundle; `loaded` is set only once every family is in place."""
+        with self.lock:
+            try:
+                self._load()
+            finally:
+                self.loaded = True
+
+    def _load(self) -> None:
         t0 = time.perf_counter()
         try:
             path = find_bundle(self.bundle_path())
@@ -4573,6 +4847,12 @@ class Runtime:
                 self.left_out[name] = failure_reason(err)
                 LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
         self.manifest = manifest
+        t_proof = time.perf_counter()
+        if self.models:
+            self.prove(path, manifest)
+            if self.error:
+                return
+        t_proof = time.perf_counter() - t_proof
         self.rule = self.serving_rule(path, manifest, made)
         if manifest.get("fallback_gesture") in GESTURES:
             self.fallback = manifest["fallback_gesture"]
@@ -4584,9 +4864,55 @@ class Runtime:
                           + "; ".join(f"{n}: {why}" for n, why in self.left_out.items()) + ")")
             LOG.error("predict: %s", self.error)
             return
-        print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s; serving {', '.join(self.models)}"
+        print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
+              f"serving {', '.join(self.models)}"
               f" with the {self.rule} rule"
               + (f"; left out: {', '.join(self.left_out)} (reason logged above)" if self.left_out else ""))
+
+    def prove(self, path: Path, manifest: dict[str, Any]) -> None:
+        """Replay the bundle's reference calls (stored at training) under the libraries installed here:
+        a family whose probabilities moved beyond the tolerance is left out, naming the difference and
+        the versions; blend answers that differ from the stored ones mean the bundle cannot serve."""
+        spec = manifest.get("proof")
+        if spec is None:
+            LOG.warning("predict: %s carries no proof (trained by an older version); it serves unproven", path)
+            return
+        try:
+            verify_bundle_files(path, [spec["calls"], spec["outputs"]], manifest["files"])
+            calls = pl.read_parquet(path / spec["calls"])
+            demographics = pl.DataFrame(spec["demographics"])
+            with np.load(path / spec["outputs"], allow_pickle=False) as z:
+                stored = {n: z[n] for n in z.files}
+            got, views = replay_proof(self.models, calls, demographics, self.cfg)
+        except Exception as err:
+            self.error = f"{path}: the bundle's proof cannot be replayed ({failure_reason(err)}). Fix: copy or upload the bundle again"
+            LOG.error("predict: %s", self.error)
+            self.models.clear()
+            return
+        here = library_versions()
+        for name in list(self.models):
+            want = stored.get(name)
+            diff = float(np.abs(got[name] - want).max()) if want is not None and want.shape == got[name].shape else np.inf
+            if not diff <= spec["tolerance"]:
+                fold = int(np.abs(got[name] - want).reshape(len(want), -1).max(1).argmax()) if np.isfinite(diff) else -1
+                self.left_out[name] = (f"{path}: the load-time proof: {name}'s probabilities on the bundle's "
+                                       f"{len(views)} reference calls differ from those stored at training by up to "
+                                       f"{diff:.3g} (fold {fold}; tolerance {spec['tolerance']}) under {here}, trained "
+                                       f"under {spec.get('versions')}. Fix: retrain the bundle, or restore its files")
+                LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
+                del self.models[name]
+        if not self.models:
+            self.error = f"no model family of the bundle {path} passes its proof (" + "; ".join(self.left_out.values()) + ")"
+            LOG.error("predict: %s", self.error)
+            return
+        # Every family passed: the blend, with the manifest's weights and scales, must answer as stored.
+        answers = proof_answers({n: got[n] for n in self.models}, manifest, views)
+        if set(self.models) == set(manifest["families"]) and answers != spec["answers"]:
+            self.error = (f"{path}/manifest.json: the blend answers {answers} on the bundle's reference calls, where "
+                          f"training stored {spec['answers']} (blend weights or target scale edited?). Fix: retrain "
+                          f"the bundle, or restore manifest.json as training wrote it")
+            LOG.error("predict: %s", self.error)
+            self.models.clear()
 
     def serving_rule(self, path: Path, manifest: dict[str, Any], made: dict[str, list[str]]) -> str:
         """The bundle's serving rule (14.1), with its slot models when it needs them; a per-subject
@@ -4623,8 +4949,9 @@ class Runtime:
 
     def require(self) -> None:
         """Load the bundle if needed; raise BundleError naming the path when nothing can serve."""
-        if not self.loaded:
-            self.load()
+        with self.lock:
+            if not self.loaded:
+                self.load()
         if self.error:
             raise BundleError(f"{self.error.rstrip('.')}. Nothing can serve: a submission of fallback answers "
                               f"would score near zero, so this stops here.")
@@ -4652,22 +4979,64 @@ class Runtime:
             self.note("unexpected extra columns (ignored)")
         if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
             self.note("rows of several sequence_ids in one call; treated as one sequence")
+        self.check_counter(sequence)
+        self.check_sensors(sequence)
         return sequence.with_columns(pl.lit("SEQ_CALL").alias("sequence_id"))
 
-    def check_demographics(self, demographics: Any) -> pl.DataFrame:
+    def check_counter(self, sequence: pl.DataFrame) -> None:
+        """sequence_counter should run 0..n-1; rows are ordered by it (in file order where it is empty)."""
+        if "sequence_counter" not in sequence.columns:
+            self.note("no sequence_counter column; rows taken in file order")
+            return
+        counter = sequence["sequence_counter"].cast(pl.Float64, strict=False)
+        if counter.null_count():
+            self.note("sequence_counter empty or unreadable; those rows keep their place in the file order")
+        elif counter.n_unique() < len(counter):
+            self.note("sequence_counter repeats (rows doubled?); the repeated rows are all used")
+        elif counter.min() != 0 or counter.max() != len(counter) - 1:
+            self.note("sequence_counter does not run 0..n-1; rows ordered by it")
+
+    def check_sensors(self, sequence: pl.DataFrame) -> None:
+        """Sensor cells the sanitising step repairs: infinite values (made empty), values outside the
+        physical range (clipped), a call with no sensor value at all."""
+        present = [c for c in SENSOR_COLS if c in sequence.columns]
+        if not present:
+            return
+        x = sequence.select(pl.col(c).cast(pl.Float64, strict=False) for c in present).to_numpy()
+        cols = [SENSOR_COLS.index(c) for c in present]
+        with np.errstate(invalid="ignore"):
+            outside = (x < SENSOR_LOW[cols]) | (x > SENSOR_HIGH[cols])
+        if np.isinf(x).any():
+            self.note("infinite sensor values; treated as missing")
+        if (outside & np.isfinite(x)).any():
+            self.note("sensor values outside their physical range; clipped to it")
+        if np.isnan(x).all():
+            self.note("every sensor cell empty; the answer rests on the demographics alone")
+
+    def check_demographics(self, demographics: Any, subject: str | None) -> pl.DataFrame:
+        """The call's one demographics row (its subject's, when several come), with each repair counted."""
         try:
             demo = demographics if isinstance(demographics, pl.DataFrame) else pl.from_pandas(demographics)
             if demo.height == 0:
                 raise ValueError("empty")
+            if demo.height > 1:
+                mine = demo.filter(pl.col("subject").cast(pl.String) == subject) if subject and "subject" in demo.columns \
+                    else demo.clear()
+                self.note("several demographics rows; the sequence's subject's row used" if mine.height
+                          else "several demographics rows, none of the sequence's subject; the first used")
+                demo = mine.head(1) if mine.height else demo.head(1)
             nulls = [c for c in DEFAULT_DEMOGRAPHICS if c not in demo.columns or demo[c].null_count()]
             if nulls:
                 self.note("demographics incomplete; defaults used")
+            for c in demographic_problems(demo):
+                self.note(f"demographics {c} unreadable or out of range; default {DEFAULT_DEMOGRAPHICS[c]} used"
+                          + (" (right-handed)" if c == "handedness" else ""))
             return demo
         except Exception:
             self.note("demographics unusable; defaults used")
             return pl.DataFrame({"subject": ["SUBJ_CALL"]})
 
-    def upside_down(self, prepared: Sequences, subject: str | None) -> bool:
+    def upside_down(self, prepared: Sequences, subject: str | None, sequence_id: str) -> bool:
         """Whether this call's subject wears the device upside down, judged on their sequences so far
         (this one included) as in training; never when the bundle was trained without the check or
         serving is asked for --upside-down-fix false."""
@@ -4675,37 +5044,27 @@ class Runtime:
         if not (spec.get("enabled") and self.requested.upside_down_fix):
             return False
         _, score = UpsideDownCheck(spec["reference"]).scores(prepared)
-        seen = self.wear_scores.setdefault(subject, []) if subject else []
-        seen.append(float(score[0]))
-        turned = UpsideDownCheck.decide(seen)
+        seen = self.wear_scores.setdefault(subject, {}) if subject else {}
+        seen.pop(sequence_id, None)
+        seen[sequence_id] = float(score[0])
+        turned = UpsideDownCheck.decide(list(seen.values()))
         self.turned += int(turned)
         return turned
 
-    def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame,
-              subject: str | None = None) -> tuple[dict[str, np.ndarray], str, np.ndarray]:
+    def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame, subject: str | None = None,
+              sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, np.ndarray]:
         """Per family that gave finite numbers, the (1, 18) class probabilities (the same code the
         CV imu_only view runs), the view whose blend weights apply, and the slot models' (6,)
         orientation and behaviour probabilities (uniform when the rule does not use them)."""
-        # One sequence, one demographics row: tie them by a fixed subject key, whatever they say.
-        seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
-        demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
-        prepared = prepare_sequences(seq, demo)
-        if self.upside_down(prepared, subject):
-            prepared = prepare_sequences(seq, mark_upside_down(demo, ["SUBJ_CALL"]))
+        prepared = tie_call(sequence, demographics)
+        if self.upside_down(prepared, subject, sequence_id):
+            prepared = tie_call(sequence, demographics, turned=True)
         channels = sequence_channels(prepared, self.cfg.sample_rate_hz, self.cfg.tof_pooling)
-        inputs: NetInputs | None = None
-        table: FeatureTable | None = None
+        cache: dict[str, Any] = {}
         out = {}
         for name, model in self.models.items():
             try:
-                if name == "lgbm":
-                    boosters, weights, names = model
-                    table = table or aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
-                    p = lgbm_predict_proba(boosters, weights, table.matrix(names))
-                else:
-                    inputs = inputs or net_inputs_from(prepared, channels, self.cfg.tof_grid)
-                    p = keras_predict_proba(*model[:2], inputs, model[2]) if member_family(name) == "keras" \
-                        else torch_predict_proba(*model, inputs)
+                p = family_outputs(name, model, prepared, channels, self.cfg, cache)
             except Exception as err:
                 self.note(f"{name} raised {type(err).__name__}; left out of that call's blend", str(err)[:200])
                 continue
@@ -4716,8 +5075,8 @@ class Runtime:
         context = UNIFORM_CONTEXT
         if self.rule == "slots":
             try:
-                table = table or aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
-                context = context_proba(self.context, table.matrix(self.context_names))[0]
+                cache.setdefault("table", aggregate_features(prepared, channels, self.cfg.sample_rate_hz))
+                context = context_proba(self.context, cache["table"].matrix(self.context_names))[0]
             except Exception as err:
                 self.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour", str(err)[:200])
         return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), context
@@ -4728,48 +5087,68 @@ class Runtime:
             return None
         weights = dict(zip(self.manifest["families"], self.manifest["blend_weights"][view]))
         names = list(probas)
-        w = np.array([weights.get(n, 0.0) for n in names], dtype=np.float64)
-        if w.sum() <= 0:  # only zero-weight families answered: they are all there is
-            w = np.ones(len(names))
         if any(weights[n] > 0 and n not in probas for n in weights):
             self.reduced += 1
-        self.served[view].update(n for n, wn in zip(names, w) if wn > 0)
-        p = blend([probas[n] for n in names], w)
-        return target_scaled(p, self.manifest.get("target_scale", {}).get(view, 1.0))[0]
+        answering = [n for n in names if weights.get(n, 0.0) > 0] or names  # only zero-weight ones: all there is
+        self.served[view].update(answering)
+        p = blend_of(probas, self.manifest, view)[0]
+        if not np.isfinite(p).all():
+            self.note("non-finite blend; the answering families averaged with equal weights")
+            p = blend([probas[n] for n in names], np.ones(len(names)))[0]
+        return p
 
     def fall_back(self) -> str:
         self.fallbacks += 1
+        self.streak += 1
+        if self.streak >= FALLBACK_STREAK_LIMIT:  # the submission is answering garbage: fail it visibly
+            self.error = (f"the last {self.streak} calls were all answered by the fallback gesture "
+                          f"({', '.join(k for k, _ in self.problems.most_common(3)) or 'no reason counted'}); "
+                          f"a submission of such answers scores near zero. Fix: read the problems logged above")
+            LOG.error("predict: %s", self.error)
+            raise BundleError(self.error)
         return self.fallback
 
     def predict(self, sequence: Any, demographics: Any) -> str:
-        self.calls += 1
-        self.require()
+        with self.lock:
+            self.calls += 1
+            self.require()
+            answer = self.answer(sequence, demographics)
+            if answer is not None:
+                self.streak = 0
+                return answer
+            return self.fall_back()
+
+    def answer(self, sequence: Any, demographics: Any) -> str | None:
+        """One call's gesture, or None when nothing can answer it (each reason logged and counted)."""
         try:
             seq = self.check_input(sequence)
             if seq is None:
-                return self.fall_back()
+                return None
             if seq.height > 5000:
                 self.note("very long sequence; last 5000 rows used")
                 seq = seq.tail(5000)
-            demo = self.check_demographics(demographics)
             subject = subject_of(sequence, demographics)
-            probas, view, context = self.proba(seq, demo, subject)
+            demo = self.check_demographics(demographics, subject)
+            sequence_id = call_sequence_id(sequence, self.calls)
+            probas, view, context = self.proba(seq, demo, subject, sequence_id)
             p = self.blend_answers(probas, view)
             if p is None:
                 self.note("no model family gave finite probabilities")
-                return self.fall_back()
-            return str(GESTURES[self.choose(p, subject, context)])
+                return None
+            return str(GESTURES[self.choose(p, subject, context, sequence_id)])
         except Exception as err:
             self.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
-            return self.fall_back()
+            return None
 
-    def choose(self, p: np.ndarray, subject: str | None, context: np.ndarray) -> int:
-        """The bundle's serving rule (14.1); a per-subject rule over this subject's sequences so far
-        (a call without a subject gets the per-sequence argmax)."""
+    def choose(self, p: np.ndarray, subject: str | None, context: np.ndarray, sequence_id: str) -> int:
+        """The bundle's serving rule (14.1); a per-subject rule over this subject's sequences so far,
+        each sequence once (a call without a subject gets the per-sequence argmax)."""
         if self.rule in ("gesture_capacity", "slots") and subject:
-            rows = self.history.setdefault(subject, [])
-            rows.append((p, context))
-            return int(serve_labels(self.rule, np.vstack([r[0] for r in rows]), np.vstack([r[1] for r in rows]))[-1])
+            rows = self.history.setdefault(subject, {})
+            rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
+            rows[sequence_id] = (p, context)
+            return int(serve_labels(self.rule, np.vstack([r[0] for r in rows.values()]),
+                                    np.vstack([r[1] for r in rows.values()]))[-1])
         rule = self.rule if self.rule == "argmax9" else "argmax"
         return int(serve_labels(rule, p[None, :], context[None, :])[0])
 
@@ -4896,6 +5275,10 @@ def serve(cfg: Config) -> None:
     watch = Stopwatch()
     watch.seconds["serve"] = time.perf_counter() - t0
     write_run_summary(out, cfg, watch, {"serving": runtime.record()}, continues=cfg.stage != "infer")
+    if runtime.fallbacks > FALLBACK_SHARE_LIMIT * max(runtime.calls, 1):
+        raise BundleError(f"{runtime.fallbacks} of {runtime.calls} calls were answered by the fallback gesture (more "
+                          f"than {FALLBACK_SHARE_LIMIT:.0%}): {out / 'submission.parquet'} would score near zero. "
+                          f"Fix: read the problems in the predict: line above and in run_summary.json.")
 
 
 # %% [markdown]
@@ -4958,4 +5341,7 @@ if __name__ == "__main__":
     except (ConfigError, DataError) as err:  # a setting or a file to fix: the message says which and how
         sys.exit(f"{type(err).__name__}: {err}")
     if CFG.stage in ("all", "infer"):
-        serve(CFG)
+        try:
+            serve(CFG)
+        except BundleError as err:  # nothing served, or mostly the fallback: a non-zero exit, never a quiet one
+            sys.exit(f"BundleError: {err}")

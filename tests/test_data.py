@@ -242,3 +242,37 @@ def test_the_demo_goes_beside_the_out_folder_and_never_into_kaggles_output(tmp_p
     assert on_kaggle.out_dir == "/kaggle/working" and on_kaggle.profile == "full"
     for path in (on_kaggle.data_dir, str(nb.feature_cache_dir(on_kaggle))):
         assert not path.startswith("/kaggle/working") and path.startswith(nb.tempfile.gettempdir()), path
+
+
+def test_a_sequence_of_two_subjects_or_with_a_broken_counter_stops_training(tmp_path, sample_dir):
+    """Half a sequence mirrored as another subject's hand, or rows counted twice, would train silently."""
+    def two_subjects(rows):
+        rows[3][rows[0].index("subject")] = "SUBJ_999999"
+        return rows
+
+    def empty_counter(rows):
+        rows[3][rows[0].index("sequence_counter")] = ""
+        return rows
+
+    def counter_gap(rows):
+        return rows[:3] + rows[4:]  # the first sequence loses its row 3: 0, 1, 2, 4, ...
+    for edit, message in ((two_subjects, r"sequence '.*' has rows of several values in column 'subject'.*Fix:"),
+                          (empty_counter, r"column 'sequence_counter' has 1 empty cells.*Fix:"),
+                          (counter_gap, r"'sequence_counter' does not run 0..n-1 in sequence .*Fix:")):
+        path = _write_train(tmp_path, sample_dir, edit)
+        with pytest.raises(nb.DataError, match=message) as err:
+            nb.load_training_data(tmp_path)
+        assert str(path) in str(err.value)
+
+
+def test_demographics_out_of_range_stop_training_and_are_repaired_when_serving(tmp_path, sample_dir):
+    _write_train(tmp_path, sample_dir, lambda r: r)
+    demo = pl.read_csv(tmp_path / "train_demographics.csv")
+    demo.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(2).otherwise(pl.col("handedness")).alias("handedness"))\
+        .write_csv(tmp_path / "train_demographics.csv")
+    with pytest.raises(nb.DataError, match=r"column 'handedness' holds '2' for subject .*0 or 1.*Fix:"):
+        nb.load_training_data(tmp_path)
+    bad = pl.DataFrame({"subject": ["S"], "age": [-5], "height_cm": [1e9], "handedness": ["left"], "sex": [0.5]})
+    assert nb.demographic_problems(bad) == ["age", "sex", "handedness", "height_cm"]
+    row = nb.clean_demographics(bad).row(0, named=True)  # every bad or absent cell gets its default
+    assert all(row[c] == pytest.approx(v) for c, v in nb.DEFAULT_DEMOGRAPHICS.items())

@@ -94,6 +94,7 @@ def test_bundle_trained_here_serves_under_kaggles_versions(trained, kaggle_pytho
                          "--upside-down-fix", "false", cwd=tmp_path, python=interpreter)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "serving lgbm, torch, torch_sqz, keras" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "left out" not in res.stdout and "load-time proof" not in res.stderr  # the proof holds there
         assert "fallback: 0 calls" in res.stdout and "problems: none" in res.stdout
         subs[label] = pl.read_parquet(tmp_path / label / "submission.parquet").sort("sequence_id")
     assert subs["here"].equals(subs["kaggle"])

@@ -1,0 +1,332 @@
+"""No silent zero: routes to a submission that is wrong without saying so, each tried on a fresh runtime
+over an edited copy of the smoke bundle. Every attack ends either served correctly by the families left,
+with the reason logged, or in a loud stop (BundleError) naming the path and the fix."""
+import json
+import shutil
+import threading
+
+import polars as pl
+import pytest
+
+import notebook as nb
+from test_serving import ALL_FAMILIES, copy_bundle, loaded_after_edit
+
+
+def refused(runtime, *words):
+    """The bundle cannot serve: the error names the manifest and each of `words`, and says how to fix it."""
+    assert runtime.error and "manifest.json" in runtime.error and "Fix:" in runtime.error, runtime.error
+    assert all(w in runtime.error for w in words), runtime.error
+    with pytest.raises(nb.BundleError):
+        runtime.require()
+
+
+def _drop(key, view=None):
+    def edit(m):
+        if view:
+            m[key].pop(view)
+        else:
+            m.pop(key)
+    return edit
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_drop("blend_weights"), ["'blend_weights' is missing"]),
+    (_drop("blend_weights", "imu_only"), ["blend_weights.imu_only"]),
+    (lambda m: m["blend_weights"]["full"].__setitem__(0, float("nan")), ["blend_weights.full", "NaN"]),
+    (lambda m: m["target_scale"].__setitem__("full", float("nan")), ["target_scale.full"]),
+    (lambda m: m["target_scale"].__setitem__("imu_only", -1), ["target_scale.imu_only"]),
+    (lambda m: m["blend_weights"]["full"].pop(), ["blend_weights.full", "one per family"]),
+    (lambda m: m["blend_weights"].__setitem__("full", [0.5] * len(m["families"])), ["summing to 1"]),
+    (_drop("config"), ["'config' is missing"]),
+    (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [float("inf"), 1.0]), ["fold_weights"]),
+], ids=["no-blend-weights", "no-imu-weights", "nan-weight", "nan-scale", "negative-scale", "weights-short",
+        "weights-sum", "no-config", "inf-fold-weight"])
+def test_a_manifest_that_cannot_be_served_as_written_stops_loudly(trained, tmp_path, edit, words):
+    cfg, _ = trained
+    refused(loaded_after_edit(cfg, tmp_path / "bundle", edit), *words)
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "lgbm/../../x.txt"])
+def test_file_names_that_leave_the_bundle_are_refused(trained, tmp_path, name):
+    cfg, _ = trained
+
+    def edit(m):
+        m["families"]["lgbm"]["files"][0] = name
+        m["files"][name] = {"bytes": 1, "sha256": "0" * 64}
+    refused(loaded_after_edit(cfg, tmp_path / "bundle", edit), "not a file inside the bundle")
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(trained, tmp_path):
+    cfg, _ = trained
+    (tmp_path / "elsewhere.txt").write_text("x")
+
+    def edit(m):
+        m["context"]["files"][0] = "link.txt"
+        m["files"]["link.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    bundle = copy_bundle(cfg, tmp_path / "b")
+    (bundle / "link.txt").symlink_to(tmp_path / "elsewhere.txt")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    refused(runtime, "link.txt", "not a file inside the bundle")
+
+
+def test_a_manifest_that_is_a_list_names_the_path_and_the_fix(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    (bundle / "manifest.json").write_text(json.dumps([1, 2, 3]))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    refused(runtime, "a JSON list, not an object", str(bundle))
+
+
+def _rewrite_booster(bundle, manifest, k, change):
+    """Edit fold k's LightGBM file and list its new size and SHA-256, as a careful forger would."""
+    name = manifest["families"]["lgbm"]["files"][k]
+    path = bundle / name
+    lines = path.read_text().splitlines(keepends=True)
+    i = next(j for j, line in enumerate(lines) if line.startswith("feature_names="))
+    lines[i] = "feature_names=" + " ".join(change(lines[i].strip().split("=", 1)[1].split(" "))) + "\n"
+    path.write_text("".join(lines))
+    manifest["files"][name] = nb.file_digest(path)
+
+
+def test_a_booster_with_its_features_in_another_order_is_left_out(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    _rewrite_booster(bundle, manifest, 1, lambda names: names[1:2] + names[:1] + names[2:])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES - {"lgbm"}
+    assert "first difference at position 0" in runtime.left_out["lgbm"]
+
+
+def test_a_lightgbm_only_bundle_whose_booster_expects_other_features_stops(trained, tmp_path):
+    cfg, _ = trained
+
+    def lgbm_only_with_one_name_less(m):
+        m["families"] = {"lgbm": m["families"]["lgbm"]}
+        m["families"]["lgbm"]["feature_names"] = m["families"]["lgbm"]["feature_names"][:-1]
+        m["blend_weights"] = {"full": [1.0], "imu_only": [1.0]}
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", lgbm_only_with_one_name_less)
+    assert runtime.error and "no model family" in runtime.error and "booster's features differ" in runtime.error
+    with pytest.raises(nb.BundleError):
+        runtime.predict(pl.DataFrame(), pl.DataFrame())
+
+
+def _calls(cfg):
+    test = pl.read_csv(nb.Path(cfg.data_dir) / "test.csv")
+    demo = pl.read_csv(nb.Path(cfg.data_dir) / "test_demographics.csv")
+    return [(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+            for _, seq in test.group_by("sequence_id", maintain_order=True)][:8]
+
+
+def test_four_threads_making_the_first_calls_get_the_serial_answers(trained):
+    cfg, _ = trained
+    serving = nb.dataclasses.replace(cfg, subject_assignment=False, upside_down_fix=False)  # order-free answers
+    calls = _calls(cfg)
+    serial = nb.Runtime(serving)
+    expected = [serial.predict(*c) for c in calls]
+    runtime = nb.Runtime(serving)
+    answers = [None] * len(calls)
+    start = threading.Barrier(4)
+
+    def worker(t):
+        start.wait()
+        for i in range(t, len(calls), 4):
+            answers[i] = runtime.predict(*calls[i])
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == expected and runtime.fallbacks == 0 and runtime.calls == len(calls)
+
+
+def test_several_bundles_under_one_folder_the_newest_valid_one_serves(trained, tmp_path, capsys):
+    cfg, _ = trained
+    parent = tmp_path / "input"
+    for name, created in (("a-old", "2000-01-01T00:00:00Z"), ("b-new", "2001-01-01T00:00:00Z"),
+                          ("c-broken", "2002-01-01T00:00:00Z")):
+        bundle = copy_bundle(cfg, parent / name)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["created"] = created
+        if name == "c-broken":
+            manifest.pop("blend_weights")
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert nb.find_bundle(parent) == parent / "b-new"
+    line = capsys.readouterr().out
+    assert "3 bundles" in line and "b-new" in line and "a-old (older)" in line and "c-broken (cannot serve" in line
+    # A broken alphabetically-first bundle never shadows a valid one.
+    shutil.rmtree(parent / "a-old")
+    shutil.rmtree(parent / "b-new")
+    copy_bundle(cfg, parent / "z-good")
+    (parent / "a-broken").mkdir()
+    (parent / "a-broken" / "manifest.json").write_text("{not json")
+    assert nb.find_bundle(parent) == parent / "z-good"
+
+
+def test_the_same_sequence_called_again_replaces_its_history_entry(trained):
+    """Under a per-subject rule a rerun of one sequence_id must not count twice: three calls of the same
+    sequence, with another of its subject's sequences between them, give one answer and one entry."""
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    runtime.require()
+    runtime.rule = "gesture_capacity"
+    calls = _calls(cfg)
+    (seq, demo), (other, other_demo) = [c for c in calls if c[0]["subject"][0] == calls[0][0]["subject"][0]][:2]
+    answers = [runtime.predict(seq, demo)]
+    runtime.predict(other, other_demo)
+    answers += [runtime.predict(seq, demo) for _ in range(2)]
+    assert len(set(answers[1:])) == 1 and all(a in nb.GESTURES for a in answers)
+    assert list(runtime.history[seq["subject"][0]]) == [other["sequence_id"][0], seq["sequence_id"][0]]
+
+
+def _one_call(cfg):
+    return _calls(cfg)[0]
+
+
+BAD_INPUTS = {
+    "counters all 0": (lambda s, d: (s.with_columns(pl.lit(0).alias("sequence_counter")), d), "sequence_counter repeats"),
+    "rows doubled": (lambda s, d: (pl.concat([s, s]), d), "sequence_counter repeats"),
+    "counter null": (lambda s, d: (s.with_columns(pl.lit(None, pl.Int64).alias("sequence_counter")), d),
+                     "sequence_counter empty"),
+    "counter gap": (lambda s, d: (s.with_columns(pl.col("sequence_counter") * 2), d), "does not run 0..n-1"),
+    "handedness 2": (lambda s, d: (s, d.with_columns(pl.lit(2).alias("handedness"))), "handedness"),
+    "handedness left": (lambda s, d: (s, d.with_columns(pl.lit("left").alias("handedness"))), "handedness"),
+    "age -5": (lambda s, d: (s, d.with_columns(pl.lit(-5).alias("age"))), "demographics age"),
+    "height 1e9": (lambda s, d: (s, d.with_columns(pl.lit(1e9).alias("height_cm"))), "demographics height_cm"),
+    "tof 1e9": (lambda s, d: (s.with_columns(pl.lit(1e9).alias("tof_1_v0")), d), "outside their physical range"),
+    "tof -5": (lambda s, d: (s.with_columns(pl.lit(-5.0).alias("tof_2_v3")), d), "outside their physical range"),
+    "acc +inf": (lambda s, d: (s.with_columns(pl.lit(float("inf")).alias("acc_x")), d), "infinite sensor values"),
+    "acc -inf": (lambda s, d: (s.with_columns(pl.lit(float("-inf")).alias("acc_y")), d), "infinite sensor values"),
+    "every sensor null": (lambda s, d: (s.with_columns(pl.lit(None, pl.Float32).alias(c) for c in nb.SENSOR_COLS), d),
+                          "every sensor cell empty"),
+    "two demographics rows, the other's first": (
+        lambda s, d: (s, pl.concat([d.with_columns(pl.lit("SUBJ_OTHER").alias("subject"),
+                                                   (1 - pl.col("handedness")).alias("handedness")), d])),
+        "the sequence's subject's row used"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_every_repair_of_a_bad_input_is_counted_and_logged(trained, kind, caplog):
+    """A valid gesture and a log line for each bad input, and the kind in the closing summary."""
+    cfg, _ = trained
+    mutate, problem = BAD_INPUTS[kind]
+    runtime = nb.Runtime(cfg)
+    seq, demo = mutate(*_one_call(cfg))
+    answer = runtime.predict(seq, demo)
+    assert type(answer) is str and answer in nb.GESTURES
+    assert any(problem in k for k in runtime.problems), dict(runtime.problems)
+    assert problem in caplog.text and problem in runtime.summary()
+
+
+def test_the_sequence_subjects_demographics_row_is_the_one_used(trained):
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    seq, demo = _one_call(cfg)
+    other = demo.with_columns(pl.lit("SUBJ_OTHER").alias("subject"), (1 - pl.col("handedness")).alias("handedness"))
+    chosen = runtime.check_demographics(pl.concat([other, demo]), seq["subject"][0])
+    assert chosen.height == 1 and chosen["subject"][0] == seq["subject"][0]
+
+
+def test_a_run_of_fallback_answers_stops_serving(trained):
+    """Twenty calls in a row that only the fallback could answer: predict() raises, so the gateway fails
+    visibly instead of scoring a submission of fallback answers; every later call raises too."""
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    seq, demo = _one_call(cfg)
+    for _ in range(nb.FALLBACK_STREAK_LIMIT - 1):
+        assert runtime.predict(pl.DataFrame(), pl.DataFrame()) == runtime.fallback
+    assert runtime.predict(seq, demo) in nb.GESTURES  # a real answer resets the run
+    for _ in range(nb.FALLBACK_STREAK_LIMIT - 1):
+        runtime.predict(pl.DataFrame(), pl.DataFrame())
+    with pytest.raises(nb.BundleError, match="the last 20 calls were all answered by the fallback"):
+        runtime.predict(pl.DataFrame(), pl.DataFrame())
+    with pytest.raises(nb.BundleError):
+        runtime.predict(seq, demo)
+
+
+def test_a_local_gateway_run_mostly_answered_by_the_fallback_fails(trained, tmp_path, monkeypatch):
+    """No run of 20, but every third call unanswerable: the submission is written, the summary says it, and
+    serving raises, so the script exits non-zero."""
+    cfg, _ = trained
+    serving = nb.dataclasses.replace(cfg, stage="infer", out_dir=str(tmp_path / "out"),
+                                     model_path=str(nb.Path(cfg.out_dir) / "bundle"))
+    runtime = nb.set_runtime(serving)
+    real_answer, count = runtime.answer, iter(range(10 ** 6))
+    monkeypatch.setattr(runtime, "answer", lambda s, d: None if next(count) % 3 == 0 else real_answer(s, d))
+    with pytest.raises(nb.BundleError, match=r"calls were answered by the fallback gesture \(more than 10%\)"):
+        nb.serve(serving)
+    assert (tmp_path / "out" / "submission.parquet").exists()
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())["serving"]
+    assert summary["fallback_calls"] > 0.1 * summary["calls"]
+
+
+def test_a_bundle_whose_every_family_fails_per_call_stops_the_gateway(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    serving = nb.dataclasses.replace(cfg, stage="infer", out_dir=str(tmp_path / "out"),
+                                     model_path=str(nb.Path(cfg.out_dir) / "bundle"))
+    runtime = nb.set_runtime(serving)
+    runtime.require()
+    # Every family fails every call (each is left out of that call's blend, as test_serving checks).
+    monkeypatch.setattr(runtime, "proba", lambda *a, **k: ({}, "full", nb.UNIFORM_CONTEXT))
+    with pytest.raises(nb.BundleError, match="the last 20 calls were all answered by the fallback"):
+        nb.serve(serving)
+
+
+def test_an_untouched_bundle_passes_its_proof(trained):
+    cfg, _ = trained
+    manifest = json.loads((nb.Path(cfg.out_dir) / "bundle" / "manifest.json").read_text())
+    proof = manifest["proof"]
+    assert len(proof["views"]) == 8 and set(proof["views"]) == set(nb.VIEWS)
+    assert 0 in {d["handedness"] for d in proof["demographics"]}, "a left-handed reference subject"
+    assert {proof["calls"], proof["outputs"]} <= set(manifest["files"])
+    runtime = nb.Runtime(cfg)
+    runtime.load()
+    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES and not runtime.left_out
+
+
+def test_the_proof_catches_a_booster_whose_features_are_permuted(trained, tmp_path):
+    """The file's and the manifest's feature names permuted alike, sizes and SHA-256 updated: every name
+    check passes, and the booster reads shifted columns. Only the replay sees it."""
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    swap = lambda names: names[::-1]  # noqa: E731  (every column moves)
+    for k in range(len(manifest["families"]["lgbm"]["files"])):
+        _rewrite_booster(bundle, manifest, k, swap)
+    manifest["families"]["lgbm"]["feature_names"] = swap(manifest["families"]["lgbm"]["feature_names"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES - {"lgbm"}
+    assert "load-time proof" in runtime.left_out["lgbm"] and "lightgbm" in runtime.left_out["lgbm"]
+
+
+def test_the_proof_catches_a_torch_fold_replaced_by_another_folds_file(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    first, second = manifest["families"]["torch"]["files"][:2]
+    shutil.copy(bundle / second, bundle / first)
+    manifest["files"][first] = nb.file_digest(bundle / first)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error is None and "torch" not in runtime.models and "torch_sqz" in runtime.models
+    assert "load-time proof" in runtime.left_out["torch"] and "(fold 0;" in runtime.left_out["torch"]
+
+
+def test_a_proof_file_that_does_not_match_the_manifest_stops_the_bundle(trained, tmp_path):
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    (bundle / nb.PROOF_OUTPUTS).write_bytes(b"not an archive")
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error and "proof cannot be replayed" in runtime.error and "Fix:" in runtime.error
