@@ -110,11 +110,12 @@ def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     for sid in test["sequence_id"].unique():
         seq = test.filter(pl.col("sequence_id") == sid)
-        out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+        mine = demo.filter(pl.col("subject") == seq["subject"][0])  # one row, as the gateway sends it
+        out = nb.predict(seq, mine)
         assert type(out) is str and out in nb.GESTURES
         # IMU-only: the same sequence with every thm/tof cell empty (String-typed, as the gateway may)
         blank = seq.with_columns([pl.lit(None, dtype=pl.String).alias(c) for c in nb.THM_COLS + nb.TOF_COLS])
-        out = nb.predict(blank, demo)
+        out = nb.predict(blank, mine)
         assert type(out) is str and out in nb.GESTURES
     assert not nb._RUNTIME.problems
 

@@ -61,11 +61,12 @@ def mutate(rng: np.random.Generator, seq: pl.DataFrame, demo: pl.DataFrame):
     return s, d
 
 
-def test_fuzz_predict_always_returns_a_valid_str(trained, sample_dir):
+def test_fuzz_predict_always_returns_a_valid_str(trained, made_sample_dir):
+    """On the made sample (IMU-only sequences first, a left-handed subject), mutated 210 ways."""
     cfg, _ = trained
     runtime = nb.set_runtime(cfg)
-    test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=100)
-    demo = pl.read_csv(sample_dir / "test_demographics.csv")
+    test = pl.read_csv(made_sample_dir / "test.csv", infer_schema_length=100)
+    demo = pl.read_csv(made_sample_dir / "test_demographics.csv")
     rng = np.random.default_rng(123)
     seqs = [test.filter(pl.col("sequence_id") == s) for s in two_sequences(test)]
     worst = 0.0

@@ -156,7 +156,7 @@ print("RESULT " + json.dumps(result))
 """
 
 
-def test_truncated_lightgbm_file_is_left_out_and_never_crashes_the_process(trained, sample_dir, tmp_path):
+def test_truncated_lightgbm_file_is_left_out_and_never_crashes_the_process(trained, made_sample_dir, tmp_path):
     """LightGBM's parser aborts the whole process on a cut file: the size/SHA-256 check must stop it
     first. Several cut points; in a subprocess, so a regression fails this test, not the suite."""
     cfg, _ = trained
@@ -167,8 +167,8 @@ def test_truncated_lightgbm_file_is_left_out_and_never_crashes_the_process(train
         data = path.read_bytes()
         path.write_bytes(data[: int(len(data) * cut)])
         bundles.append(str(bundle))
-    code = LOAD_AND_PREDICT.format(root=str(ROOT), test=str(sample_dir / "test.csv"),
-                                   demo=str(sample_dir / "test_demographics.csv"), bundles=bundles)
+    code = LOAD_AND_PREDICT.format(root=str(ROOT), test=str(made_sample_dir / "test.csv"),
+                                   demo=str(made_sample_dir / "test_demographics.csv"), bundles=bundles)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert res.returncode == 0, f"exit {res.returncode}: " + res.stderr[-3000:]
