@@ -1274,8 +1274,10 @@ def demographic_ok(column: str) -> pl.Expr:
 
 def demographic_problems(frame: pl.DataFrame) -> list[str]:
     """The demographics columns holding a value that is present but unreadable or out of range."""
-    return [c for c in DEFAULT_DEMOGRAPHICS if c in frame.columns
-            and frame.select((pl.col(c).is_not_null() & ~demographic_ok(c).fill_null(False)).any()).item()]
+    cols = [c for c in DEFAULT_DEMOGRAPHICS if c in frame.columns]
+    bad = frame.select((pl.col(c).is_not_null() & ~demographic_ok(c).fill_null(False)).any().alias(c)
+                       for c in cols).row(0, named=True) if cols and frame.height else {}
+    return [c for c in cols if bad.get(c)]
 
 
 def clean_demographics(frame: pl.DataFrame) -> pl.DataFrame:
@@ -1466,17 +1468,14 @@ WELCH_BANDS = [(0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0)]
 MODALITY_PREFIXES = ("thm_", "tof_", "xmod_", "mod_present_")
 
 
-def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
-    """Any incoming frame -> (n, len(SENSOR_COLS)) float32 in frame row order; missing columns,
-    unparsable text and non-finite values become NaN. Works column-block-wise (one numpy
-    conversion), because per-column polars expressions cost ~50 ms per call in predict()."""
+def raw_sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
+    """Any incoming frame -> (n, len(SENSOR_COLS)) float32 in frame row order; missing columns and
+    unparsable text become NaN, infinities stay (predict() counts them). Works column-block-wise (one
+    numpy conversion), because per-column polars expressions cost ~50 ms per call in predict()."""
     schema = frame.schema
     if all(schema.get(c) == pl.Float32 for c in SENSOR_COLS):  # the loaded-CSV case: one copy
         arr = frame.select(SENSOR_COLS).to_numpy()
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        arr[np.isinf(arr)] = np.nan
-        return arr
+        return arr if arr.flags.writeable else arr.copy()
     arr = np.full((frame.height, len(SENSOR_COLS)), np.nan, dtype=np.float32)
     nulls = frame.null_count().row(0, named=True) if frame.height else {}
     numeric, texty = [], []
@@ -1490,6 +1489,12 @@ def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
         parsed = frame.select([pl.col(c).cast(pl.String, strict=False).str.strip_chars()
                                .cast(pl.Float64, strict=False) for _, c in texty])
         arr[:, [i for i, _ in texty]] = parsed.to_numpy().astype(np.float32)
+    return arr
+
+
+def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
+    """raw_sensor_matrix with every non-finite value NaN."""
+    arr = raw_sensor_matrix(frame)
     arr[~np.isfinite(arr)] = np.nan
     return arr
 
@@ -1511,9 +1516,11 @@ class Sequences:
     """Sensor rows of one or many sequences, sorted by (sequence_id, sequence_counter).
 
     `meta` holds sequence_id, subject, sequence_counter (and demographics once attached);
-    `sensors` is the (n, len(SENSOR_COLS)) float32 matrix, NaN where a value is missing."""
+    `sensors` is the (n, len(SENSOR_COLS)) float32 matrix, NaN where a value is missing;
+    `repairs` names what sanitising had to repair in the incoming cells (predict() counts them)."""
     meta: pl.DataFrame
     sensors: np.ndarray
+    repairs: tuple[str, ...] = ()
 
     def block(self, names: list[str]) -> np.ndarray:
         i = SENSOR_COLS.index(names[0])
@@ -1534,13 +1541,21 @@ def sanitize_sequences(frame: pl.DataFrame) -> Sequences:
          if "sequence_counter" in cols else order).alias("sequence_counter"))
     meta = meta.with_row_index("_row").sort("sequence_id", "sequence_counter", maintain_order=True)
     rows = meta["_row"].to_numpy()
-    sensors = sensor_matrix(frame)
+    sensors = raw_sensor_matrix(frame)
+    with np.errstate(invalid="ignore"):
+        outside = (sensors < SENSOR_LOW) | (sensors > SENSOR_HIGH)
+    infinite = np.isinf(sensors)
+    repairs = tuple(text for text, found in (
+        ("infinite sensor values; treated as missing", infinite.any()),
+        ("sensor values outside their physical range; clipped to it", (outside & ~infinite).any()),
+        ("every sensor cell empty; the answer rests on the demographics alone", np.isnan(sensors).all())) if found)
+    sensors[infinite] = np.nan
     if not np.array_equal(rows, np.arange(len(rows))):
         sensors = sensors[rows]
     # Clipped to the physical ranges (NaN stays NaN): one absurd value such as 1e30 would
     # otherwise overflow the derived channels and turn a net's output into NaN.
     np.clip(sensors, SENSOR_LOW, SENSOR_HIGH, out=sensors)
-    return Sequences(meta.drop("_row"), sensors)
+    return Sequences(meta.drop("_row"), sensors, repairs)
 
 
 def is_imu_only(sensors: np.ndarray) -> bool:
@@ -1725,7 +1740,7 @@ def prepare_sequences(frame: pl.DataFrame, demographics: pl.DataFrame) -> Sequen
         sensors = sensors.copy()
         sensors[left] = mirror_sensors(sensors[left])
         sensors[turned] = turn_upside_down(sensors[turned])
-    return Sequences(meta, sensors)
+    return Sequences(meta, sensors, seqs.repairs)
 
 
 @dataclass
@@ -4980,7 +4995,6 @@ class Runtime:
         if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
             self.note("rows of several sequence_ids in one call; treated as one sequence")
         self.check_counter(sequence)
-        self.check_sensors(sequence)
         return sequence.with_columns(pl.lit("SEQ_CALL").alias("sequence_id"))
 
     def check_counter(self, sequence: pl.DataFrame) -> None:
@@ -4996,22 +5010,10 @@ class Runtime:
         elif counter.min() != 0 or counter.max() != len(counter) - 1:
             self.note("sequence_counter does not run 0..n-1; rows ordered by it")
 
-    def check_sensors(self, sequence: pl.DataFrame) -> None:
-        """Sensor cells the sanitising step repairs: infinite values (made empty), values outside the
-        physical range (clipped), a call with no sensor value at all."""
-        present = [c for c in SENSOR_COLS if c in sequence.columns]
-        if not present:
-            return
-        x = sequence.select(pl.col(c).cast(pl.Float64, strict=False) for c in present).to_numpy()
-        cols = [SENSOR_COLS.index(c) for c in present]
-        with np.errstate(invalid="ignore"):
-            outside = (x < SENSOR_LOW[cols]) | (x > SENSOR_HIGH[cols])
-        if np.isinf(x).any():
-            self.note("infinite sensor values; treated as missing")
-        if (outside & np.isfinite(x)).any():
-            self.note("sensor values outside their physical range; clipped to it")
-        if np.isnan(x).all():
-            self.note("every sensor cell empty; the answer rests on the demographics alone")
+    def note_repairs(self, prepared: Sequences) -> None:
+        """Count what the sanitising step repaired in this call's sensor cells."""
+        for repair in prepared.repairs:
+            self.note(repair)
 
     def check_demographics(self, demographics: Any, subject: str | None) -> pl.DataFrame:
         """The call's one demographics row (its subject's, when several come), with each repair counted."""
@@ -5057,6 +5059,7 @@ class Runtime:
         CV imu_only view runs), the view whose blend weights apply, and the slot models' (6,)
         orientation and behaviour probabilities (uniform when the rule does not use them)."""
         prepared = tie_call(sequence, demographics)
+        self.note_repairs(prepared)
         if self.upside_down(prepared, subject, sequence_id):
             prepared = tie_call(sequence, demographics, turned=True)
         channels = sequence_channels(prepared, self.cfg.sample_rate_hz, self.cfg.tof_pooling)
