@@ -1492,13 +1492,6 @@ def raw_sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
     return arr
 
 
-def sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
-    """raw_sensor_matrix with every non-finite value NaN."""
-    arr = raw_sensor_matrix(frame)
-    arr[~np.isfinite(arr)] = np.nan
-    return arr
-
-
 def _sensor_limits() -> tuple[np.ndarray, np.ndarray]:
     """Physical range of every SENSOR_COLS channel: accelerometer +-16 g, unit quaternion,
     thermopile -40..125 C (the sensor's rating), ToF -1 (no response) .. 254 mm."""

@@ -171,7 +171,7 @@ def test_feature_level_blanking_equals_the_raw_imu_only_path(sample_dir):
 def test_mirroring_twice_is_identity_and_left_twin_matches(sample_dir):
     train = nb.load_sensor_csv(sample_dir / "train_sample.csv", nb.TEST_COLS)
     seq = train.filter(pl.col("sequence_id") == full_sensor_sequence(train))
-    x = nb.sensor_matrix(seq)
+    x = nb.raw_sensor_matrix(seq)
     np.testing.assert_array_equal(nb.mirror_sensors(nb.mirror_sensors(x)), x)
     assert not np.array_equal(nb.mirror_sensors(x), x)
     # A left-hand twin: the same motion mirrored, worn by a left-handed subject.
