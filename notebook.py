@@ -84,6 +84,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -96,10 +97,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -123,13 +123,25 @@ NET_VARIANTS = ("all", "imu")  # --net-variants: what each net reads (member nam
 TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
 
 
+# What a field's value changes (`affects`): the saved folds of these member kinds (a change retrains
+# just them), or "bundle", which members there are. A field that affects nothing (paths, threads,
+# serving and demo settings: the data fingerprint covers the data) never retrains anything.
+MEMBER_KINDS = ("lgbm", "torch", "torch_sqz", "keras")
+ALL_MEMBERS = MEMBER_KINDS
+NETS = ("torch", "torch_sqz", "keras")
+TORCH_NETS = ("torch", "torch_sqz")
+BUNDLE = ("bundle",)
+NETS_AND_BUNDLE = (*NETS, "bundle")
+
+
 def _doc(text: str, default: Any = None, *, choices: Iterable[str] = (), many: bool = False,
-         low: float | None = None, high: float | None = None, items: tuple[str, int | None] | None = None) -> Any:
-    """A Config field: its doc and what values it allows (checked by parse_config before anything runs):
+         low: float | None = None, high: float | None = None, items: tuple[str, int | None] | None = None,
+         affects: tuple[str, ...] = ()) -> Any:
+    """A Config field: its doc, what values it allows (checked by parse_config before anything runs):
     `choices` (`many`: comma-separated, several of them), a number in [`low`, `high`], or `items`, a
-    comma-separated list of (type, count)."""
+    comma-separated list of (type, count); and what it `affects` (above)."""
     return field(default=default, metadata={"doc": text, "choices": tuple(choices), "many": many, "low": low,
-                                            "high": high, "items": items})
+                                            "high": high, "items": items, "affects": affects})
 
 
 @dataclass
@@ -150,12 +162,12 @@ class Config:
     stage: str = _doc("all = train then serve; train = train only; infer = load a bundle and serve",
                       "all", choices=("all", "train", "infer"))
     models: str | None = _doc("comma-separated model families to train: lgbm, torch, keras",
-                              choices=MODEL_FAMILIES, many=True)
-    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)
-    epochs: int | None = _doc("training epochs for the neural nets", low=1)
-    seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0)
+                              choices=MODEL_FAMILIES, many=True, affects=BUNDLE)
+    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2, affects=ALL_MEMBERS)
+    epochs: int | None = _doc("training epochs for the neural nets", low=1, affects=NETS)
+    seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0, affects=ALL_MEMBERS)
     sample_rate_hz: float = _doc("sampling rate used as the time base of every derivative and "
-                                 "of the Welch bands", 10.0, low=0.5, high=1000.0)
+                                 "of the Welch bands", 10.0, low=0.5, high=1000.0, affects=ALL_MEMBERS)
     # --- demo data
     demo_train_subjects: int | None = _doc("demo dataset: number of training subjects", low=2)
     demo_test_subjects: int | None = _doc("demo dataset: number of test subjects", low=1)
@@ -168,105 +180,108 @@ class Config:
     # --- features
     feature_cache: bool = _doc("reuse per-sequence features across runs (keyed by sequence_id "
                                "and a content hash, so changed data is recomputed)", True)
-    tof_pooling: bool = _doc("add 2x2 coarse spatial pooling of each 8x8 ToF grid", True)
+    tof_pooling: bool = _doc("add 2x2 coarse spatial pooling of each 8x8 ToF grid", True, affects=ALL_MEMBERS)
     top_k_features: int = _doc("if > 0, LightGBM uses only the top-K features of "
-                               "feature_importance.csv from a previous run", 0, low=0)
+                               "feature_importance.csv from a previous run", 0, low=0, affects=("lgbm",))
     importance_path: str | None = _doc("feature_importance.csv to select from; default "
                                        "OUT/feature_importance.csv")
     # --- LightGBM
-    lgbm_learning_rate: float | None = _doc("LightGBM learning rate", low=1e-5, high=1.0)
-    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1)
-    lgbm_early_stopping: int = _doc("LightGBM early stopping patience, rounds", 50, low=1)
-    lgbm_num_leaves: int = _doc("LightGBM num_leaves", 31, low=2)
-    lgbm_min_data_in_leaf: int = _doc("LightGBM min_data_in_leaf", 10, low=1)
+    lgbm_learning_rate: float | None = _doc("LightGBM learning rate", low=1e-5, high=1.0, affects=("lgbm",))
+    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1, affects=("lgbm",))
+    lgbm_early_stopping: int = _doc("LightGBM early stopping patience, rounds", 50, low=1, affects=("lgbm",))
+    lgbm_num_leaves: int = _doc("LightGBM num_leaves", 31, low=2, affects=("lgbm",))
+    lgbm_min_data_in_leaf: int = _doc("LightGBM min_data_in_leaf", 10, low=1, affects=("lgbm",))
     lgbm_feature_fraction: float = _doc("LightGBM feature_fraction (column subsampling per tree)",
-                                        0.5, low=0.01, high=1.0)
+                                        0.5, low=0.01, high=1.0, affects=("lgbm",))
     lgbm_bagging_fraction: float = _doc("LightGBM bagging_fraction, with subsample_freq=1", 0.8,
-                                        low=0.01, high=1.0)
-    lgbm_lambda_l2: float = _doc("LightGBM L2 regularisation", 1.0, low=0.0)
-    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)", low=2)
+                                        low=0.01, high=1.0, affects=("lgbm",))
+    lgbm_lambda_l2: float = _doc("LightGBM L2 regularisation", 1.0, low=0.0, affects=("lgbm",))
+    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)", low=2, affects=("lgbm",))
     lgbm_class_weight: str = _doc("none | balanced: per-class sample weights (docs/DECISIONS.md)", "none",
-                                  choices=("none", "balanced"))
+                                  choices=("none", "balanced"), affects=("lgbm",))
     lgbm_threads: int = _doc("LightGBM threads; 0 = auto (1 below 10k training rows, where "
                              "thread overhead outweighs the work; else all cores)", 0, low=0)
-    modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
+    lgbm_modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
                                    "thm/tof blanked as in the IMU-only test sequences", 1.0,
-                                   low=0.0, high=1.0)
+                                   low=0.0, high=1.0, affects=("lgbm",))
     upside_down_fix: bool = _doc("detect subjects who wear the device upside down (their mean gravity "
                                  "direction opposes everyone else's; at inference from the subject's "
                                  "sequences so far, so answers depend on the call order) and turn their "
-                                 "rows back before every model", True)
+                                 "rows back before every model", True, affects=ALL_MEMBERS)
     lgbm_imu_reference: bool | None = _doc("also train a LightGBM on IMU features alone, as the "
                                            "yardstick for the imu_only view (reported, not served; off in "
                                            "the quick profile to keep it under 5 minutes)")
     stop_after_folds: int = _doc("if > 0, stop after training this many new folds (split a long "
                                  "Kaggle session; a rerun resumes from the bundle)", 0, low=0)
-    # --- PyTorch CNN-BiGRU-attention
-    torch_conv: str | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
-                                  "(each block halves the time axis)", items=("int", None))
-    torch_hidden: int | None = _doc("BiGRU hidden size per direction", low=1)
-    torch_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3, low=0.0, high=0.95)
-    torch_demographics: bool = _doc("join a demographics embedding before the heads", True)
-    torch_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3,
-                           low=1e-7, high=1.0)
-    torch_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1, low=0)
-    torch_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2, low=0.0)
-    torch_batch_size: int = _doc("sequences per batch (length-bucketed)", 64, low=1)
-    torch_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1, low=0.0, high=0.5)
-    torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99,
-                            low=0.0, high=0.9999)
-    torch_patience: int = _doc("early stopping patience, epochs, on the validation metric; 0 = train "
-                               "every epoch and keep the last (EMA) weights, so the fold that produces "
-                               "the OOF never picks its own epoch", 0, low=0)
-    torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty",
-                                     choices=("uncertainty", "fixed"))
-    torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5",
-                                   items=("float", 3))
-    torch_aux_weights: str = _doc("fixed weights of the orientation and phase losses, added to the "
-                                  "gesture heads' loss (never uncertainty-weighted: a learned weight "
-                                  "favours the easy per-step phase task over the gesture)", "0.2,0.2",
-                                  items=("float", 2))
-    torch_aux_heads: bool = _doc("train the auxiliary heads: body orientation (4 classes, per sequence) "
-                                 "and gesture phase (per step, BiGRU net only)", True)
-    torch_phase_pool: bool = _doc("BiGRU net: pool the sequence also weighted by the phase head "
-                                  "(gesture steps and transition steps apart) beside the attention pool",
-                                  True)
+    # --- the nets (both frameworks)
+    net_conv: str | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
+                                "(each block halves the time axis)", items=("int", None), affects=("torch", "keras"))
+    net_hidden: int | None = _doc("BiGRU hidden size per direction", low=1, affects=("torch", "keras"))
+    net_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3, low=0.0, high=0.95, affects=NETS)
+    net_demographics: bool = _doc("join a demographics embedding before the heads", True, affects=NETS)
+    net_aux_heads: bool = _doc("train the auxiliary heads: body orientation (4 classes, per sequence) "
+                               "and gesture phase (per step, BiGRU nets only)", True, affects=NETS)
+    net_phase_pool: bool = _doc("BiGRU nets: pool the sequence also weighted by the phase head "
+                                "(gesture steps and transition steps apart) beside the attention pool",
+                                True, affects=("torch", "keras"))
+    net_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty",
+                                   choices=("uncertainty", "fixed"), affects=TORCH_NETS)
+    net_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5",
+                                 items=("float", 3), affects=TORCH_NETS)
+    net_aux_weights: str = _doc("fixed weights of the orientation and phase losses, added to the "
+                                "gesture heads' loss (never uncertainty-weighted: a learned weight "
+                                "favours the easy per-step phase task over the gesture)", "0.2,0.2",
+                                items=("float", 2), affects=NETS)
+    net_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3,
+                         low=1e-7, high=1.0, affects=NETS)
+    net_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1, low=0, affects=NETS)
+    net_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2, low=0.0, affects=NETS)
+    net_batch_size: int = _doc("sequences per batch (length-bucketed)", 64, low=1, affects=NETS)
+    net_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1, low=0.0, high=0.5, affects=NETS)
+    net_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99,
+                          low=0.0, high=0.9999, affects=TORCH_NETS)
+    net_patience: int = _doc("early stopping patience, epochs, on the validation metric; 0 = train "
+                             "every epoch and keep the last (EMA) weights, so the fold that produces "
+                             "the OOF never picks its own epoch", 0, low=0, affects=NETS)
+    net_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
+                                       "channels (as an IMU-only test sequence)", 0.5, low=0.0, high=1.0, affects=NETS)
     max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0,
-                        low=0)
+                        low=0, affects=NETS)
     tof_grid: bool = _doc("nets also read the five raw 8x8 ToF grids per step through a small per-frame "
                           "2D convolution (beside the per-sensor ToF statistics; the IMU-only variant "
-                          "never reads them)", False)
+                          "never reads them)", False, affects=NETS)
     net_variants: str = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
                              "(IMU channels only); comma-separated, each its own ensemble member "
                              "(<member>, <member>_imu) whose blend weight per CV view decides", "all",
-                             choices=NET_VARIANTS, many=True)
-    torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
-                                "bf16 | fp16", "auto", choices=("auto", "fp32", "bf16", "fp16"))
-    torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3, low=0)
-    torch_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
-                                         "channels (as an IMU-only test sequence)", 0.5, low=0.0, high=1.0)
-    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0, low=0)
-    torch_arch: str | None = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
-                           "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
-                           "each is its own ensemble member (torch, torch_sqz) with the same recipe",
-                                  choices=tuple(TORCH_ARCHS), many=True)
-    torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)", low=8)
-    torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks", low=1)
-    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4, low=1)
-    torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31, low=1)
-    torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1,
-                                     low=1)
-    torch_sqz_reduction: int = _doc("time steps averaged into one after the input projection "
-                                    "(attention cost falls with its square); 1 = off", 2, low=1)
+                             choices=NET_VARIANTS, many=True, affects=NETS_AND_BUNDLE)
     aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5,
-                             low=0.0, high=1.0)
+                             low=0.0, high=1.0, affects=NETS)
     aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3,
-                                low=0.0, high=1.0)
-    aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3, low=0.0, high=1.0)
-    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3, low=0.0, high=1.0)
+                                low=0.0, high=1.0, affects=NETS)
+    aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3, low=0.0, high=1.0, affects=NETS)
+    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3, low=0.0, high=1.0, affects=NETS)
     aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5,
-                               low=0.0, high=1.0)
-    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3, low=0.0, high=1.0)
+                               low=0.0, high=1.0, affects=NETS)
+    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3, low=0.0, high=1.0, affects=NETS)
+    # --- PyTorch only
+    torch_arch: str | None = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
+                                  "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
+                                  "each is its own ensemble member (torch, torch_sqz) with the same recipe",
+                                  choices=tuple(TORCH_ARCHS), many=True, affects=BUNDLE)
+    torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
+                                "bf16 | fp16", "auto", choices=("auto", "fp32", "bf16", "fp16"), affects=TORCH_NETS)
+    torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3, low=0,
+                                    affects=TORCH_NETS)
+    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0, low=0)
+    torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)", low=8, affects=("torch_sqz",))
+    torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks", low=1, affects=("torch_sqz",))
+    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4, low=1, affects=("torch_sqz",))
+    torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31, low=1,
+                                 affects=("torch_sqz",))
+    torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1,
+                                     low=1, affects=("torch_sqz",))
+    torch_sqz_reduction: int = _doc("time steps averaged into one after the input projection "
+                                    "(attention cost falls with its square); 1 = off", 2, low=1, affects=("torch_sqz",))
     # --- inference
     subject_assignment: bool = _doc("allow the serving rules that assign a subject's sequences so far to "
                                     "gestures or to the study's slots (served only when their replayed OOF "
@@ -277,15 +292,15 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, lgbm_imu_reference=True, torch_conv="16,32", torch_hidden=16,
+    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, lgbm_imu_reference=True, net_conv="16,32", net_hidden=16,
                   torch_arch="gru,squeezeformer", torch_sqz_dim=32, torch_sqz_layers=1, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
     "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_arch="gru",
-                  torch_conv="32,64", torch_hidden=48,
+                  net_conv="32,64", net_hidden=48,
                   torch_sqz_dim=64, torch_sqz_layers=2, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
     "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, lgbm_imu_reference=True, torch_arch="gru",
-                 torch_conv="64,128", torch_hidden=128,
+                 net_conv="64,128", net_hidden=128,
                  torch_sqz_dim=128, torch_sqz_layers=3, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
@@ -333,7 +348,8 @@ class ConfigError(ValueError):
 # The Config's sections (the `# ---` comments in the class), each from its first field on: --help groups.
 CONFIG_SECTIONS = {"where things are": "data_dir", "what to run": "profile", "demo data": "demo_train_subjects",
                    "features": "feature_cache", "LightGBM": "lgbm_learning_rate",
-                   "PyTorch CNN-BiGRU-attention and the Keras twin": "torch_conv", "inference": "subject_assignment"}
+                   "the nets (both frameworks)": "net_conv", "PyTorch only": "torch_arch",
+                   "inference": "subject_assignment"}
 JUPYTER_KERNEL_FLAGS = ("-f", "--f")  # ipykernel's `-f connection.json`: not ours, ignored
 # ...and traitlets settings such as nbclient's --HistoryManager.hist_file=:memory: (ours are lower case)
 JUPYTER_TRAITLET = re.compile(r"--[A-Z]\w*\.\w+(=.*)?")
@@ -635,6 +651,10 @@ class DataError(ValueError):
     """Malformed or missing input data; the message names the file, the column and the fix."""
 
 
+class BundleError(RuntimeError):
+    """The bundle cannot serve (or one family of it cannot); the message names the path and the fix."""
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -657,6 +677,11 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def short_hash(*parts: Any, n: int = 16) -> str:
+    """A short stable hash of JSON-able parts (keys sorted): fingerprints and cache keys."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -1423,7 +1448,7 @@ def _f1_scores(y_true: np.ndarray, y_pred: np.ndarray, labels: Iterable[Any]) ->
 
 
 def competition_metric(y_true: Iterable[str], y_pred: Iterable[str]) -> dict[str, float]:
-    """CMI 2025 score and its halves for gesture-name arrays."""
+    """The competition score and its halves for gesture-name arrays."""
     y_true = np.asarray(list(y_true), dtype=object)
     y_pred = np.asarray(list(y_pred), dtype=object)
     bad = set(y_pred.tolist()) - set(GESTURES)
@@ -1471,7 +1496,8 @@ MODALITY_PREFIXES = ("thm_", "tof_", "xmod_", "mod_present_")
 def raw_sensor_matrix(frame: pl.DataFrame) -> np.ndarray:
     """Any incoming frame -> (n, len(SENSOR_COLS)) float32 in frame row order; missing columns and
     unparsable text become NaN, infinities stay (predict() counts them). Works column-block-wise (one
-    numpy conversion), because per-column polars expressions cost ~50 ms per call in predict()."""
+    numpy conversion), because per-column polars expressions are slow per call (docs/DECISIONS.md,
+    serving speed)."""
     schema = frame.schema
     if all(schema.get(c) == pl.Float32 for c in SENSOR_COLS):  # the loaded-CSV case: one copy
         arr = frame.select(SENSOR_COLS).to_numpy()
@@ -1557,14 +1583,6 @@ def is_imu_only(sensors: np.ndarray) -> bool:
     return bool(np.isnan(sensors[:, len(ACC_COLS) + len(ROT_COLS):]).all())
 
 
-def _segments(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean 'first row of its sequence' and the start index of each sequence."""
-    first = np.ones(len(seq_ids), dtype=bool)
-    if len(seq_ids) > 1:
-        first[1:] = seq_ids[1:] != seq_ids[:-1]
-    return first, np.flatnonzero(first)
-
-
 @dataclass
 class Segments:
     """Row layout of many sequences stored back to back (sorted by sequence_id)."""
@@ -1575,10 +1593,17 @@ class Segments:
 
     @classmethod
     def of(cls, seq_ids: np.ndarray) -> "Segments":
-        _, starts = _segments(seq_ids)
+        first = np.ones(len(seq_ids), dtype=bool)
+        first[1:] = seq_ids[1:] != seq_ids[:-1]
+        starts = np.flatnonzero(first)
         lengths = np.diff(np.append(starts, len(seq_ids)))
         return cls(starts, lengths, np.repeat(np.arange(len(starts)), lengths),
                    np.arange(len(seq_ids)) - np.repeat(starts, lengths))
+
+    @property
+    def first(self) -> np.ndarray:
+        """Whether each row is the first of its sequence."""
+        return self.t == 0
 
     def sum(self, x: np.ndarray) -> np.ndarray:
         return np.add.reduceat(x, self.starts, axis=0)
@@ -1626,7 +1651,7 @@ def _diff_in_sequence(x: np.ndarray, first: np.ndarray) -> np.ndarray:
 
 def imu_channels(acc: np.ndarray, rot: np.ndarray, seq_ids: np.ndarray, fs: float) -> dict[str, np.ndarray]:
     """Physics channels from raw acc (n,3) and raw quaternions (n,4), all rows of many sequences."""
-    first, _ = _segments(seq_ids)
+    first = Segments.of(seq_ids).first
     acc = np.nan_to_num(np.asarray(acc, dtype=np.float64), nan=0.0)
     q, rot_missing = clean_quaternions(rot, seq_ids)
     world = quat_rotate(q, acc)
@@ -1675,7 +1700,7 @@ class _quiet_nan_warnings:
 
 def thm_channels(thm: np.ndarray, seq_ids: np.ndarray, fs: float) -> dict[str, np.ndarray]:
     """Thermopile values, each sensor's difference to their mean, and the warming trend."""
-    first, _ = _segments(seq_ids)
+    first = Segments.of(seq_ids).first
     thm = np.asarray(thm, dtype=np.float32)
     with np.errstate(invalid="ignore"), _quiet_nan_warnings():
         mean = np.nanmean(thm, axis=1)
@@ -1765,9 +1790,7 @@ class UpsideDownCheck:
 
     # A subject is turned when the sum of their sequences' scores is below -MARGIN: with one or two
     # sequences seen (at inference) a score must point clearly against, since a wrong turn costs a
-    # normal wearer's sequence and upside-down wearers are rare (2 of 81). On the demo data (r48:
-    # 48 subjects, random call orders) 0.2 gave 0.5% wrong decisions over a subject's first three
-    # calls, against 2.1% for 0.
+    # normal wearer's sequence and upside-down wearers are rare (docs/DECISIONS.md, upside-down fix).
     MARGIN = 0.2
 
     @classmethod
@@ -2006,9 +2029,20 @@ def build_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config)
     return aggregate_features(*derive(frame, demographics, cfg), cfg.sample_rate_hz).frame()
 
 
+def modality_masks(names: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks over `names` (feature columns or net channels): the values that exist only when
+    thermopiles/ToF are present, and the presence flags. The one rule of what IMU-only blanks."""
+    names = list(names)
+    flags = np.array([c.startswith("mod_present_") for c in names], dtype=bool)
+    values = np.array([c.startswith(MODALITY_PREFIXES) for c in names], dtype=bool) & ~flags
+    return values, flags
+
+
 def modality_columns(names: Iterable[str]) -> list[str]:
-    """Feature columns that exist only when thermopiles/ToF are present (blanked for IMU-only)."""
-    return [c for c in names if c.startswith(MODALITY_PREFIXES)]
+    """The columns an IMU-only sequence blanks (values and presence flags)."""
+    names = list(names)
+    values, flags = modality_masks(names)
+    return [c for c, m in zip(names, values | flags) if m]
 
 
 def blank_modalities(frame: pl.DataFrame) -> pl.DataFrame:
@@ -2017,14 +2051,14 @@ def blank_modalities(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns([pl.lit(None, dtype=pl.Float32).alias(c) for c in present])
 
 
-def blank_feature_rows(x: np.ndarray, names: list[str]) -> np.ndarray:
-    """Feature rows as an IMU-only sequence would give them (vectorised; equals recomputing the
-    features from raw rows with thm/tof nulled: a test checks this)."""
+def blank_modality_values(x: np.ndarray, names: list[str]) -> np.ndarray:
+    """Feature rows or a net's unscaled channels as an IMU-only sequence gives them: thm/tof values
+    NaN, presence flags 0 (for the features this equals recomputing them from raw rows blanked by
+    blank_modalities: a test checks it)."""
+    values, flags = modality_masks(names)
     x = x.copy()
-    idx = {c: i for i, c in enumerate(names)}
-    mod = modality_columns(names)
-    x[:, [idx[c] for c in mod if not c.startswith("mod_present_")]] = np.nan
-    x[:, [idx[c] for c in mod if c.startswith("mod_present_")]] = 0.0
+    x[:, values] = np.nan
+    x[:, flags] = 0.0
     return x
 
 
@@ -2046,8 +2080,8 @@ def sequence_content_hashes(frame: pl.DataFrame, demographics: pl.DataFrame) -> 
         for j in range(rows.shape[1]):
             h = (h ^ rows[:, j]) * np.uint64(0x100000001B3)
     seq_ids = prepared.meta["sequence_id"].to_numpy()
-    first, starts = _segments(seq_ids)
-    pos = (np.arange(len(h)) - np.repeat(starts, np.diff(np.append(starts, len(h))))).astype(np.uint64)
+    sg = Segments.of(seq_ids)
+    starts, pos = sg.starts, sg.t.astype(np.uint64)
     with np.errstate(over="ignore"):
         mixed = h * (pos * np.uint64(0x9E3779B97F4A7C15) + np.uint64(1))
         combined = np.add.reduceat(mixed, starts) if len(h) else np.zeros(0, np.uint64)
@@ -2055,8 +2089,7 @@ def sequence_content_hashes(frame: pl.DataFrame, demographics: pl.DataFrame) -> 
 
 
 def feature_cache_key(cfg: Config) -> str:
-    payload = json.dumps([FEATURE_VERSION, cfg.sample_rate_hz, cfg.tof_pooling, pl.__version__])
-    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+    return short_hash(FEATURE_VERSION, cfg.sample_rate_hz, cfg.tof_pooling, pl.__version__, n=12)
 
 
 def cached_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config,
@@ -2170,15 +2203,13 @@ class NetTargets:
         return NetTargets(self.y[idx], self.orientation[idx], [self.phase[i] for i in idx])
 
 
-def net_targets(train: pl.DataFrame) -> NetTargets:
+def net_targets(train: pl.DataFrame, y: np.ndarray) -> NetTargets:
     """The nets' targets from train.csv rows (sorted by sequence_id, sequence_counter, as every
-    NetInputs is)."""
+    NetInputs is), with `y`, the gesture index per sequence (TrainingData.y)."""
     labels = sequence_labels(train)
     phase = (train["phase"] == "Gesture").fill_null(False).to_numpy().astype(np.float32)
-    starts = Segments.of(train["sequence_id"].to_numpy()).starts
-    return NetTargets(np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()]),
-                      label_index(labels["orientation"].to_list(), ORIENTATIONS),
-                      np.split(phase, starts[1:]))
+    return NetTargets(y, label_index(labels["orientation"].to_list(), ORIENTATIONS),
+                      np.split(phase, Segments.of(train["sequence_id"].to_numpy()).starts[1:]))
 
 
 @dataclass
@@ -2196,7 +2227,7 @@ class TrainingData:
     def net_targets(self) -> NetTargets:
         """The nets' targets (computed once, shared by every net member)."""
         if self._targets is None:
-            self._targets = net_targets(self.dataset.train)
+            self._targets = net_targets(self.dataset.train, self.y)
         return self._targets
 
     def net_inputs(self, view: str, cfg: Config) -> "NetInputs":
@@ -2228,7 +2259,7 @@ def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
     digest = hashlib.sha1(hashes["_content_hash"].to_numpy().tobytes())
     digest.update("".join(labels["gesture"].to_list()).encode())
     folds = make_folds(labels, cfg.folds, cfg.seed)
-    y = np.array([GESTURE_INDEX[g] for g in labels["gesture"].to_list()], dtype=np.int64)
+    y = label_index(labels["gesture"].to_list(), GESTURES)
     return TrainingData(labels, y, folds, views, digest.hexdigest()[:16], ds, upside_down)
 
 
@@ -2248,67 +2279,6 @@ def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
         if flag not in keep:
             keep.append(flag)
     return keep
-
-
-def _fold_fingerprint(cfg: Config, td: TrainingData, names: list[str], prefix: str, arch: str = "gru") -> str:
-    """What a saved fold depends on: data, inputs and the settings that shape this family's models
-    (so changing another family's settings never retrains it). `arch` is the torch encoder the
-    models are built as: only a Squeezeformer depends on the torch_sqz_* fields (the Keras twin
-    is a GRU net whatever --torch-arch says)."""
-    shared = ("seed", "folds", "sample_rate_hz", "tof_pooling", "modality_dropout")
-    if prefix == "torch":  # the nets' shared fields (LightGBM does not read them)
-        shared += ("epochs", "max_len", "net_variants", "tof_grid")
-    keys = {k: getattr(cfg, k) for k in sorted(vars(cfg))
-            if (k.startswith((prefix, "aug_")) or k in shared) and k != "torch_arch"
-            and (arch == "squeezeformer" or not k.startswith("torch_sqz_"))}
-    payload = json.dumps([keys, td.fingerprint, names, FEATURE_VERSION], sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
-
-
-def run_folds(cfg: Config, td: TrainingData, family: str, load_fold: Callable[[int], Any],
-              fit_fold: Callable[[int, np.ndarray, np.ndarray], tuple[Any, str]],
-              predict_fold: Callable[[Any, str, np.ndarray], np.ndarray]) -> dict[str, Any]:
-    """The fold loop every model family shares.
-
-    load_fold(k) returns the fold's model when the bundle already holds it for this data and
-    config (else None); fit_fold(k, train_mask, valid_mask) trains, saves atomically and returns
-    (model, how); predict_fold(model, view, valid_mask) gives the validation probabilities.
-    A loaded fold is never retrained but always predicted, so OOF has no holes. Fold weights
-    follow each fold's validation score (mean of the two views)."""
-    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
-    models, fold_scores, trained_now = [], [], 0
-    y_names = td.labels["gesture"].to_numpy()
-    for k in progress(range(cfg.folds), desc=f"{family} folds", total=cfg.folds):
-        va, tr = td.folds == k, td.folds != k
-        model = load_fold(k)
-        how = "resumed from the bundle"
-        if model is None:
-            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
-                raise StopRequested(f"{family}: stopped after {trained_now} new fold(s); rerun to resume")
-            model, how = fit_fold(k, tr, va)
-            trained_now += 1
-        for v in VIEWS:
-            oof[v][va] = predict_fold(model, v, va)
-        scores = {v: score_probabilities(y_names[va], oof[v][va])["metric"] for v in VIEWS}
-        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
-        say(f"{family} fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
-        models.append(model)
-    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
-    return {"oof": oof, "fold_weights": weights.tolist(), "models": models}
-
-
-def epoch_logger(out: Path, family: str, k: int) -> Callable[[dict[str, Any]], None]:
-    """Per-epoch record of a net: one JSON line in OUT/logs/<family>.jsonl and one printed line."""
-    path = out / "logs" / f"{family}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(rec: dict[str, Any]) -> None:
-        with open(path, "a") as fh:
-            fh.write(json.dumps({"fold": k, **rec}) + "\n")
-        loss = rec["loss"] if rec["loss"] is not None else float("nan")
-        say(f"  {family} fold {k} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
-            f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
-    return log
 
 
 def fold_meta_matches(meta_path: Path, fingerprint: str) -> bool:
@@ -2335,17 +2305,152 @@ def saved_fold_matches(path: Path, fingerprint: str) -> bool:
     return path.exists() and fold_meta_matches(fold_meta_path(path), fingerprint)
 
 
-def net_member_setup(cfg: Config, td: TrainingData, bundle: Path,
-                     family: str) -> tuple[str, dict[str, "NetInputs"], NetTargets, str]:
-    """What the fold loop of a net member works with: its name, the inputs per CV view, the
-    targets and the fingerprint its folds must carry. The Keras twin shares the torch_*
-    architecture fields, so both fingerprint on them (a Squeezeformer also on torch_sqz_*)."""
-    member = member_name(family, cfg)
-    inputs = {v: td.net_inputs(v, cfg) for v in VIEWS}
-    fp = _fold_fingerprint(cfg, td, inputs["full"].names, "torch",
-                           arch=cfg.torch_arch if family == "torch" else "gru")
+def fold_splits(folds: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(k, the other folds, fold k) for every fold, in order: the one way every loop below splits."""
+    for k in sorted(set(folds.tolist())):
+        yield k, folds != k, folds == k
+
+
+def held_out(folds: np.ndarray, fit_predict: Callable[[int, np.ndarray, np.ndarray], np.ndarray],
+             dtype: Any = np.float32) -> np.ndarray:
+    """For every fold k: fit on the other folds, predict fold k (`fit_predict(k, other, hold)`); the
+    rows of all folds in place. The nested checks, the IMU reference and the slot models use it."""
+    out: np.ndarray | None = None
+    for k, other, hold in fold_splits(folds):
+        part = np.asarray(fit_predict(k, other, hold))
+        if out is None:
+            out = np.zeros((len(folds), *part.shape[1:]), dtype=dtype)
+        out[hold] = part
+    assert out is not None
+    return out
+
+
+def settings_fingerprint(cfg: Config, kind: str | None, *parts: Any) -> str:
+    """The hash of the Config fields whose `affects` names `kind` (a member kind), or with `kind`
+    None of every field that affects anything trained, and of `parts` (data, input names, versions)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+              if (kind in f.metadata["affects"] if kind else f.metadata["affects"])}
+    return short_hash(fields, *parts)
+
+
+@dataclass
+class Fitted:
+    """A fold just trained: what its member's save() writes, the facts for its meta file, and what
+    it kept, in words (the fold's log line)."""
+    model: Any
+    meta: dict[str, Any]
+    how: str
+
+
+class Member:
+    """One ensemble member: a model family under one config (one --torch-arch, one --net-variants),
+    trained fold by fold. The fold loop, the bundle, the proof and serving use only this interface:
+    - `training_inputs(td, out)`: per CV view, what its models read of the training sequences
+      (sets `names`, the input names the bundle records); `rows(inputs, mask)`: a subset of them;
+    - `call_inputs(prepared, channels, cache)`: the same for one predict() call;
+    - `fit(k, inputs, td, train_mask, valid_mask, out)`: train fold k -> Fitted;
+    - `save(model, path)` / `load(path)`: a fold file in the bundle;
+    - `predict(fold, inputs, exact=False)`: every head's output of one fold: "gesture" (n, 18)
+      probabilities, and "orientation" (n, 4) where the member has that head; `exact` asks for the
+      device-independent fp32 path (the bundle's proof)."""
+    family = ""     # lgbm, torch or keras
+    suffix = ""     # the fold file's suffix
+    names_key = ""  # the manifest field that lists its input names
+
+    def __init__(self, name: str, cfg: Config, names: list[str] | None = None) -> None:
+        self.name, self.cfg, self.names = name, cfg, list(names or [])
+
+    @property
+    def kind(self) -> str:
+        """What its fold fingerprint takes from the Config (a field's `affects`)."""
+        return self.family
+
+    def file(self, k: int) -> str:
+        return bundle_file(self.name, k, self.suffix)
+
+    def fingerprint(self, data_fingerprint: str) -> str:
+        """What a saved fold depends on: the data, the input names and this member's settings only."""
+        return settings_fingerprint(self.cfg, self.kind, data_fingerprint, self.names, FEATURE_VERSION)
+
+    def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
+        """The bundle's input names against what this code makes (produced_names); BundleError if off."""
+
+    def report(self, folds: list[Any], out: Path) -> None:
+        """Anything a member writes beside its folds once all are trained (LightGBM: the importances)."""
+
+    def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def rows(self, inputs: Any, mask: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def call_inputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def fit(self, k: int, inputs: dict[str, Any], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
+            out: Path) -> Fitted:
+        raise NotImplementedError
+
+    def save(self, model: Any, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def predict(self, fold: Any, inputs: Any, exact: bool = False) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path) -> dict[str, Any]:
+    """The fold loop of every member: a fold the bundle already holds for this data and these
+    settings is loaded, any other is trained, saved (its meta file last: a fold cut short has none
+    and is retrained) and loaded back, so OOF always comes from the saved file, exactly as a resumed
+    fold or predict() sees it, and never has holes. Fold weights follow each fold's validation score
+    (mean of the two views). Returns the OOF per view, the fold weights, the loaded folds, and the
+    member's manifest entry."""
+    cfg = member.cfg
+    inputs = member.training_inputs(td, out)
+    fp = member.fingerprint(td.fingerprint)
     bundle.mkdir(parents=True, exist_ok=True)
-    return member, inputs, td.net_targets(), fp
+    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
+    folds, fold_scores, trained_now = [], [], 0
+    y_names = td.labels["gesture"].to_numpy()
+    for k, tr, va in progress(fold_splits(td.folds), desc=f"{member.name} folds", total=cfg.folds):
+        path = bundle / member.file(k)
+        how = "resumed from the bundle"
+        if not saved_fold_matches(path, fp):
+            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
+                raise StopRequested(f"{member.name}: stopped after {trained_now} new fold(s); rerun to resume")
+            fitted = member.fit(k, inputs, td, tr, va, out)
+            member.save(fitted.model, path)
+            write_json(fold_meta_path(path), {"fingerprint": fp, **fitted.meta})
+            how, trained_now = fitted.how, trained_now + 1
+        fold = member.load(path)
+        for v in VIEWS:
+            oof[v][va] = member.predict(fold, member.rows(inputs[v], va))["gesture"]
+        scores = {v: score_probabilities(y_names[va], oof[v][va])["metric"] for v in VIEWS}
+        fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
+        say(f"{member.name} fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
+        folds.append(fold)
+    member.report(folds, out)
+    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
+    entry = {"files": [member.file(k) for k in range(cfg.folds)], "fold_weights": weights.tolist(),
+             member.names_key: member.names, "fingerprint": fp}
+    return {"oof": oof, "fold_weights": weights.tolist(), "folds": folds, "entry": entry}
+
+
+def epoch_logger(out: Path, family: str, k: int) -> Callable[[dict[str, Any]], None]:
+    """Per-epoch record of a net: one JSON line in OUT/logs/<family>.jsonl and one printed line."""
+    path = out / "logs" / f"{family}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(rec: dict[str, Any]) -> None:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"fold": k, **rec}) + "\n")
+        loss = rec["loss"] if rec["loss"] is not None else float("nan")
+        say(f"  {family} fold {k} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
+            f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
+    return log
 
 
 # %% [markdown]
@@ -2429,12 +2534,12 @@ def lightgbm() -> Any:
     return lgb
 
 
-def class_weights(y: np.ndarray, mode: str, n_classes: int = len(GESTURES)) -> np.ndarray:
-    if mode == "none":
-        return np.ones(len(y), dtype=np.float64)
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    w = len(y) / (n_classes * np.maximum(counts, 1.0))
-    return w[y]
+def class_weights(y: np.ndarray, mode: str) -> np.ndarray:
+    """Per-row weights: 1, or with "balanced" n / (classes present x class count) (scikit-learn's
+    rule: a class absent from `y` takes no part, so the weights do not depend on how many classes
+    the model could have)."""
+    from sklearn.utils.class_weight import compute_sample_weight
+    return np.ones(len(y), dtype=np.float64) if mode == "none" else compute_sample_weight("balanced", y)
 
 
 def lgbm_params(cfg: Config, seed: int, n_rows: int, n_classes: int = len(GESTURES)) -> dict[str, Any]:
@@ -2451,11 +2556,11 @@ def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.nd
                     y_va: np.ndarray, names: list[str], seed: int, n_classes: int = len(GESTURES)):
     lgb = lightgbm()
     rng = np.random.default_rng(seed)
-    if cfg.modality_dropout > 0:
-        pick = rng.random(len(x_tr)) < cfg.modality_dropout
-        x_tr = np.vstack([x_tr, blank_feature_rows(x_tr[pick], names)])
+    if cfg.lgbm_modality_dropout > 0:
+        pick = rng.random(len(x_tr)) < cfg.lgbm_modality_dropout
+        x_tr = np.vstack([x_tr, blank_modality_values(x_tr[pick], names)])
         y_tr = np.concatenate([y_tr, y_tr[pick]])
-    w_tr = class_weights(y_tr, cfg.lgbm_class_weight, n_classes)
+    w_tr = class_weights(y_tr, cfg.lgbm_class_weight)
     train_set = lgb.Dataset(x_tr, y_tr, weight=w_tr, feature_name=names, free_raw_data=True)
     valid_set = lgb.Dataset(x_va, y_va, reference=train_set)
     booster = lgb.train(lgbm_params(cfg, seed, len(x_tr), n_classes), train_set, num_boost_round=cfg.lgbm_rounds,
@@ -2464,48 +2569,67 @@ def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.nd
     return booster
 
 
-def lgbm_predict_proba(boosters: list[Any], weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Fold-weighted mean of class probabilities for a feature matrix in the bundle's column order."""
-    # A predict() call's single row gains nothing from threads (measured ~0.4 ms faster without).
-    threads = {"num_threads": 1} if len(x) < 64 else {}
-    return blend([b.predict(x, num_iteration=b.best_iteration or None, **threads) for b in boosters], weights)
-
-
 def feature_matrix(table: pl.DataFrame, names: list[str]) -> np.ndarray:
     have = set(table.columns)
     cols = [pl.col(c).cast(pl.Float32) if c in have else pl.lit(None, dtype=pl.Float32).alias(c) for c in names]
     return table.select(cols).to_numpy().astype(np.float32)
 
 
-def train_lgbm(cfg: Config, td: TrainingData, bundle: Path, out: Path) -> dict[str, Any]:
-    lgb = lightgbm()
-    names = select_features(td.views["full"], cfg, out)
-    x = {v: feature_matrix(td.views[v], names) for v in VIEWS}
-    fp = _fold_fingerprint(cfg, td, names, "lgbm")
-    bundle.mkdir(parents=True, exist_ok=True)
+class LgbmMember(Member):
+    """LightGBM on the aggregate table (section 7.2): one booster per fold, saved as its model text.
+    Early stopping watches the validation fold in both views."""
+    family, suffix, names_key = "lgbm", ".txt", "feature_names"
 
-    def load_fold(k: int) -> Any:
-        path = bundle / bundle_file("lgbm", k, ".txt")
-        return lgb.Booster(model_file=str(path)) if saved_fold_matches(path, fp) else None
+    def training_inputs(self, td: TrainingData, out: Path) -> dict[str, np.ndarray]:
+        self.names = select_features(td.views["full"], self.cfg, out)
+        return {v: feature_matrix(td.views[v], self.names) for v in VIEWS}
 
-    def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
+    def rows(self, inputs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return inputs[mask]
+
+    def call_inputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> np.ndarray:
+        if "table" not in cache:
+            cache["table"] = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
+        return cache["table"].matrix(self.names)
+
+    def fit(self, k: int, inputs: dict[str, np.ndarray], td: TrainingData, tr: np.ndarray, va: np.ndarray,
+            out: Path) -> Fitted:
         t0 = time.perf_counter()
-        x_va = np.vstack([x["full"][va], x["imu_only"][va]])  # early stopping watches both views
-        booster = train_lgbm_fold(cfg, x["full"][tr], td.y[tr], x_va, np.concatenate([td.y[va], td.y[va]]),
-                                  names, cfg.seed + k)
-        path = bundle / bundle_file("lgbm", k, ".txt")
-        atomic_write(path, lambda p: booster.save_model(str(p)))
-        write_json(fold_meta_path(path), {"fingerprint": fp, "best_iteration": booster.best_iteration,
-                                          "seconds": time.perf_counter() - t0})
-        return booster, f"trained {booster.best_iteration} rounds"
+        x_va = np.vstack([inputs["full"][va], inputs["imu_only"][va]])
+        booster = train_lgbm_fold(self.cfg, inputs["full"][tr], td.y[tr], x_va, np.concatenate([td.y[va], td.y[va]]),
+                                  self.names, self.cfg.seed + k)
+        return Fitted(booster, {"best_iteration": booster.best_iteration, "seconds": time.perf_counter() - t0},
+                      f"trained {booster.best_iteration} rounds")
 
-    res = run_folds(cfg, td, "lgbm", load_fold, fit_fold,
-                    lambda booster, v, va: lgbm_predict_proba([booster], np.ones(1), x[v][va]))
-    gain = np.mean([b.feature_importance("gain") for b in res["models"]], axis=0)
-    imp = pl.DataFrame({"feature": names, "gain": gain}).sort("gain", descending=True)
-    atomic_write(out / "feature_importance.csv", lambda p: imp.write_csv(p))
-    return {"oof": res["oof"], "files": [bundle_file("lgbm", k, ".txt") for k in range(cfg.folds)],
-            "fold_weights": res["fold_weights"], "feature_names": names, "fingerprint": fp}
+    def save(self, model: Any, path: Path) -> None:
+        atomic_write(path, lambda p: model.save_model(str(p)))
+
+    def load(self, path: Path) -> Any:
+        booster = lightgbm().Booster(model_file=str(path))
+        if self.names and booster.feature_name() != self.names:
+            got, want = booster.feature_name(), self.names
+            i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise BundleError(f"{path}: the booster's features differ from manifest.json's families.lgbm."
+                              f"feature_names ({len(got)} vs {len(want)} names; first difference at position {i}). "
+                              f"Fix: retrain the bundle, or restore the file and manifest written together.")
+        return booster
+
+    def predict(self, fold: Any, inputs: np.ndarray, exact: bool = False) -> dict[str, np.ndarray]:
+        # A predict() call's single row gains nothing from threads (docs/DECISIONS.md, serving speed).
+        threads = {"num_threads": 1} if len(inputs) < 64 else {}
+        p = fold.predict(inputs, num_iteration=fold.best_iteration or None, **threads)
+        return {"gesture": p.astype(np.float32)}
+
+    def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
+        unknown = [c for c in self.names if c not in set(made["features"])]
+        if unknown:
+            raise BundleError(f"{bundle}/manifest.json: the {self.name} models expect features this code does not "
+                              f"produce (e.g. {unknown[:2]}). Fix: retrain the bundle with this notebook version.")
+
+    def report(self, folds: list[Any], out: Path) -> None:
+        gain = np.mean([b.feature_importance("gain") for b in folds], axis=0)
+        imp = pl.DataFrame({"feature": self.names, "gain": gain}).sort("gain", descending=True)
+        atomic_write(out / "feature_importance.csv", lambda p: imp.write_csv(p))
 
 
 def imu_feature_names(table: pl.DataFrame) -> list[str]:
@@ -2517,13 +2641,12 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
     """A LightGBM trained and scored on IMU features alone: the yardstick for the imu_only view."""
     names = imu_feature_names(td.views["imu_only"])
     x = feature_matrix(td.views["imu_only"], names)
-    ref_cfg = dataclasses.replace(cfg, modality_dropout=0.0)
-    oof = np.zeros((len(td.y), len(GESTURES)), dtype=np.float32)
-    for k in range(cfg.folds):
-        va, tr = td.folds == k, td.folds != k
+    ref_cfg = dataclasses.replace(cfg, lgbm_modality_dropout=0.0)
+
+    def fit_predict(k: int, tr: np.ndarray, va: np.ndarray) -> np.ndarray:
         booster = train_lgbm_fold(ref_cfg, x[tr], td.y[tr], x[va], td.y[va], names, cfg.seed + k)
-        oof[va] = booster.predict(x[va], num_iteration=booster.best_iteration)
-    return oof
+        return booster.predict(x[va], num_iteration=booster.best_iteration)
+    return held_out(td.folds, fit_predict)
 
 
 # %% [markdown]
@@ -2540,13 +2663,6 @@ def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
 # IMU-only variant (`--net-variants imu`, members `torch_imu`, `keras_imu`) the IMU ones alone.
 
 # %%
-def modality_channel_mask(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(thm/tof value channels, presence flag channels) as boolean masks over `names`."""
-    flags = np.array([c.startswith("mod_present_") for c in names])
-    values = np.array([c.startswith(("thm_", "tof_")) for c in names])
-    return values, flags
-
-
 def last_steps(x: np.ndarray, max_len: int) -> np.ndarray:
     """The last `max_len` rows of a sequence (all when 0): the gesture sits at the end."""
     return x[-max_len:] if 0 < max_len < len(x) else x
@@ -2557,7 +2673,7 @@ def input_columns(names: list[str], variant: str) -> np.ndarray:
     if variant == "all":
         return np.arange(len(names))
     if variant == "imu":
-        values, flags = modality_channel_mask(names)
+        values, flags = modality_masks(names)
         return np.flatnonzero(~values & ~flags)
     raise ValueError(f"--net-variants: unknown {variant!r}; choose from {NET_VARIANTS}")
 
@@ -2611,15 +2727,6 @@ class InputScaler:
                    max_len=int(np.asarray(state["max_len"])))
 
 
-def blank_input_modalities(x: np.ndarray, names: list[str]) -> np.ndarray:
-    """Unscaled channels as an IMU-only sequence gives them: thm/tof NaN, presence flags 0."""
-    values, flags = modality_channel_mask(names)
-    x = x.copy()
-    x[:, values] = np.nan
-    x[:, flags] = 0.0
-    return x
-
-
 def pad_batch(arrays: list[np.ndarray], channels: int, min_len: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad to the longest sequence: (batch, time, channels) float32 and lengths."""
     lengths = np.array([max(len(a), 1) for a in arrays], dtype=np.int64)
@@ -2636,6 +2743,39 @@ def scaled_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler
     return x, lengths, scaler.transform_demographics(demo)
 
 
+class NetFold(NamedTuple):
+    """A net's fold as it predicts: the model (a torch module, or a Keras model in its tf.function)
+    and the InputScaler it was trained with."""
+    model: Any
+    scaler: InputScaler
+
+
+class NetMember(Member):
+    """What the two nets share as members: per-step inputs (NetInputs, computed once per view for
+    both), their channel names checked against this code's, and the nets' targets."""
+    names_key = "channel_names"
+
+    def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, NetInputs]:
+        inputs = {v: td.net_inputs(v, self.cfg) for v in VIEWS}
+        self.names = inputs["full"].names
+        return inputs
+
+    def rows(self, inputs: NetInputs, mask: np.ndarray) -> NetInputs:
+        return inputs.subset(mask)
+
+    def call_inputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> NetInputs:
+        if "inputs" not in cache:
+            cache["inputs"] = net_inputs_from(prepared, channels, self.cfg.tof_grid)
+        return cache["inputs"]
+
+    def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
+        if self.names != made["channels"]:
+            unknown = [c for c in self.names if c not in set(made["channels"])] or self.names
+            raise BundleError(f"{bundle}/manifest.json: the {self.name} models expect channel names this code "
+                              f"does not produce in that order (e.g. {unknown[:2]}). Fix: retrain the bundle "
+                              f"with this notebook version.")
+
+
 def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
     """Batches of similar length (little padding); batch order shuffled when rng is given."""
     order = np.argsort(lengths + (rng.random(len(lengths)) * 8 if rng is not None else 0), kind="stable")
@@ -2647,357 +2787,26 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
 def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator) -> list[np.ndarray]:
     """One training epoch's batches (both frameworks), bucketed by the length a net reads."""
-    return length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.torch_batch_size, rng)
+    return length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.net_batch_size, rng)
 
 
 # %% [markdown]
-# ## 12. PyTorch nets: CNN-BiGRU-attention and Squeezeformer
+# ## 12. The nets' training recipe (both frameworks)
 #
-# Residual Conv1D blocks with squeeze-excitation and max-pooling, a bidirectional GRU fed through
-# `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
-# gets zero weight), optional demographics embedding, and three gesture heads: 18 gestures (main),
-# 9 classes (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty
-# weights (Kendall & Gal 2018). Two auxiliary heads learn what train.csv says beyond the gesture:
-# the body orientation (per sequence) and, on the BiGRU output, the gesture phase (per step); with
-# `--torch-phase-pool` that phase head also weights two extra pools (gesture steps, transition
-# steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
-# convolution, so a sequence's output does not depend on how much padding its batch adds. With
-# `--tof-grid` a `GridEncoder` first turns each valid step's five raw 8x8 ToF grids into a small
-# embedding (two 3x3 convolutions with max-pooling, shared across steps), in place of the pixels.
-#
-# `--torch-arch squeezeformer` swaps the encoder (same inputs, heads, losses and recipe): input
-# projection, 2x time reduction, sinusoidal positions, Squeezeformer blocks (half-step feed-forward,
-# self-attention with the padding mask, convolution module, half-step feed-forward), then a learnable
-# [CLS] token and a small `torch.nn` transformer encoder whose [CLS] output replaces pooling.
-# `--torch-arch gru,squeezeformer` trains both as separate ensemble members (`torch`, `torch_sqz`).
+# What the two nets (section 13, PyTorch; section 14, the Keras twin) share, so that they differ in
+# their framework and nothing else: how their heads combine into 18 gesture probabilities, the
+# augmentations, the batches, the per-step phase targets, the learning-rate schedule and early
+# stopping. AdamW, linear warmup then cosine decay stepped per batch, gradient clipping, label
+# smoothing, a fixed number of epochs with the last (EMA) weights kept (or early stopping on the
+# validation metric with `--net-patience N`), length-bucketed batches, and seeded augmentations each
+# with its own probability. The augmentations keep the derived channels physically consistent: a
+# turned device mount turns every device-frame vector and the orientation quaternion together
+# (world-frame channels stay), accelerometer drift shows in the world frame too, and a time stretch
+# divides the per-step rates. Both frameworks train on the very same batches (`training_batch`).
 
 # %%
-def cuda_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
-    """Whether a PyTorch build with kernels for `arch_list` (torch.cuda.get_arch_list(), e.g.
-    ['sm_75', 'sm_80', 'compute_90']) runs on a GPU of compute `capability`: a cubin runs on its
-    major version with an equal or higher minor, PTX (compute_XY) on any GPU at or above it."""
-    major, minor = capability
-    for arch in arch_list:
-        kind, _, digits = arch.partition("_")
-        if not digits.isdigit() or len(digits) < 2:
-            continue
-        a_major, a_minor = int(digits[:-1]), int(digits[-1])
-        if kind == "sm" and a_major == major and a_minor <= minor:
-            return True
-        if kind == "compute" and (a_major, a_minor) <= (major, minor):
-            return True
-    return False
-
-
-_TORCH_DEVICE: str | None = None
-
-
-def torch_device() -> str:
-    """The one place that picks the device, once: CUDA when present and supported by the installed
-    build, else CPU. Kaggle's PyTorch builds since March 2026 have no P100 (sm_60) kernels: there
-    the first CUDA call would fail, so the nets train and serve on the CPU and say so once."""
-    global _TORCH_DEVICE
-    if _TORCH_DEVICE is None:
-        import torch
-        _TORCH_DEVICE = "cpu"
-        if torch.cuda.is_available():
-            cap, archs = torch.cuda.get_device_capability(0), torch.cuda.get_arch_list()
-            if cuda_supported(cap, archs):
-                _TORCH_DEVICE = "cuda"
-            else:
-                LOG.warning("torch: GPU %s (compute %d.%d) is not supported by this PyTorch build "
-                            "(kernels for %s); the nets run on the CPU. Fix: on Kaggle choose the "
-                            "T4 x2 accelerator (the P100 has no kernels in current builds).",
-                            torch.cuda.get_device_name(0), cap[0], cap[1], ", ".join(archs) or "none")
-    return _TORCH_DEVICE
-
-
-def torch_precision(cfg: Config, device: str) -> str:
-    """fp16 autocast (+GradScaler) on CUDA; on CPU fp32 unless bf16 is asked for (bench/nets.py:
-    BiGRU 323 vs 420 sequences/s in bf16; a quick Squeezeformer run took 132 s vs 112 s with the same
-    CV, so it is not the default)."""
-    if cfg.torch_precision != "auto":
-        return cfg.torch_precision
-    return "fp16" if device == "cuda" else "fp32"
-
-
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
                            for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
-
-
-_TORCH_LIB: Any = None
-
-
-def _torch_lib() -> Any:
-    """torch modules, defined on first use so `import notebook` never imports torch."""
-    global _TORCH_LIB
-    if _TORCH_LIB is not None:
-        return _TORCH_LIB
-    import torch
-    from torch import nn
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    class SqueezeExcite(nn.Module):
-        def __init__(self, ch: int, reduction: int = 8) -> None:
-            super().__init__()
-            self.fc = nn.Sequential(nn.Linear(ch, max(ch // reduction, 4)), nn.ReLU(),
-                                    nn.Linear(max(ch // reduction, 4), ch), nn.Sigmoid())
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            m = mask.unsqueeze(1).to(x.dtype)
-            pooled = (x * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-            return x * self.fc(pooled).unsqueeze(-1)
-
-    class ResBlock(nn.Module):
-        def __init__(self, cin: int, cout: int, kernel: int, dropout: float) -> None:
-            super().__init__()
-            pad = kernel // 2
-            self.conv1 = nn.Conv1d(cin, cout, kernel, padding=pad, bias=False)
-            self.bn1 = nn.BatchNorm1d(cout)
-            self.conv2 = nn.Conv1d(cout, cout, kernel, padding=pad, bias=False)
-            self.bn2 = nn.BatchNorm1d(cout)
-            self.short = nn.Conv1d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
-            self.se = SqueezeExcite(cout)
-            self.pool = nn.MaxPool1d(2)
-            self.drop = nn.Dropout(dropout)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            m = mask.unsqueeze(1).to(x.dtype)
-            h = torch.relu(self.bn1(self.conv1(x))) * m
-            h = self.bn2(self.conv2(h)) * m
-            h = torch.relu(self.se(h, mask) + self.short(x)) * m
-            h = self.pool(h)
-            mask = mask[:, : h.shape[-1] * 2 : 2] & mask[:, 1 : h.shape[-1] * 2 : 2]
-            return self.drop(h) * mask.unsqueeze(1).to(h.dtype), mask
-
-    class MaskedAttentionPool(nn.Module):
-        def __init__(self, dim: int) -> None:
-            super().__init__()
-            self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, 1))
-
-        def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            s = self.score(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
-            w = torch.softmax(s, dim=1).to(h.dtype)
-            return (h * w.unsqueeze(-1)).sum(1)
-
-    class Heads(nn.Module):
-        """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary / orientation logits; both
-        encoders end here."""
-
-        def __init__(self, dim: int, n_demo: int, dropout: float, use_demographics: bool) -> None:
-            super().__init__()
-            self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU()) if use_demographics else None
-            self.trunk = nn.Sequential(nn.Linear(dim + (16 if use_demographics else 0), 256), nn.ReLU(),
-                                       nn.Dropout(dropout))
-            self.head18 = nn.Linear(256, len(GESTURES))
-            self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
-            self.head2 = nn.Linear(256, 1)
-            self.head_orientation = nn.Linear(256, len(ORIENTATIONS))
-
-        def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
-            if self.demo is not None:
-                z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
-            z = self.trunk(z)
-            return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1),
-                    "orientation": self.head_orientation(z)}
-
-    def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None].to(x.device)
-
-    class GridEncoder(nn.Module):
-        """--tof-grid: the last `pixels` input channels (five 8x8 ToF grids) of every valid step
-        through a small 2D CNN shared across steps, replaced by its TOF_GRID_DIM embedding; the other
-        channels pass through. Padded steps stay zero. Without pixels it is the identity."""
-
-        def __init__(self, in_ch: int, pixels: int) -> None:
-            super().__init__()
-            self.pixels = pixels
-            self.out_ch = in_ch - pixels + (TOF_GRID_DIM if pixels else 0)
-            if pixels:
-                self.cnn = nn.Sequential(nn.Conv2d(pixels // 64, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                         nn.Flatten(), nn.Linear(128, TOF_GRID_DIM), nn.ReLU())
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            if not self.pixels:
-                return x
-            plain, grid = x[..., :-self.pixels], x[..., -self.pixels:]
-            e = self.cnn(grid[mask].reshape(-1, self.pixels // 64, 8, 8)).to(plain.dtype)
-            out = plain.new_zeros(*mask.shape, TOF_GRID_DIM)
-            out[mask] = e
-            return torch.cat([plain, out], dim=-1)
-
-    class GestureNet(nn.Module):
-        """CNN -> packed BiGRU -> masked attention (+ phase-weighted pools) -> heads, and a per-step
-        phase head on the BiGRU output (one step per `phase_stride` input steps)."""
-
-        def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
-                     use_demographics: bool, phase_pool: bool, grid_pixels: int = 0) -> None:
-            super().__init__()
-            self.frame = GridEncoder(in_ch, grid_pixels)
-            chans = [self.frame.out_ch, *conv]
-            self.blocks = nn.ModuleList([ResBlock(a, b, 3, dropout) for a, b in zip(chans[:-1], chans[1:])])
-            self.gru = nn.GRU(chans[-1], hidden, batch_first=True, bidirectional=True)
-            self.pool = MaskedAttentionPool(2 * hidden)
-            self.phase_head = nn.Linear(2 * hidden, 1)
-            self.phase_pool = phase_pool
-            self.phase_stride = 2 ** len(conv)
-            self.heads = Heads(2 * hidden * (3 if phase_pool else 1), n_demo, dropout, use_demographics)
-
-        def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
-                    packed: bool = True) -> dict[str, torch.Tensor]:
-            mask = time_mask(x, lengths)
-            x = self.frame(x, mask)
-            h = x.transpose(1, 2) * mask.unsqueeze(1).to(x.dtype)
-            for block in self.blocks:
-                h, mask = block(h, mask)
-            h = h.transpose(1, 2)
-            lens = mask.sum(1).clamp(min=1)
-            mask = time_mask(h, lens)
-            # Packing only matters when some row is padded (a single sequence never is).
-            if packed and bool((lens < h.shape[1]).any()):
-                pk = pack_padded_sequence(h, lens.cpu(), batch_first=True, enforce_sorted=False)
-                out, _ = self.gru(pk)
-                out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
-            else:
-                out, _ = self.gru(h)
-            phase = self.phase_head(out).squeeze(-1)
-            z = self.pool(out, mask)
-            if self.phase_pool:  # mean over the steps the phase head calls gesture, and over the rest
-                p = torch.sigmoid(phase.float()) * mask
-                parts = [z]
-                for w in (p, (1 - p) * mask):
-                    parts.append((out.float() * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-3))
-                z = torch.cat([parts[0], parts[1].to(z.dtype), parts[2].to(z.dtype)], dim=1)
-            return {**self.heads(z, demo), "phase": phase, "phase_mask": mask}
-
-    def sinusoidal_positions(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(n, device=like.device, dtype=torch.float32)[:, None]
-        freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=like.device) / dim)
-        pe = torch.zeros(n, dim, device=like.device)
-        pe[:, 0::2] = torch.sin(pos * freq)
-        pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-        return pe.to(like.dtype)
-
-    class FeedForward(nn.Module):
-        def __init__(self, dim: int, dropout: float) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Dropout(dropout),
-                                     nn.Linear(4 * dim, dim), nn.Dropout(dropout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-    class ConvModule(nn.Module):
-        """LayerNorm, pointwise conv to 2x channels, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv."""
-
-        def __init__(self, dim: int, kernel: int, dropout: float) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(dim)
-            self.expand = nn.Conv1d(dim, 2 * dim, 1)
-            self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-            self.bn = nn.BatchNorm1d(dim)
-            self.project = nn.Conv1d(dim, dim, 1)
-            self.drop = nn.Dropout(dropout)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            m = mask.unsqueeze(1).to(x.dtype)
-            # Padding is zeroed before the depthwise conv, else its kernel would carry it into valid steps.
-            h = nn.functional.glu(self.expand(self.norm(x).transpose(1, 2)), dim=1) * m
-            h = nn.functional.silu(self.bn(self.depthwise(h))) * m
-            return self.drop(self.project(h)).transpose(1, 2)
-
-    class SqueezeformerBlock(nn.Module):
-        """Half-step feed-forward, masked self-attention, conv module, half-step feed-forward."""
-
-        def __init__(self, dim: int, heads: int, kernel: int, dropout: float) -> None:
-            super().__init__()
-            self.ff1 = FeedForward(dim, dropout)
-            self.attn_norm = nn.LayerNorm(dim)
-            self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-            self.attn_drop = nn.Dropout(dropout)
-            self.conv = ConvModule(dim, kernel, dropout)
-            self.ff2 = FeedForward(dim, dropout)
-            self.norm = nn.LayerNorm(dim)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            x = x + 0.5 * self.ff1(x)
-            h = self.attn_norm(x)
-            a, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
-            x = x + self.attn_drop(a)
-            x = x + self.conv(x, mask)
-            x = x + 0.5 * self.ff2(x)
-            return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
-
-    class SqueezeformerNet(nn.Module):
-        """Projection + positions -> Squeezeformer blocks -> [CLS] + transformer encoder -> heads."""
-
-        def __init__(self, in_ch: int, n_demo: int, dim: int, layers: int, heads: int, kernel: int,
-                     cls_layers: int, reduction: int, dropout: float, use_demographics: bool,
-                     grid_pixels: int = 0) -> None:
-            super().__init__()
-            self.frame = GridEncoder(in_ch, grid_pixels)
-            self.project = nn.Sequential(nn.Linear(self.frame.out_ch, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
-            self.reduction = max(int(reduction), 1)
-            self.blocks = nn.ModuleList([SqueezeformerBlock(dim, heads, kernel, dropout) for _ in range(layers)])
-            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, activation="gelu",
-                                               batch_first=True, norm_first=True)
-            self.cls_encoder = nn.TransformerEncoder(layer, cls_layers, norm=nn.LayerNorm(dim),
-                                                     enable_nested_tensor=False)
-            self.heads = Heads(dim, n_demo, dropout, use_demographics)
-
-        def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            """The [CLS] output: the sequence summary the heads see."""
-            mask = time_mask(x, lengths)
-            h = self.project(self.frame(x, mask)) * mask.unsqueeze(-1).to(x.dtype)
-            if self.reduction > 1:  # pad to a multiple first, so the grouping never depends on batch padding
-                r = self.reduction
-                h = nn.functional.pad(h, (0, 0, 0, (-h.shape[1]) % r))
-                h = h.view(h.shape[0], h.shape[1] // r, r, h.shape[2]).mean(2)
-                lengths = (lengths.to(x.device) + r - 1) // r
-                mask = time_mask(h, lengths)
-            h = (h + sinusoidal_positions(h.shape[1], h.shape[2], h)) * mask.unsqueeze(-1).to(h.dtype)
-            for block in self.blocks:
-                h = block(h, mask)
-            h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
-            keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-            return self.cls_encoder(h, src_key_padding_mask=~keep)[:, 0]
-
-        def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
-                    packed: bool = True) -> dict[str, torch.Tensor]:
-            return self.heads(self.encode(x, lengths), demo)
-
-    class UncertaintyWeights(nn.Module):
-        """loss = sum_i exp(-s_i) L_i + s_i with learnable, clamped s_i (Kendall & Gal 2018)."""
-
-        def __init__(self, n: int, clamp: float = 4.0) -> None:
-            super().__init__()
-            self.s = nn.Parameter(torch.zeros(n))
-            self.clamp = clamp
-
-        def forward(self, losses: list[torch.Tensor]) -> torch.Tensor:
-            s = self.s.clamp(-self.clamp, self.clamp)
-            return sum(torch.exp(-s[i]) * l + s[i] for i, l in enumerate(losses))
-
-    _TORCH_LIB = SimpleNamespace(torch=torch, nn=nn, GestureNet=GestureNet, SqueezeformerNet=SqueezeformerNet,
-                                 UncertaintyWeights=UncertaintyWeights)
-    return _TORCH_LIB
-
-
-def build_torch_model(cfg: Config, in_ch: int) -> Any:
-    """The net of `cfg.torch_arch` (one architecture: train_torch runs each --torch-arch choice apart)."""
-    lib = _torch_lib()
-    if cfg.torch_arch == "squeezeformer":
-        return lib.SqueezeformerNet(in_ch, len(DEFAULT_DEMOGRAPHICS), cfg.torch_sqz_dim, cfg.torch_sqz_layers,
-                                    cfg.torch_sqz_heads, cfg.torch_sqz_kernel, cfg.torch_sqz_cls_layers,
-                                    cfg.torch_sqz_reduction, cfg.torch_dropout, cfg.torch_demographics,
-                                    tof_grid_pixels(cfg))
-    if cfg.torch_arch != "gru":
-        raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
-    conv = tuple(int(c) for c in str(cfg.torch_conv).split(","))
-    return lib.GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.torch_hidden, cfg.torch_dropout,
-                          cfg.torch_demographics, cfg.torch_phase_pool, tof_grid_pixels(cfg))
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -3021,23 +2830,13 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
     return (out / out.sum(1, keepdims=True)).astype(np.float32)
 
 
-# %% [markdown]
-# ### 12.1 Training recipe
-#
-# AdamW, linear warmup then cosine decay stepped per batch, gradient clipping, label smoothing,
-# EMA of the weights (evaluated with the EMA), a fixed number of epochs with the last EMA weights
-# kept (or early stopping on the validation metric with `--torch-patience N`), length-bucketed
-# batches, and seeded augmentations each with its own probability. The augmentations keep the
-# derived channels physically consistent: a turned device mount turns every device-frame vector
-# and the orientation quaternion together (world-frame channels stay), accelerometer drift shows in
-# the world frame too, and a time stretch divides the per-step rates. Both frameworks train on the
-# very same batches (`training_batch`). A non-finite loss skips its step and is counted; after a
-# few the fold falls back to fp32 and says so.
-
-# %%
 DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
                          ("grav_x", "grav_y", "grav_z"), ("ang_vel_x", "ang_vel_y", "ang_vel_z")]
+
+
 QUAT_CHANNELS = ["rot_w", "rot_x", "rot_y", "rot_z"]
+
+
 # Per-step rates: a gesture played f times slower turns, warms and jerks f times slower.
 RATE_CHANNELS = ["ang_vel_x", "ang_vel_y", "ang_vel_z", "ang_vel_mag", "ang_dist", "jerk_mag", "thm_trend"]
 
@@ -3089,8 +2888,8 @@ def augment_sequence(x: np.ndarray, names: list[str], cfg: Config, rng: np.rando
     """Augmentations on one unscaled sequence, each physically consistent across the derived
     channels: modality dropout, time stretch, a turned device mount with accelerometer drift. The
     ones that act on scaled batches live in augment_scaled_batch."""
-    if rng.random() < cfg.torch_modality_dropout:
-        x = blank_input_modalities(x, names)
+    if rng.random() < cfg.net_modality_dropout:
+        x = blank_modality_values(x, names)
     if rng.random() < cfg.aug_time_stretch and len(x) > 4:
         x = stretch_time(x, names, rng.uniform(0.8, 1.2))
     if rng.random() < cfg.aug_rotation:
@@ -3132,36 +2931,37 @@ def soft_targets(y: np.ndarray, smoothing: float) -> np.ndarray:
     return out
 
 
-def to_torch(batch: Iterable[np.ndarray], device: str) -> list[Any]:
-    """numpy batch -> tensors on `device`; integer arrays (the lengths) stay on the CPU, where
-    pack_padded_sequence wants them."""
-    torch = _torch_lib().torch
-    return [torch.from_numpy(a) if a.dtype.kind == "i" else torch.from_numpy(a).to(device) for a in batch]
+def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: InputScaler, cfg: Config,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """One augmented training batch: x, lengths, demographics and the soft targets (gesture,
+    orientation, per-step phase). The phase rides along as one more column through the per-sequence
+    augmentations and the crop, so it stays aligned with the steps."""
+    names = [*tr.names, "aux_phase"]
+    arrays = [last_steps(augment_sequence(np.column_stack([tr.arrays[i], targets.phase[i]]), names, cfg, rng),
+                         scaler.max_len) for i in idx]
+    x, lengths, demo = scaled_batch([a[:, :-1] for a in arrays], tr.demographics[idx], scaler)
+    phase = np.zeros(x.shape[:2], dtype=np.float32)
+    for row, a in enumerate(arrays):
+        phase[row, :len(a)] = a[:, -1]
+    batch = [augment_scaled_batch(x, lengths, cfg, rng), lengths, demo,
+             soft_targets(targets.y[idx], cfg.net_label_smoothing),
+             np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]], phase]
+    if rng.random() < cfg.aug_mixup and len(idx) > 1:
+        batch = mixup(rng, *batch)
+    return batch
 
 
-def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler, device: str) -> list[Any]:
-    """(x, lengths, demographics) tensors of a batch of unscaled sequences, for inference."""
-    return to_torch(scaled_batch(arrays, demo, scaler), device)
-
-
-def torch_predict_proba(models: list[tuple[Any, InputScaler]], weights: np.ndarray, inputs: NetInputs,
-                        batch_size: int = 64, packed: bool = True, fp32: bool = False) -> np.ndarray:
-    """Fold-weighted class probabilities for every sequence of `inputs` (eval mode, no grad; fp16
-    autocast on CUDA unless `fp32`, which the bundle's proof uses so that it holds on any device)."""
-    torch = _torch_lib().torch
-    lengths = np.array([len(a) for a in inputs.arrays])
-    per_fold = []
-    for model, scaler in models:
-        device = next(model.parameters()).device.type
-        model.eval()
-        p = np.zeros((len(lengths), len(GESTURES)), dtype=np.float32)
-        for idx in length_buckets(lengths, batch_size, None):
-            xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
-            with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda" and not fp32):
-                o = model(xb, lb, db, packed=packed)
-            p[idx] = combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
-        per_fold.append(p)
-    return blend(per_fold, weights)
+def phase_targets(phase: np.ndarray, lengths: np.ndarray, stride: int, steps: int | None = None) -> np.ndarray:
+    """Per-step phase targets (batch, steps) at a net's phase-head resolution, one step per `stride`
+    input steps: the mean of the steps it covers, valid only when every one of them is (as the nets
+    pool their padding masks); -1 marks the rest. `steps` (default: what `phase` covers) is longer
+    when the net's input was padded further (Keras pads to KERAS_BUCKET). Both nets train on it."""
+    steps = phase.shape[1] // stride if steps is None else steps
+    p = np.full((len(phase), steps * stride), -1.0, dtype=np.float32)
+    n = min(phase.shape[1], steps * stride)
+    p[:, :n] = np.where(np.arange(n)[None, :] < lengths[:, None], phase[:, :n], -1.0)
+    windows = p.reshape(len(p), steps, stride)
+    return np.where((windows >= 0).all(-1), windows.mean(-1), -1.0).astype(np.float32)
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
@@ -3171,6 +2971,12 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
         progress_ = (step - warmup) / max(total - warmup, 1)
         return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
     return f
+
+
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Learning-rate warmup in optimiser steps: --net-warmup-epochs, leaving at least the last
+    epoch to the decay (both frameworks)."""
+    return steps_per_epoch * min(cfg.net_warmup_epochs, max(cfg.epochs - 1, 0))
 
 
 class EarlyStopping:
@@ -3197,9 +3003,9 @@ class EarlyStopping:
 
 def kept_epoch(cfg: Config, epoch: int) -> str:
     """What a fold kept, in words (the log line after its training)."""
-    if cfg.torch_patience <= 0:
+    if cfg.net_patience <= 0:
         return f"trained {epoch + 1} epochs, kept the last"
-    return f"trained, kept epoch {epoch + 1} (the best validation score; patience {cfg.torch_patience})"
+    return f"trained, kept epoch {epoch + 1} (the best validation score; patience {cfg.net_patience})"
 
 
 def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
@@ -3210,12 +3016,398 @@ def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
     return {**scores, "score": float(np.mean(list(scores.values())))}
 
 
+# %% [markdown]
+# ## 13. PyTorch nets: CNN-BiGRU-attention and Squeezeformer
+#
+# Residual Conv1D blocks with squeeze-excitation and max-pooling, a bidirectional GRU fed through
+# `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
+# gets zero weight), optional demographics embedding, and three gesture heads: 18 gestures (main),
+# 9 classes (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty
+# weights (Kendall & Gal 2018). Two auxiliary heads learn what train.csv says beyond the gesture:
+# the body orientation (per sequence) and, on the BiGRU output, the gesture phase (per step); with
+# `--net-phase-pool` that phase head also weights two extra pools (gesture steps, transition
+# steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
+# convolution, so a sequence's output does not depend on how much padding its batch adds. With
+# `--tof-grid` a `GridEncoder` first turns each valid step's five raw 8x8 ToF grids into a small
+# embedding (two 3x3 convolutions with max-pooling, shared across steps), in place of the pixels.
+#
+# `--torch-arch squeezeformer` swaps the encoder (same inputs, heads, losses and recipe): input
+# projection, 2x time reduction, sinusoidal positions, Squeezeformer blocks (half-step feed-forward,
+# self-attention with the padding mask, convolution module, half-step feed-forward), then a learnable
+# [CLS] token and a small `torch.nn` transformer encoder whose [CLS] output replaces pooling.
+# `--torch-arch gru,squeezeformer` trains both as separate ensemble members (`torch`, `torch_sqz`).
+
+# %%
+# Busy-waiting OpenMP threads slow LightGBM and torch ~100x when another process holds a core: the
+# policy must be in place before the first OpenMP runtime loads, and importing torch loads one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import torch  # noqa: E402
+
+
+from torch import nn  # noqa: E402
+
+
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+
+def cuda_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a PyTorch build with kernels for `arch_list` (torch.cuda.get_arch_list(), e.g.
+    ['sm_75', 'sm_80', 'compute_90']) runs on a GPU of compute `capability`: a cubin runs on its
+    major version with an equal or higher minor, PTX (compute_XY) on any GPU at or above it."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+@functools.cache
+def torch_device() -> str:
+    """The one place that picks the device, once: CUDA when present and supported by the installed
+    build, else CPU. A build without kernels for the GPU (Kaggle's current builds have none for the
+    P100, sm_60) would fail at the first CUDA call, so the nets then train and serve on the CPU and
+    say so once."""
+    if torch.cuda.is_available():
+        cap, archs = torch.cuda.get_device_capability(0), torch.cuda.get_arch_list()
+        if cuda_supported(cap, archs):
+            return "cuda"
+        LOG.warning("torch: GPU %s (compute %d.%d) is not supported by this PyTorch build "
+                    "(kernels for %s); the nets run on the CPU. Fix: on Kaggle choose the "
+                    "T4 x2 accelerator (the P100 has no kernels in current builds).",
+                    torch.cuda.get_device_name(0), cap[0], cap[1], ", ".join(archs) or "none")
+    return "cpu"
+
+
+def torch_precision(cfg: Config, device: str) -> str:
+    """fp16 autocast (+GradScaler) on CUDA; on CPU fp32 unless bf16 is asked for (docs/DECISIONS.md,
+    precision)."""
+    if cfg.torch_precision != "auto":
+        return cfg.torch_precision
+    return "fp16" if device == "cuda" else "fp32"
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, ch: int, reduction: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(ch, max(ch // reduction, 4)), nn.ReLU(),
+                                nn.Linear(max(ch // reduction, 4), ch), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(1).to(x.dtype)
+        pooled = (x * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        return x * self.fc(pooled).unsqueeze(-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        pad = kernel // 2
+        self.conv1 = nn.Conv1d(cin, cout, kernel, padding=pad, bias=False)
+        self.bn1 = nn.BatchNorm1d(cout)
+        self.conv2 = nn.Conv1d(cout, cout, kernel, padding=pad, bias=False)
+        self.bn2 = nn.BatchNorm1d(cout)
+        self.short = nn.Conv1d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+        self.se = SqueezeExcite(cout)
+        self.pool = nn.MaxPool1d(2)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask.unsqueeze(1).to(x.dtype)
+        h = torch.relu(self.bn1(self.conv1(x))) * m
+        h = self.bn2(self.conv2(h)) * m
+        h = torch.relu(self.se(h, mask) + self.short(x)) * m
+        h = self.pool(h)
+        mask = mask[:, : h.shape[-1] * 2 : 2] & mask[:, 1 : h.shape[-1] * 2 : 2]
+        return self.drop(h) * mask.unsqueeze(1).to(h.dtype), mask
+
+
+class MaskedAttentionPool(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, 1))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.score(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
+        w = torch.softmax(s, dim=1).to(h.dtype)
+        return (h * w.unsqueeze(-1)).sum(1)
+
+
+class Heads(nn.Module):
+    """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary / orientation logits; both
+    encoders end here."""
+
+    def __init__(self, dim: int, n_demo: int, dropout: float, use_demographics: bool) -> None:
+        super().__init__()
+        self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU()) if use_demographics else None
+        self.trunk = nn.Sequential(nn.Linear(dim + (16 if use_demographics else 0), 256), nn.ReLU(),
+                                   nn.Dropout(dropout))
+        self.head18 = nn.Linear(256, len(GESTURES))
+        self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
+        self.head2 = nn.Linear(256, 1)
+        self.head_orientation = nn.Linear(256, len(ORIENTATIONS))
+
+    def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.demo is not None:
+            z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
+        z = self.trunk(z)
+        return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1),
+                "orientation": self.head_orientation(z)}
+
+
+def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None].to(x.device)
+
+
+class GridEncoder(nn.Module):
+    """--tof-grid: the last `pixels` input channels (five 8x8 ToF grids) of every valid step
+    through a small 2D CNN shared across steps, replaced by its TOF_GRID_DIM embedding; the other
+    channels pass through. Padded steps stay zero. Without pixels it is the identity."""
+
+    def __init__(self, in_ch: int, pixels: int) -> None:
+        super().__init__()
+        self.pixels = pixels
+        self.out_ch = in_ch - pixels + (TOF_GRID_DIM if pixels else 0)
+        if pixels:
+            self.cnn = nn.Sequential(nn.Conv2d(pixels // 64, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Flatten(), nn.Linear(128, TOF_GRID_DIM), nn.ReLU())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self.pixels:
+            return x
+        plain, grid = x[..., :-self.pixels], x[..., -self.pixels:]
+        e = self.cnn(grid[mask].reshape(-1, self.pixels // 64, 8, 8)).to(plain.dtype)
+        out = plain.new_zeros(*mask.shape, TOF_GRID_DIM)
+        out[mask] = e
+        return torch.cat([plain, out], dim=-1)
+
+
+class GestureNet(nn.Module):
+    """CNN -> packed BiGRU -> masked attention (+ phase-weighted pools) -> heads, and a per-step
+    phase head on the BiGRU output (one step per `phase_stride` input steps)."""
+
+    def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
+                 use_demographics: bool, phase_pool: bool, grid_pixels: int = 0) -> None:
+        super().__init__()
+        self.frame = GridEncoder(in_ch, grid_pixels)
+        chans = [self.frame.out_ch, *conv]
+        self.blocks = nn.ModuleList([ResBlock(a, b, 3, dropout) for a, b in zip(chans[:-1], chans[1:])])
+        self.gru = nn.GRU(chans[-1], hidden, batch_first=True, bidirectional=True)
+        self.pool = MaskedAttentionPool(2 * hidden)
+        self.phase_head = nn.Linear(2 * hidden, 1)
+        self.phase_pool = phase_pool
+        self.phase_stride = 2 ** len(conv)
+        self.heads = Heads(2 * hidden * (3 if phase_pool else 1), n_demo, dropout, use_demographics)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
+                packed: bool = True) -> dict[str, torch.Tensor]:
+        mask = time_mask(x, lengths)
+        x = self.frame(x, mask)
+        h = x.transpose(1, 2) * mask.unsqueeze(1).to(x.dtype)
+        for block in self.blocks:
+            h, mask = block(h, mask)
+        h = h.transpose(1, 2)
+        lens = mask.sum(1).clamp(min=1)
+        mask = time_mask(h, lens)
+        # Packing only matters when some row is padded (a single sequence never is).
+        if packed and bool((lens < h.shape[1]).any()):
+            pk = pack_padded_sequence(h, lens.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.gru(pk)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
+        else:
+            out, _ = self.gru(h)
+        phase = self.phase_head(out).squeeze(-1)
+        z = self.pool(out, mask)
+        if self.phase_pool:  # mean over the steps the phase head calls gesture, and over the rest
+            p = torch.sigmoid(phase.float()) * mask
+            parts = [z]
+            for w in (p, (1 - p) * mask):
+                parts.append((out.float() * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-3))
+            z = torch.cat([parts[0], parts[1].to(z.dtype), parts[2].to(z.dtype)], dim=1)
+        return {**self.heads(z, demo), "phase": phase, "phase_mask": mask}
+
+
+def sinusoidal_positions(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(n, device=like.device, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=like.device) / dim)
+    pe = torch.zeros(n, dim, device=like.device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return pe.to(like.dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvModule(nn.Module):
+    """LayerNorm, pointwise conv to 2x channels, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv."""
+
+    def __init__(self, dim: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.expand = nn.Conv1d(dim, 2 * dim, 1)
+        self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.bn = nn.BatchNorm1d(dim)
+        self.project = nn.Conv1d(dim, dim, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(1).to(x.dtype)
+        # Padding is zeroed before the depthwise conv, else its kernel would carry it into valid steps.
+        h = nn.functional.glu(self.expand(self.norm(x).transpose(1, 2)), dim=1) * m
+        h = nn.functional.silu(self.bn(self.depthwise(h))) * m
+        return self.drop(self.project(h)).transpose(1, 2)
+
+
+class SqueezeformerBlock(nn.Module):
+    """Half-step feed-forward, masked self-attention, conv module, half-step feed-forward."""
+
+    def __init__(self, dim: int, heads: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        self.ff1 = FeedForward(dim, dropout)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.attn_drop = nn.Dropout(dropout)
+        self.conv = ConvModule(dim, kernel, dropout)
+        self.ff2 = FeedForward(dim, dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ff1(x)
+        h = self.attn_norm(x)
+        a, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
+        x = x + self.attn_drop(a)
+        x = x + self.conv(x, mask)
+        x = x + 0.5 * self.ff2(x)
+        return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
+
+
+class SqueezeformerNet(nn.Module):
+    """Projection + positions -> Squeezeformer blocks -> [CLS] + transformer encoder -> heads."""
+
+    def __init__(self, in_ch: int, n_demo: int, dim: int, layers: int, heads: int, kernel: int,
+                 cls_layers: int, reduction: int, dropout: float, use_demographics: bool,
+                 grid_pixels: int = 0) -> None:
+        super().__init__()
+        self.frame = GridEncoder(in_ch, grid_pixels)
+        self.project = nn.Sequential(nn.Linear(self.frame.out_ch, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
+        self.reduction = max(int(reduction), 1)
+        self.blocks = nn.ModuleList([SqueezeformerBlock(dim, heads, kernel, dropout) for _ in range(layers)])
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.cls_encoder = nn.TransformerEncoder(layer, cls_layers, norm=nn.LayerNorm(dim),
+                                                 enable_nested_tensor=False)
+        self.heads = Heads(dim, n_demo, dropout, use_demographics)
+
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The [CLS] output: the sequence summary the heads see."""
+        mask = time_mask(x, lengths)
+        h = self.project(self.frame(x, mask)) * mask.unsqueeze(-1).to(x.dtype)
+        if self.reduction > 1:  # pad to a multiple first, so the grouping never depends on batch padding
+            r = self.reduction
+            h = nn.functional.pad(h, (0, 0, 0, (-h.shape[1]) % r))
+            h = h.view(h.shape[0], h.shape[1] // r, r, h.shape[2]).mean(2)
+            lengths = (lengths.to(x.device) + r - 1) // r
+            mask = time_mask(h, lengths)
+        h = (h + sinusoidal_positions(h.shape[1], h.shape[2], h)) * mask.unsqueeze(-1).to(h.dtype)
+        for block in self.blocks:
+            h = block(h, mask)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+        keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        return self.cls_encoder(h, src_key_padding_mask=~keep)[:, 0]
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
+                packed: bool = True) -> dict[str, torch.Tensor]:
+        return self.heads(self.encode(x, lengths), demo)
+
+
+class UncertaintyWeights(nn.Module):
+    """loss = sum_i exp(-s_i) L_i + s_i with learnable, clamped s_i (Kendall & Gal 2018)."""
+
+    def __init__(self, n: int, clamp: float = 4.0) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.zeros(n))
+        self.clamp = clamp
+
+    def forward(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        s = self.s.clamp(-self.clamp, self.clamp)
+        return sum(torch.exp(-s[i]) * l + s[i] for i, l in enumerate(losses))
+
+
+def build_torch_model(cfg: Config, in_ch: int) -> Any:
+    """The net of `cfg.torch_arch` (one architecture: train_torch runs each --torch-arch choice apart)."""
+    if cfg.torch_arch == "squeezeformer":
+        return SqueezeformerNet(in_ch, len(DEFAULT_DEMOGRAPHICS), cfg.torch_sqz_dim, cfg.torch_sqz_layers,
+                                cfg.torch_sqz_heads, cfg.torch_sqz_kernel, cfg.torch_sqz_cls_layers,
+                                cfg.torch_sqz_reduction, cfg.net_dropout, cfg.net_demographics,
+                                tof_grid_pixels(cfg))
+    if cfg.torch_arch != "gru":
+        raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
+    conv = tuple(int(c) for c in str(cfg.net_conv).split(","))
+    return GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.net_hidden, cfg.net_dropout,
+                      cfg.net_demographics, cfg.net_phase_pool, tof_grid_pixels(cfg))
+
+
+# %% [markdown]
+# ### 13.1 Training a PyTorch fold
+#
+# The recipe of section 12 in PyTorch: autocast in the fold's precision with a GradScaler, the head
+# losses (fixed or uncertainty-weighted), clipping, the schedule and the EMA of the weights. A
+# non-finite loss skips its step and is counted; after a few the fold falls back to fp32 and says so.
+
+# %%
+def to_torch(batch: Iterable[np.ndarray], device: str) -> list[Any]:
+    """numpy batch -> tensors on `device`; integer arrays (the lengths) stay on the CPU, where
+    pack_padded_sequence wants them."""
+    return [torch.from_numpy(a) if a.dtype.kind == "i" else torch.from_numpy(a).to(device) for a in batch]
+
+
+def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler, device: str) -> list[Any]:
+    """(x, lengths, demographics) tensors of a batch of unscaled sequences, for inference."""
+    return to_torch(scaled_batch(arrays, demo, scaler), device)
+
+
+def torch_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64, packed: bool = True,
+                fp32: bool = False) -> dict[str, np.ndarray]:
+    """One fold's heads for every sequence of `inputs`: "gesture" (n, 18) from the three gesture
+    heads, "orientation" (n, 4). Eval mode, no grad; fp16 autocast on CUDA unless `fp32`, which the
+    bundle's proof uses so that it holds on any device."""
+    model, scaler = fold
+    lengths = np.array([len(a) for a in inputs.arrays])
+    device = next(model.parameters()).device.type
+    model.eval()
+    out = {"gesture": np.zeros((len(lengths), len(GESTURES)), dtype=np.float32),
+           "orientation": np.zeros((len(lengths), len(ORIENTATIONS)), dtype=np.float32)}
+    for idx in length_buckets(lengths, batch_size, None):
+        xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda" and not fp32):
+            o = model(xb, lb, db, packed=packed)
+        out["gesture"][idx] = combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
+        out["orientation"][idx] = _softmax(o["orientation"].float().cpu().numpy())
+    return out
+
+
 def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any, orientation: Any = None,
-                phase: Any = None, stride: int = 1) -> list[Any]:
+                phase: Any = None) -> list[Any]:
     """Cross-entropy of the 18-class and 9-class heads and the target-vs-not BCE against soft
     targets; with the auxiliary targets, the orientation cross-entropy and the per-step phase BCE
-    (targets averaged over the steps each output step covers, padding left out)."""
-    torch = _torch_lib().torch
+    against phase_targets() (its -1 steps, padding, left out)."""
     func = torch.nn.functional
     l18 = -(yb * torch.log_softmax(o["y18"].float(), 1)).sum(1).mean()
     l9 = -((yb @ to9) * torch.log_softmax(o["y9"].float(), 1)).sum(1).mean()
@@ -3224,17 +3416,14 @@ def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any, orientatio
     if orientation is not None:
         losses.append(-(orientation * torch.log_softmax(o["orientation"].float(), 1)).sum(1).mean())
     if phase is not None and "phase" in o:
-        steps = o["phase"].shape[1]
-        target = func.avg_pool1d(phase[:, None, :], stride, stride)[:, 0, :steps] if stride > 1 else phase[:, :steps]
-        m = o["phase_mask"].float()
-        per_step = func.binary_cross_entropy_with_logits(o["phase"].float(), target, reduction="none")
+        m = (phase >= 0).float()
+        per_step = func.binary_cross_entropy_with_logits(o["phase"].float(), phase.clamp(min=0.0), reduction="none")
         losses.append((per_step * m).sum() / m.sum().clamp(min=1.0))
     return losses
 
 
 def ema_update(ema: Any, model: Any, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for float tensors; buffers such as counters are copied."""
-    torch = _torch_lib().torch
     with torch.no_grad():
         for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
             if pe.dtype.is_floating_point:
@@ -3243,42 +3432,15 @@ def ema_update(ema: Any, model: Any, decay: float) -> None:
                 pe.copy_(pm)
 
 
-def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Learning-rate warmup in optimiser steps: --torch-warmup-epochs, leaving at least the last
-    epoch to the decay (both frameworks)."""
-    return steps_per_epoch * min(cfg.torch_warmup_epochs, max(cfg.epochs - 1, 0))
-
-
 def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: int) -> tuple[Any, Any]:
     """AdamW (no weight decay on the loss weights, which learn 10x faster) and its schedule: linear
-    warmup for --torch-warmup-epochs, then cosine to zero at the last epoch."""
-    torch = _torch_lib().torch
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg.torch_weight_decay}]
+    warmup for --net-warmup-epochs, then cosine to zero at the last epoch."""
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg.net_weight_decay}]
     if weighting is not None:
-        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.torch_lr * 10})
-    opt = torch.optim.AdamW(groups, lr=cfg.torch_lr)
+        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.net_lr * 10})
+    opt = torch.optim.AdamW(groups, lr=cfg.net_lr)
     total = steps_per_epoch * cfg.epochs
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, warmup_steps(cfg, steps_per_epoch))] * len(groups))
-
-
-def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: InputScaler, cfg: Config,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """One augmented training batch: x, lengths, demographics and the soft targets (gesture,
-    orientation, per-step phase). The phase rides along as one more column through the per-sequence
-    augmentations and the crop, so it stays aligned with the steps."""
-    names = [*tr.names, "aux_phase"]
-    arrays = [last_steps(augment_sequence(np.column_stack([tr.arrays[i], targets.phase[i]]), names, cfg, rng),
-                         scaler.max_len) for i in idx]
-    x, lengths, demo = scaled_batch([a[:, :-1] for a in arrays], tr.demographics[idx], scaler)
-    phase = np.zeros(x.shape[:2], dtype=np.float32)
-    for row, a in enumerate(arrays):
-        phase[row, :len(a)] = a[:, -1]
-    batch = [augment_scaled_batch(x, lengths, cfg, rng), lengths, demo,
-             soft_targets(targets.y[idx], cfg.torch_label_smoothing),
-             np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]], phase]
-    if rng.random() < cfg.aug_mixup and len(idx) > 1:
-        batch = mixup(rng, *batch)
-    return batch
 
 
 class TorchSteps:
@@ -3288,24 +3450,22 @@ class TorchSteps:
 
     def __init__(self, cfg: Config, model: Any, ema: Any, weighting: Any, opt: Any, sched: Any,
                  precision: str, device: str) -> None:
-        torch = _torch_lib().torch
         self.cfg, self.model, self.ema, self.weighting, self.opt, self.sched = cfg, model, ema, weighting, opt, sched
         self.precision, self.device, self.bad_steps, self.ema_steps = precision, device, 0, 0
         self.grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         self.is_target = torch.tensor(TARGET_MASK, device=device)
         self.to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
-        self.fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
-        self.aux = [float(w) for w in str(cfg.torch_aux_weights).split(",")]
+        self.fixed = [float(w) for w in str(cfg.net_head_weights).split(",")]
+        self.aux = [float(w) for w in str(cfg.net_aux_weights).split(",")]
 
     def step(self, batch: list[Any]) -> float | None:
         """One batch (x, lengths, demographics, gesture, orientation, phase); the loss, or None if skipped."""
-        torch = _torch_lib().torch
         xb, lb, db, yb, ob, pb = batch
-        aux = self.cfg.torch_aux_heads
+        aux = self.cfg.net_aux_heads
         with torch.autocast(self.device, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16,
                             enabled=self.precision in ("fp16", "bf16")):
             losses = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, ob if aux else None,
-                                 pb if aux else None, getattr(self.model, "phase_stride", 1))
+                                 pb if aux else None)
             gesture, extra = losses[:3], losses[3:]
             loss = self.weighting(gesture) if self.weighting is not None else sum(w * l for w, l in zip(self.fixed, gesture))
             loss = loss + sum(w * l for w, l in zip(self.aux, extra))
@@ -3324,7 +3484,7 @@ class TorchSteps:
         self.grad_scaler.update()
         self.sched.step()
         self.ema_steps += 1  # EMA warm-up: early on the average must not lag far behind
-        decay = self.cfg.torch_ema
+        decay = self.cfg.net_ema
         ema_update(self.ema, self.model, min(decay, (1 + self.ema_steps) / (10 + self.ema_steps)) if decay > 0 else 0.0)
         return float(loss.detach())
 
@@ -3332,8 +3492,6 @@ class TorchSteps:
 def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: dict[str, NetInputs],
                      y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Train one fold; returns the kept (EMA) state, the scaler, its score and epoch."""
-    lib = _torch_lib()
-    torch = lib.torch
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch_device()
@@ -3342,19 +3500,23 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     ema = build_torch_model(cfg, len(scaler.columns)).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval()
-    weighting = lib.UncertaintyWeights(3).to(device) if cfg.torch_loss_weighting == "uncertainty" else None
+    weighting = UncertaintyWeights(3).to(device) if cfg.net_loss_weighting == "uncertainty" else None
     lengths = np.array([len(a) for a in tr.arrays])
-    opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / cfg.torch_batch_size))
+    opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / cfg.net_batch_size))
     steps = TorchSteps(cfg, model, ema, weighting, opt, sched, torch_precision(cfg, device), device)
-    stopper = EarlyStopping(cfg.torch_patience)
-    evaluated = ema if cfg.torch_ema > 0 else model
+    stopper = EarlyStopping(cfg.net_patience)
+    evaluated = ema if cfg.net_ema > 0 else model
+    stride = getattr(model, "phase_stride", 1)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        losses = [steps.step(to_torch(training_batch(tr, targets, idx, scaler, cfg, rng), device))
-                  for idx in training_buckets(lengths, cfg, rng)]
+        losses = []
+        for idx in training_buckets(lengths, cfg, rng):
+            x, lb, demo, y, orientation, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
+            batch = [x, lb, demo, y, orientation, phase_targets(phase, lb, stride)]
+            losses.append(steps.step(to_torch(batch, device)))
         losses = [v for v in losses if v is not None]
-        scores = view_metrics(views_va, y_va, lambda va: torch_predict_proba([(evaluated, scaler)], np.ones(1), va))
+        scores = view_metrics(views_va, y_va, lambda va: torch_heads(NetFold(evaluated, scaler), va)["gesture"])
         log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
              **scores, "bad_steps": steps.bad_steps, "precision": steps.precision,
              "seconds": time.perf_counter() - t0})
@@ -3366,7 +3528,6 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
 
 
 def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
-    torch = _torch_lib().torch
     ckpt = torch.load(path, map_location=device, weights_only=True)
     cfg = config_from(ckpt["config"])
     model = build_torch_model(cfg, ckpt["in_ch"]).to(device)
@@ -3375,43 +3536,44 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
     return model, InputScaler.from_state(ckpt["scaler"]), ckpt
 
 
-def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
-    """All folds of the PyTorch net of `cfg.torch_arch` and `cfg.net_variants` (one of each; its
-    ensemble member is member_name("torch", cfg)): a checkpoint per fold (in_ch, config, scaler,
-    state_dict), OOF for both views, per-epoch log in OUT/logs/<member>.jsonl."""
-    torch = _torch_lib().torch
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    device = torch_device()
-    member, inputs, targets, fp = net_member_setup(cfg, td, bundle, "torch")
-    names = inputs["full"].names
+class TorchMember(NetMember):
+    """The PyTorch net of one --torch-arch and one --net-variants (member torch, torch_sqz, torch_imu,
+    ...): a checkpoint per fold (in_ch, config, scaler, state_dict), per-epoch log in
+    OUT/logs/<member>.jsonl."""
+    family, suffix = "torch", ".pt"
 
-    def load_fold(k: int) -> Any:
-        path = bundle / bundle_file(member, k, ".pt")
-        return load_torch_checkpoint(path, device)[:2] if saved_fold_matches(path, fp) else None
+    @property
+    def kind(self) -> str:
+        return "torch_sqz" if self.cfg.torch_arch == "squeezeformer" else "torch"
 
-    def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
-        res = train_torch_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
-                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k,
-                               epoch_logger(out, member, k))
-        ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(cfg),
-                "channel_names": names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
-        path = bundle / bundle_file(member, k, ".pt")
-        atomic_write(path, lambda p: torch.save(ckpt, p))
-        # The meta file comes last: a fold whose checkpoint was cut short has none and is retrained.
-        write_json(fold_meta_path(path), {"fingerprint": fp, "best_epoch": res["epoch"],
-                                          "best_score": res["score"], "bad_steps": res["bad_steps"],
-                                          "uncertainty_s": res["uncertainty_s"]})
-        return load_torch_checkpoint(path, device)[:2], kept_epoch(cfg, res["epoch"])
+    def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, NetInputs]:
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        return super().training_inputs(td, out)
 
-    res = run_folds(cfg, td, member, load_fold, fit_fold,
-                    lambda net, v, va: torch_predict_proba([net], np.ones(1), inputs[v].subset(va)))
-    return {"oof": res["oof"], "files": [bundle_file(member, k, ".pt") for k in range(cfg.folds)],
-            "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
+    def fit(self, k: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
+            out: Path) -> Fitted:
+        res = train_torch_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.cfg.seed + k,
+                               epoch_logger(out, self.name, k))
+        ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(self.cfg),
+                "channel_names": self.names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
+        return Fitted(ckpt, {"best_epoch": res["epoch"], "best_score": res["score"], "bad_steps": res["bad_steps"],
+                             "uncertainty_s": res["uncertainty_s"]}, kept_epoch(self.cfg, res["epoch"]))
+
+    def save(self, model: dict[str, Any], path: Path) -> None:
+        atomic_write(path, lambda p: torch.save(model, p))
+
+    def load(self, path: Path) -> NetFold:
+        return NetFold(*load_torch_checkpoint(path, torch_device())[:2])
+
+    def predict(self, fold: NetFold, inputs: NetInputs, exact: bool = False) -> dict[str, np.ndarray]:
+        heads = torch_heads(fold, inputs, fp32=exact)
+        return heads if self.cfg.net_aux_heads else {"gesture": heads["gesture"]}
 
 
 # %% [markdown]
-# ## 13. Keras 3 CNN-BiGRU-attention twin
+# ## 14. Keras 3 CNN-BiGRU-attention twin
 #
 # The same design in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
 # Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, and a
@@ -3420,22 +3582,18 @@ def train_torch(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dic
 # reads the very same inputs and scaler as the PyTorch net (section 11), trains on the same
 # augmented batches and has the same orientation and per-step phase heads (and, with `--tof-grid`,
 # the same per-frame grid CNN, `TofGridEncoder`). Mixed precision (`mixed_float16`, float32
-# output) is used on GPU only: on these CPUs it measured ~200x slower.
-# Inference avoids `model.predict` (100+ ms of overhead per call): the model runs inside one
-# `tf.function` with a (batch, time, channels) signature, inputs padded to fixed length buckets.
+# output) is used on GPU only (docs/DECISIONS.md, precision). Inference avoids `model.predict`,
+# whose overhead per call dwarfs one sequence's work: the model runs inside one `tf.function` with a
+# (batch, time, channels) signature, inputs padded to fixed length buckets.
 
 # %%
 KERAS_BUCKET = 32  # time axis padded to a multiple of this: few shapes, no retracing
 
 
-_KERAS_LIB: Any = None
-
-
-def _keras_lib() -> Any:
-    """keras, tensorflow and the custom layers, defined on first use (TF import takes seconds)."""
-    global _KERAS_LIB
-    if _KERAS_LIB is not None:
-        return _KERAS_LIB
+@functools.cache
+def keras_framework() -> tuple[Any, Any]:
+    """keras and tensorflow, imported once, on first use: the import takes seconds, prints native
+    start-up notices, and needs KERAS_BACKEND set before it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     with native_notices_hidden():
@@ -3448,6 +3606,24 @@ def _keras_lib() -> Any:
                 tf.config.experimental.set_memory_growth(gpu, True)
             except RuntimeError:  # the device was initialised before: too late, and harmless
                 pass
+    return keras, tf
+
+
+class KerasLayers(NamedTuple):
+    """The Keras twin's own layers, loss and schedule (keras_layers() defines them)."""
+    MaskedResBlock: Any
+    MaskedAttentionPool: Any
+    TofGridEncoder: Any
+    PhaseSteps: Any
+    masked_phase_loss: Any
+    WarmupCosine: Any
+
+
+@functools.cache
+def keras_layers() -> KerasLayers:
+    """The twin's custom layers, defined once after keras_framework()'s import (a Keras layer class
+    needs keras to subclass), each registered as serializable."""
+    keras, _ = keras_framework()
     ops = keras.ops
 
     def downsample_mask(m: Any, steps: Any) -> Any:
@@ -3598,23 +3774,19 @@ def _keras_lib() -> Any:
         bce = -(t * ops.log(p) + (1 - t) * ops.log(1 - p))
         return ops.sum(bce * valid, axis=-1) / ops.maximum(ops.sum(valid, axis=-1), 1.0)
 
-    _KERAS_LIB = SimpleNamespace(keras=keras, tf=tf, MaskedResBlock=MaskedResBlock,
-                                 MaskedAttentionPool=MaskedAttentionPool, WarmupCosine=WarmupCosine,
-                                 masked_phase_loss=masked_phase_loss, PhaseSteps=PhaseSteps,
-                                 TofGridEncoder=TofGridEncoder)
-    return _KERAS_LIB
+    return KerasLayers(MaskedResBlock, MaskedAttentionPool, TofGridEncoder, PhaseSteps, masked_phase_loss,
+                       WarmupCosine)
 
 
 def keras_policy() -> str:
-    """mixed_float16 on GPU; float32 on CPU (where mixed precision measured far slower)."""
-    tf = _keras_lib().tf
+    """mixed_float16 on GPU; float32 on CPU (docs/DECISIONS.md, precision)."""
+    _, tf = keras_framework()
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
 def build_keras_model(cfg: Config, in_ch: int, policy: str | None = None) -> Any:
     """The Keras twin under `policy` (default: keras_policy(), mixed precision on a GPU for training)."""
-    lib = _keras_lib()
-    keras = lib.keras
+    keras, layers = keras_framework()[0], keras_layers()
     keras.mixed_precision.set_global_policy(policy or keras_policy())
     x_in = keras.Input((None, in_ch), name="x")
     m_in = keras.Input((None,), name="mask")
@@ -3622,30 +3794,21 @@ def build_keras_model(cfg: Config, in_ch: int, policy: str | None = None) -> Any
     h, m = x_in, m_in
     pixels = tof_grid_pixels(cfg)
     if pixels:
-        h = lib.TofGridEncoder(pixels, name="tof_grid")(h, m)
-    for i, filters in enumerate(int(c) for c in str(cfg.torch_conv).split(",")):
-        h, m = lib.MaskedResBlock(filters, 3, cfg.torch_dropout, name=f"res{i}")(h, m)
-    seq = keras.layers.Bidirectional(keras.layers.GRU(cfg.torch_hidden, return_sequences=True), name="bigru")(
+        h = layers.TofGridEncoder(pixels, name="tof_grid")(h, m)
+    for i, filters in enumerate(int(c) for c in str(cfg.net_conv).split(",")):
+        h, m = layers.MaskedResBlock(filters, 3, cfg.net_dropout, name=f"res{i}")(h, m)
+    seq = keras.layers.Bidirectional(keras.layers.GRU(cfg.net_hidden, return_sequences=True), name="bigru")(
         h, mask=keras.ops.cast(m, "bool"))
-    z = lib.MaskedAttentionPool(64, name="attention")(seq, m)
-    if cfg.torch_demographics:
+    z = layers.MaskedAttentionPool(64, name="attention")(seq, m)
+    if cfg.net_demographics:
         z = keras.layers.Concatenate()([z, keras.layers.Dense(16, activation="relu", name="demo_embed")(d_in)])
-    z = keras.layers.Dropout(cfg.torch_dropout)(keras.layers.Dense(256, activation="relu")(z))
+    z = keras.layers.Dropout(cfg.net_dropout)(keras.layers.Dense(256, activation="relu")(z))
     out = {"gesture": keras.layers.Dense(len(GESTURES), activation="softmax", dtype="float32", name="gesture")(z)}
-    if cfg.torch_aux_heads:  # the torch nets' auxiliary heads: orientation, and phase per BiGRU step
+    if cfg.net_aux_heads:  # the torch nets' auxiliary heads: orientation, and phase per BiGRU step
         out["orientation"] = keras.layers.Dense(len(ORIENTATIONS), activation="softmax", dtype="float32",
                                                 name="orientation")(z)
-        out["phase"] = lib.PhaseSteps(dtype="float32", name="phase")(seq)
+        out["phase"] = layers.PhaseSteps(dtype="float32", name="phase")(seq)
     return keras.Model({"x": x_in, "mask": m_in, "demo": d_in}, out, name="gesture_net_keras")
-
-
-def keras_phase_target(phase: np.ndarray, lengths: np.ndarray, steps: int, stride: int) -> np.ndarray:
-    """Per-step phase targets at the BiGRU's resolution (one step per `stride` input steps, as the
-    masks are pooled: a step is valid only when all it covers is); -1 marks padding."""
-    p = np.full((len(phase), steps), -1.0, dtype=np.float32)
-    p[:, :phase.shape[1]] = np.where(np.arange(phase.shape[1])[None, :] < lengths[:, None], phase, -1.0)
-    windows = p.reshape(len(p), steps // stride, stride)
-    return np.where((windows >= 0).all(-1), windows.mean(-1), -1.0).astype(np.float32)
 
 
 def keras_batch(x: np.ndarray, lengths: np.ndarray, demo: np.ndarray) -> dict[str, np.ndarray]:
@@ -3663,35 +3826,36 @@ def keras_inputs(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler
 
 
 class KerasPredictor:
-    """A saved fold wrapped in one tf.function (traced once per input rank, not per call)."""
+    """A saved fold wrapped in one tf.function (traced once per input rank, not per call) that returns
+    its per-sequence heads: "gesture", and "orientation" where the net has it (not the per-step phase)."""
 
     def __init__(self, model: Any, channels: int) -> None:
-        tf = _keras_lib().tf
+        _, tf = keras_framework()
         self.model = model
         spec = {"x": tf.TensorSpec([None, None, channels], tf.float32), "mask": tf.TensorSpec([None, None], tf.float32),
                 "demo": tf.TensorSpec([None, len(DEFAULT_DEMOGRAPHICS)], tf.float32)}
-        self.fn = tf.function(lambda inp: model(inp, training=False)["gesture"], input_signature=[spec],
-                              reduce_retracing=True)
+        self.fn = tf.function(lambda inp: {k: v for k, v in model(inp, training=False).items() if k != "phase"},
+                              input_signature=[spec], reduce_retracing=True)
 
-    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.fn(inputs).numpy().astype(np.float32)
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.numpy().astype(np.float32) for k, v in self.fn(inputs).items()}
 
 
-def keras_predict_proba(predictors: list[Any], weights: np.ndarray, inputs: NetInputs, scaler_of: list[InputScaler],
-                        batch_size: int = 64) -> np.ndarray:
+def keras_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """One fold's heads for every sequence of `inputs`: "gesture" (n, 18), and "orientation" (n, 4)
+    when the net has that head."""
+    predictor, scaler = fold
     lengths = np.array([len(a) for a in inputs.arrays])
-    per_fold = []
-    for predictor, scaler in zip(predictors, scaler_of):
-        p = np.zeros((len(lengths), len(GESTURES)), dtype=np.float32)
-        for idx in length_buckets(lengths, batch_size, None):
-            p[idx] = predictor(keras_inputs([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler))
-        per_fold.append(p)
-    return blend(per_fold, weights)
+    out: dict[str, np.ndarray] = {}
+    for idx in length_buckets(lengths, batch_size, None):
+        for k, v in predictor(keras_inputs([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler)).items():
+            out.setdefault(k, np.zeros((len(lengths), v.shape[1]), dtype=np.float32))[idx] = v
+    return out
 
 
 def keras_learning_rate(optimizer: Any) -> float:
     """The current learning rate, whether the optimizer holds a float, a variable or a schedule."""
-    keras = _keras_lib().keras
+    keras, _ = keras_framework()
     lr = optimizer.learning_rate
     if callable(lr) and not hasattr(lr, "numpy"):
         lr = lr(optimizer.iterations)
@@ -3702,26 +3866,25 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
                      y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """One fold with the torch recipe: the same augmented batches (training_batch: label smoothing,
     mixup, every augmentation), warmup + cosine, EarlyStopping (patience 0 = the last epoch)."""
-    lib = _keras_lib()
-    keras = lib.keras
+    keras, layers = keras_framework()[0], keras_layers()
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     scaler = InputScaler.fit(tr, input_columns(tr.names, cfg.net_variants), cfg.max_len)
     model = build_keras_model(cfg, len(scaler.columns))
     lengths = np.array([len(a) for a in tr.arrays])
-    steps = math.ceil(len(lengths) / cfg.torch_batch_size)
-    opt = keras.optimizers.AdamW(lib.WarmupCosine(cfg.torch_lr, warmup_steps(cfg, steps), steps * cfg.epochs),
-                                 weight_decay=cfg.torch_weight_decay, clipnorm=1.0)
+    steps = math.ceil(len(lengths) / cfg.net_batch_size)
+    opt = keras.optimizers.AdamW(layers.WarmupCosine(cfg.net_lr, warmup_steps(cfg, steps), steps * cfg.epochs),
+                                 weight_decay=cfg.net_weight_decay, clipnorm=1.0)
     if keras_policy() == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    aux = [float(w) for w in str(cfg.torch_aux_weights).split(",")]
+    aux = [float(w) for w in str(cfg.net_aux_weights).split(",")]
     losses_of = {"gesture": keras.losses.CategoricalCrossentropy(), "orientation": keras.losses.CategoricalCrossentropy(),
-                 "phase": lib.masked_phase_loss}
+                 "phase": layers.masked_phase_loss}
     weights_of = {"gesture": 1.0, "orientation": aux[0], "phase": aux[1]}
-    outputs = ["gesture", "orientation", "phase"] if cfg.torch_aux_heads else ["gesture"]
+    outputs = ["gesture", "orientation", "phase"] if cfg.net_aux_heads else ["gesture"]
     model.compile(optimizer=opt, loss={k: losses_of[k] for k in outputs}, loss_weights={k: weights_of[k] for k in outputs})
-    stride = 2 ** len(str(cfg.torch_conv).split(","))
-    stopper = EarlyStopping(cfg.torch_patience)
+    stride = 2 ** len(str(cfg.net_conv).split(","))
+    stopper = EarlyStopping(cfg.net_patience)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         losses = []
@@ -3729,11 +3892,11 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
             x, lb, demo, y, orientation, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
             batch = keras_batch(x, lb, demo)
             y_all = {"gesture": y, "orientation": orientation,
-                     "phase": keras_phase_target(phase, lb, batch["x"].shape[1], stride)}
+                     "phase": phase_targets(phase, lb, stride, steps=batch["x"].shape[1] // stride)}
             res = model.train_on_batch(batch, {k: y_all[k] for k in outputs}, return_dict=True)
             losses.append(float(res["loss"]))
-        predictor = KerasPredictor(model, len(scaler.mean))
-        scores = view_metrics(views_va, y_va, lambda va: keras_predict_proba([predictor], np.ones(1), va, [scaler]))
+        fold = NetFold(KerasPredictor(model, len(scaler.mean)), scaler)
+        scores = view_metrics(views_va, y_va, lambda va: keras_heads(fold, va)["gesture"])
         log({"epoch": epoch, "lr": keras_learning_rate(model.optimizer), "loss": float(np.mean(losses)),
              **scores, "seconds": time.perf_counter() - t0})
         if stopper.update(epoch, scores["score"], model.get_weights):
@@ -3762,40 +3925,32 @@ def load_keras_fold(path: Path, cfg: Config) -> tuple[Any, InputScaler]:
     return model, scaler
 
 
-def keras_fold_predictor(fold: tuple[Any, InputScaler]) -> tuple[Any, InputScaler]:
-    model, scaler = fold
-    return KerasPredictor(model, len(scaler.mean)), scaler
+class KerasMember(NetMember):
+    """The Keras twin of one --net-variants (member keras or keras_imu): a fold is its weight arrays
+    and scaler (save_keras_fold), rebuilt from the config when loaded."""
+    family, suffix = "keras", ".weights.npz"
 
+    def fit(self, k: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
+            out: Path) -> Fitted:
+        res = train_keras_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.cfg.seed + k,
+                               epoch_logger(out, self.name, k))
+        return Fitted((res["model"], res["scaler"]), {"best_epoch": res["epoch"], "best_score": res["score"]},
+                      kept_epoch(self.cfg, res["epoch"]))
 
-def train_keras(cfg: Config, td: "TrainingData", bundle: Path, out: Path) -> dict[str, Any]:
-    """All folds of the Keras twin of `cfg.net_variants` (member keras or keras_imu), with the same
-    skip-if-present + OOF rule as the other families."""
-    member, inputs, targets, fp = net_member_setup(cfg, td, bundle, "keras")
-    names = inputs["full"].names
+    def save(self, model: tuple[Any, InputScaler], path: Path) -> None:
+        save_keras_fold(path, *model)
 
-    def load_fold(k: int) -> Any:
-        path = bundle / bundle_file(member, k, ".weights.npz")
-        return keras_fold_predictor(load_keras_fold(path, cfg)) if saved_fold_matches(path, fp) else None
+    def load(self, path: Path) -> NetFold:
+        model, scaler = load_keras_fold(path, self.cfg)
+        return NetFold(KerasPredictor(model, len(scaler.mean)), scaler)
 
-    def fit_fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[Any, str]:
-        res = train_keras_fold(cfg, inputs["full"].subset(tr), targets.subset(tr),
-                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], cfg.seed + k,
-                               epoch_logger(out, member, k))
-        path = bundle / bundle_file(member, k, ".weights.npz")
-        save_keras_fold(path, res["model"], res["scaler"])
-        write_json(fold_meta_path(path), {"fingerprint": fp, "best_epoch": res["epoch"],
-                                          "best_score": res["score"]})
-        # OOF comes from the saved artefact, exactly as a resumed fold or predict() sees it.
-        return keras_fold_predictor(load_keras_fold(path, cfg)), kept_epoch(cfg, res["epoch"])
-
-    res = run_folds(cfg, td, member, load_fold, fit_fold,
-                    lambda m, v, va: keras_predict_proba([m[0]], np.ones(1), inputs[v].subset(va), [m[1]]))
-    return {"oof": res["oof"], "files": [bundle_file(member, k, ".weights.npz") for k in range(cfg.folds)],
-            "fold_weights": res["fold_weights"], "channel_names": names, "fingerprint": fp}
+    def predict(self, fold: NetFold, inputs: NetInputs, exact: bool = False) -> dict[str, np.ndarray]:
+        return keras_heads(fold, inputs)
 
 
 # %% [markdown]
-# ## 14. Ensemble and reports
+# ## 15. Ensemble and reports
 #
 # Each family's OOF probabilities are blended with weights chosen on OOF (one set per view);
 # the report holds every model, every view and the ensemble, overall and per fold.
@@ -3828,13 +3983,14 @@ def fit_blend_weights(y_true: list[str], probas: list[np.ndarray], step: float =
 def nested_blend_scores(y_true: list[str], probas: list[np.ndarray], folds: np.ndarray) -> dict[str, Any]:
     """The honest ensemble figure: weights fitted on the other folds, scored on fold k."""
     y = np.asarray(y_true, dtype=object)
-    blended = np.zeros_like(probas[0])
-    per_fold = []
-    for k in sorted(set(folds.tolist())):
-        fit, hold = folds != k, folds == k
-        w = fit_blend_weights(list(y[fit]), [p[fit] for p in probas])
-        blended[hold] = blend([p[hold] for p in probas], w)
-        per_fold.append({"fold": int(k), "weights": w, **score_probabilities(y[hold], blended[hold])})
+    weights: dict[int, list[float]] = {}
+
+    def fit_predict(k: int, fit: np.ndarray, hold: np.ndarray) -> np.ndarray:
+        weights[k] = fit_blend_weights(list(y[fit]), [p[fit] for p in probas])
+        return blend([p[hold] for p in probas], weights[k])
+    blended = held_out(folds, fit_predict)
+    per_fold = [{"fold": int(k), "weights": w, **score_probabilities(y[folds == k], blended[folds == k])}
+                for k, w in weights.items()]
     return {**score_probabilities(y, blended), "per_fold": per_fold}
 
 
@@ -3858,10 +4014,7 @@ def target_scale_check(y_true: list[str], proba: np.ndarray, folds: np.ndarray) 
     """Class-prior adjustment of target vs non-target, kept only if it helps out of sample: the
     scale is fitted on the other folds and scored on fold k (nested), like the blend weights."""
     y = np.asarray(y_true, dtype=object)
-    adjusted = np.zeros_like(proba)
-    for k in sorted(set(folds.tolist())):
-        fit, hold = folds != k, folds == k
-        adjusted[hold] = target_scaled(proba[hold], fit_target_scale(y[fit], proba[fit]))
+    adjusted = held_out(folds, lambda k, fit, hold: target_scaled(proba[hold], fit_target_scale(y[fit], proba[fit])))
     base = score_probabilities(y, proba)["metric"]
     nested = score_probabilities(y, adjusted)["metric"]
     scale = fit_target_scale(y, proba)
@@ -3884,7 +4037,7 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 
 
 # %% [markdown]
-# ### 14.1 Serving rules: per-subject assignment over the study's slots
+# ### 15.1 Serving rules: per-subject assignment over the study's slots
 #
 # Each subject performs each allowed (orientation, gesture) pair once per starting behaviour: 102
 # slots, each used at most once. predict() keeps, per subject, the probability rows of every
@@ -4000,13 +4153,11 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], context: n
     for r in table:
         table[r]["expected_lb"] = 0.5 * (table[r]["full"] + table[r]["imu_only"])
     chosen = max(table, key=lambda r: table[r]["expected_lb"])
+    best = {k: max(labels, key=lambda r: np.mean([score(r, w, other) for w in VIEWS]))
+            for k, other, _ in fold_splits(folds)}  # the rule that wins on the other folds
     nested = {}
     for v in VIEWS:
-        picked = np.zeros(len(y), dtype=np.int64)
-        for k in sorted(set(folds.tolist())):
-            other = folds != k
-            best = max(labels, key=lambda r: np.mean([score(r, w, other) for w in VIEWS]))
-            picked[folds == k] = labels[best][v][0][folds == k]
+        picked = held_out(folds, lambda k, other, hold: labels[best[k]][v][0][hold], dtype=np.int64)
         nested[v] = competition_metric(y, [GESTURES[i] for i in picked])["metric"]
     nested["expected_lb"] = 0.5 * (nested["full"] + nested["imu_only"])
     return {"rules": table, "chosen": chosen, "nested": nested}
@@ -4019,7 +4170,7 @@ def context_labels(labels: pl.DataFrame) -> dict[str, np.ndarray]:
 
 def context_config(cfg: Config) -> Config:
     """The slot models' LightGBM settings: small and fast (they only break ties between slots)."""
-    return dataclasses.replace(cfg, modality_dropout=0.0, lgbm_class_weight="none", lgbm_rounds=min(cfg.lgbm_rounds, 300),
+    return dataclasses.replace(cfg, lgbm_modality_dropout=0.0, lgbm_class_weight="none", lgbm_rounds=min(cfg.lgbm_rounds, 300),
                                lgbm_learning_rate=max(cfg.lgbm_learning_rate, 0.1), lgbm_max_bin=63)
 
 
@@ -4032,14 +4183,13 @@ def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[st
     bundle.mkdir(parents=True, exist_ok=True)
     oof, files = [], []
     for target, classes in CONTEXT_TARGETS.items():
-        part = np.zeros((len(x), len(classes)), dtype=np.float32)
-        for k in range(cfg.folds):
-            va, tr = td.folds == k, td.folds != k
+        def fit_predict(k: int, tr: np.ndarray, va: np.ndarray) -> np.ndarray:
             booster = train_lgbm_fold(context_config(cfg), x[tr], y[target][tr], x[va], y[target][va], names,
                                       cfg.seed + k, n_classes=len(classes))
             files.append(bundle_file(f"context_{target}", k, ".txt"))
-            atomic_write(bundle / files[-1], lambda p, b=booster: b.save_model(str(p)))
-            part[va] = booster.predict(x[va], num_iteration=booster.best_iteration)
+            atomic_write(bundle / files[-1], lambda p: booster.save_model(str(p)))
+            return booster.predict(x[va], num_iteration=booster.best_iteration)
+        part = held_out(td.folds, fit_predict)
         accuracy = float((part.argmax(1) == y[target]).mean())
         say(f"slot model {target}: OOF accuracy {accuracy:.3f} ({len(classes)} classes)")
         oof.append(part)
@@ -4053,7 +4203,7 @@ def context_proba(boosters: dict[str, list[Any]], x: np.ndarray) -> np.ndarray:
 
 
 # %% [markdown]
-# ### 14.2 Plots
+# ### 15.2 Plots
 #
 # PNG files in `OUT/plots/` (shown inline when run as a notebook): the ensemble's confusion matrix,
 # per-gesture F1 in both views, the nets' training curves, ensemble weights and LightGBM's top
@@ -4211,7 +4361,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
     path = out / "run_summary.json"
     summary = json.loads(path.read_text()) if continues and path.exists() else {}
     stages = {**summary.get("stage_seconds", {}), **{k: round(v, 2) for k, v in watch.seconds.items()}}
-    device = _TORCH_DEVICE or "cpu"
+    device = torch_device()
     summary = {**summary, "stage_seconds": stages, "total_seconds": round(sum(stages.values()), 2),
                "peak_rss_mb": peak_mb, "device": device, "versions": library_versions(),
                "config": dataclasses.asdict(cfg), **(extra or {})}
@@ -4223,7 +4373,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 
 
 # %% [markdown]
-# ## 15. Model bundle
+# ## 16. Model bundle
 #
 # `OUT/bundle` holds the manifest, the model files and `dataset-metadata.json`, so
 # `kaggle datasets create -p OUT/bundle` publishes it as is for an inference-only submission.
@@ -4234,16 +4384,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 4  # 4: scalers pick channels and steps, orientation/phase heads, upside-down check, _imu members; 3: file sizes + SHA-256, run fingerprint, Keras folds as weights; 2: torch_sqz, target_scale
-# Settings that say where things are or how to serve, not what is trained.
-NOT_TRAINING_FIELDS = (*PATH_FIELDS, "demo", "stage", "log_level", "stop_after_folds", "feature_cache",
-                       "subject_assignment", "fallback_gesture", "lgbm_imu_reference")
-
-
-class BundleError(RuntimeError):
-    """The bundle cannot serve (or one family of it cannot); the message names the path and the fix."""
-
-
+BUNDLE_FORMAT = 4  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
 def file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -4277,10 +4418,9 @@ def verify_bundle_files(bundle: Path, files: list[str], listed: dict[str, dict[s
 
 
 def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
-    """What a bundle's models as a whole depend on: the training settings and the data."""
-    keys = {k: v for k, v in sorted(dataclasses.asdict(cfg).items()) if k not in NOT_TRAINING_FIELDS}
-    payload = json.dumps([keys, data_fingerprint, FEATURE_VERSION, BUNDLE_FORMAT], sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+    """What a bundle's models as a whole depend on: every setting that affects a member or which
+    members there are (the Config's `affects`), and the data."""
+    return settings_fingerprint(cfg, None, data_fingerprint, FEATURE_VERSION, BUNDLE_FORMAT)
 
 
 def invalidate_stale_manifest(bundle: Path, fingerprint: str) -> None:
@@ -4308,38 +4448,51 @@ def kaggle_username() -> str:
         return "YOUR_KAGGLE_USERNAME"
 
 
-def load_family(path: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
-                made: dict[str, list[str]]) -> Any:
-    """One family's fold models, after checking its inputs and its files against the manifest."""
-    wanted = fam.get("feature_names") or fam.get("channel_names") or []
-    have = made["features"] if "feature_names" in fam else made["channels"]
-    unknown = [c for c in wanted if c not in set(have)]
-    if unknown or ("channel_names" in fam and wanted != have):
-        raise BundleError(f"{path}/manifest.json: the {name} models expect feature/channel names this code "
-                          f"does not produce in that order (e.g. {(unknown or wanted)[:2]}). Fix: retrain the "
-                          f"bundle with this notebook version (manifest format {BUNDLE_FORMAT}).")
-    verify_bundle_files(path, fam["files"], manifest.get("files", {}))
-    weights = np.asarray(fam["fold_weights"], dtype=np.float64)
-    if name == "lgbm":
-        boosters = [lightgbm().Booster(model_file=str(path / f)) for f in fam["files"]]
-        for f, booster in zip(fam["files"], boosters, strict=True):
-            if booster.feature_name() != fam["feature_names"]:
-                got, want = booster.feature_name(), fam["feature_names"]
-                i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                raise BundleError(f"{path / f}: the booster's features differ from manifest.json's families.lgbm."
-                                  f"feature_names ({len(got)} vs {len(want)} names; first difference at position {i}). "
-                                  f"Fix: retrain the bundle, or restore the file and manifest written together.")
-        return boosters, weights, fam["feature_names"]
-    if member_family(name) == "torch":
-        torch = _torch_lib().torch
+MEMBER_CLASSES: dict[str, type[Member]] = {"lgbm": LgbmMember, "torch": TorchMember, "keras": KerasMember}
+
+
+def member_from_manifest(bundle: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any]) -> Member:
+    """The member a manifest entry describes, under the config it was trained with (narrowed to the
+    member's architecture and variant), with its input names."""
+    family = member_family(name)
+    if family not in MEMBER_CLASSES:
+        raise BundleError(f"{bundle}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
+                          f"this notebook version.")
+    cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
+    if family == "torch":
+        cfg.torch_arch = {base: arch for arch, base in TORCH_ARCHS.items()}[name.removesuffix("_imu")]
+    member = MEMBER_CLASSES[family](name, cfg, fam.get(MEMBER_CLASSES[family].names_key))
+    return member
+
+
+@dataclass
+class LoadedMember:
+    """A member's fold models as the bundle serves them, with their fold weights."""
+    member: Member
+    folds: list[Any]
+    weights: np.ndarray
+
+    def fold_outputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any],
+                     exact: bool = False) -> list[dict[str, np.ndarray]]:
+        """Every fold's heads for prepared sequences; `cache` keeps the inputs several members read."""
+        inputs = self.member.call_inputs(prepared, channels, cache)
+        return [self.member.predict(fold, inputs, exact) for fold in self.folds]
+
+    def proba(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> np.ndarray:
+        """Gesture probabilities (n, 18), fold-weighted, as served."""
+        return blend([o["gesture"] for o in self.fold_outputs(prepared, channels, cache)], self.weights)
+
+
+def load_member(bundle: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
+                made: dict[str, list[str]]) -> LoadedMember:
+    """One member's fold models, after checking its inputs and its files against the manifest."""
+    member = member_from_manifest(bundle, name, fam, manifest)
+    member.check_names(bundle, made)
+    verify_bundle_files(bundle, fam["files"], manifest.get("files", {}))
+    if member.family == "torch":
         torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
-        return [load_torch_checkpoint(path / f, torch_device())[:2] for f in fam["files"]], weights
-    if member_family(name) == "keras":  # rebuilt from the run's config, narrowed to this member's variant
-        cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
-        folds = [keras_fold_predictor(load_keras_fold(path / f, cfg)) for f in fam["files"]]
-        return [p for p, _ in folds], weights, [sc for _, sc in folds]
-    raise BundleError(f"{path}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
-                      f"this notebook version.")
+    return LoadedMember(member, [member.load(bundle / f) for f in fam["files"]],
+                        np.asarray(fam["fold_weights"], dtype=np.float64))
 
 
 def produced_names(cfg: Config) -> dict[str, list[str]]:
@@ -4361,30 +4514,6 @@ def tie_call(sequence: pl.DataFrame, demographics: pl.DataFrame, turned: bool = 
     return prepare_sequences(seq, mark_upside_down(demo, ["SUBJ_CALL"]) if turned else demo)
 
 
-def family_outputs(name: str, model: Any, prepared: Sequences, channels: pl.DataFrame, cfg: Config,
-                   cache: dict[str, Any], per_fold: bool = False) -> Any:
-    """A loaded family's class probabilities (n, 18) for prepared sequences, fold-weighted as served, or
-    one array per fold on the fp32 path (the proof). `cache` keeps the feature table and the net inputs
-    that several families read."""
-    if name == "lgbm":
-        boosters, weights, names = model
-        cache.setdefault("table", aggregate_features(prepared, channels, cfg.sample_rate_hz))
-        x = cache["table"].matrix(names)
-        return [lgbm_predict_proba([b], np.ones(1), x) for b in boosters] if per_fold else \
-            lgbm_predict_proba(boosters, weights, x)
-    if "inputs" not in cache:
-        cache["inputs"] = net_inputs_from(prepared, channels, cfg.tof_grid)
-    if member_family(name) == "keras":
-        predictors, weights, scalers = model
-        if per_fold:
-            return [keras_predict_proba([f], np.ones(1), cache["inputs"], [sc]) for f, sc in zip(predictors, scalers)]
-        return keras_predict_proba(predictors, weights, cache["inputs"], scalers)
-    nets, weights = model
-    if per_fold:
-        return [torch_predict_proba([net], np.ones(1), cache["inputs"], fp32=True) for net in nets]
-    return torch_predict_proba(nets, weights, cache["inputs"])
-
-
 def blend_of(probas: dict[str, np.ndarray], manifest: dict[str, Any], view: str) -> np.ndarray:
     """The bundle's blend for `view` over the families in `probas` (weights renormalised; only zero-weight
     families answering count equally), with the view's target scale."""
@@ -4395,10 +4524,10 @@ def blend_of(probas: dict[str, np.ndarray], manifest: dict[str, Any], view: str)
     return target_scaled(blend(list(probas.values()), w), manifest["target_scale"][view])
 
 
-# The bundle's proof (29): reference calls made by the demo generator (never competition rows: bundles are
+# The bundle's proof: reference calls made by the demo generator (never competition rows: bundles are
 # published as datasets), every family's per-fold outputs on them and the blend's answers, stored at
 # training and replayed at load through the steps predict() runs.
-PROOF_SEED = 20250901
+PROOF_SEED = 4242
 PROOF_CALLS, PROOF_OUTPUTS = "proof_calls.parquet", "proof_outputs.npz"
 PROOF_TOLERANCE = 1e-3  # largest probability difference a family may show (library versions, devices)
 
@@ -4417,7 +4546,7 @@ def proof_calls(cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
     return rows, _demo_demographics(subjects)
 
 
-def replay_proof(models: dict[str, Any], calls: pl.DataFrame, demographics: pl.DataFrame,
+def replay_proof(models: dict[str, LoadedMember], calls: pl.DataFrame, demographics: pl.DataFrame,
                  cfg: Config) -> tuple[dict[str, np.ndarray], list[str]]:
     """Each family's per-fold probabilities (folds, calls, 18) on the reference calls, one call at a time
     as predict() prepares it (no per-subject state: no history, no upside-down turn), and each call's view."""
@@ -4429,8 +4558,9 @@ def replay_proof(models: dict[str, Any], calls: pl.DataFrame, demographics: pl.D
         channels = sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
         views.append("imu_only" if is_imu_only(prepared.sensors) else "full")
         cache: dict[str, Any] = {}
-        for name, model in models.items():
-            out[name].append(np.stack(family_outputs(name, model, prepared, channels, cfg, cache, per_fold=True)))
+        for name, loaded in models.items():
+            folds = loaded.fold_outputs(prepared, channels, cache, exact=True)
+            out[name].append(np.stack([o["gesture"] for o in folds]).astype(np.float32))
     return {name: np.concatenate(parts, axis=1) for name, parts in out.items()}, views
 
 
@@ -4449,7 +4579,7 @@ def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     listed with their digests like every model file)."""
     cfg = config_from(manifest["config"])
     made = produced_names(cfg)
-    models = {name: load_family(bundle, name, fam, manifest, made) for name, fam in manifest["families"].items()}
+    models = {name: load_member(bundle, name, fam, manifest, made) for name, fam in manifest["families"].items()}
     calls, demographics = proof_calls(cfg)
     outputs, views = replay_proof(models, calls, demographics, cfg)
     atomic_write(bundle / PROOF_CALLS, lambda p: calls.write_parquet(p))
@@ -4469,8 +4599,9 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "class_names": GESTURES,
         "feature_version": FEATURE_VERSION,
         "run_fingerprint": run_fingerprint(cfg, td.fingerprint),
-        "families": {name: {k: v for k, v in fam.items() if k != "oof"} for name, fam in families.items()},
-        "files": {f: file_digest(bundle / f) for fam in [*families.values(), context] for f in fam["files"]},
+        "families": {name: fam["entry"] for name, fam in families.items()},
+        "files": {f: file_digest(bundle / f) for fam in [*(m["entry"] for m in families.values()), context]
+                  for f in fam["files"]},
         "context": {k: context[k] for k in ("files", "feature_names")},
         "serving_rule": rule,
         "blend_weights": blend_weights,
@@ -4622,24 +4753,20 @@ def find_bundle(path: Path) -> Path:
 
 
 # %% [markdown]
-# ## 16. Training: everything in order
+# ## 17. Training: everything in order
 
 # %%
-def ensemble_members(cfg: Config) -> list[tuple[str, Callable[..., dict[str, Any]], Config]]:
-    """(ensemble member, trainer, its config): one torch member per --torch-arch choice."""
-    members = []
+def ensemble_members(cfg: Config) -> list[Member]:
+    """Every member the config asks for: one per --torch-arch and --net-variants choice of a net."""
+    members: list[Member] = []
     for family in cfg.models.split(","):
-        if family == "torch":
-            for a in cfg.torch_arch.split(","):
-                for v in cfg.net_variants.split(","):
-                    one = dataclasses.replace(cfg, torch_arch=a, net_variants=v)
-                    members.append((member_name("torch", one), train_torch, one))
-        elif family == "keras":
+        if family == "lgbm":
+            members.append(LgbmMember("lgbm", cfg))
+            continue
+        for arch in (cfg.torch_arch.split(",") if family == "torch" else [cfg.torch_arch]):
             for v in cfg.net_variants.split(","):
-                one = dataclasses.replace(cfg, net_variants=v)
-                members.append((member_name("keras", one), train_keras, one))
-        else:
-            members.append((family, train_lgbm, cfg))
+                one = dataclasses.replace(cfg, torch_arch=arch, net_variants=v)
+                members.append(MEMBER_CLASSES[family](member_name(family, one), one))
     return members
 
 
@@ -4648,9 +4775,10 @@ def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[
     out = Path(cfg.out_dir)
     y_true = td.labels["gesture"].to_list()
     families: dict[str, dict[str, Any]] = {}
-    for name, trainer, member_cfg in ensemble_members(cfg):
+    for member in ensemble_members(cfg):
+        name = member.name
         with watch(f"train_{name}"):
-            fam = trainer(member_cfg, td, out / "bundle", out)
+            fam = run_folds(member, td, out / "bundle", out)
         families[name] = fam
         for view in VIEWS:  # named by member and view (a "_imu" suffix alone would make torch's
             arr = fam["oof"][view]  # IMU-only view and torch_imu's full view the same file)
@@ -4698,7 +4826,7 @@ def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, An
 
 def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray], context: np.ndarray,
                         report: dict[str, Any]) -> str:
-    """The serving rule of 14.1 with the best replayed expected LB (only the per-row rules when
+    """The serving rule of 15.1 with the best replayed expected LB (only the per-row rules when
     --subject-assignment is off), with every rule's figures in `report`."""
     rules = SERVING_RULES if cfg.subject_assignment else ("argmax", "argmax9")
     check = serving_rule_check(td.labels["gesture"].to_list(), ens, context, td.labels["subject"].to_numpy(),
@@ -4744,7 +4872,7 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
 
 
 # %% [markdown]
-# ## 17. Inference
+# ## 18. Inference
 #
 # `predict()` keeps one runtime: the bundle is loaded on the first call, then each call computes
 # the features of one sequence and blends each family's fold models. Nothing can escape: any
@@ -4782,387 +4910,416 @@ def call_sequence_id(sequence: Any, call: int) -> str:
     return first_value((sequence,), "sequence_id") or f"CALL_{call}"
 
 
-class Runtime:
-    """The serving state: the bundle (loaded on the first call), per-subject history, and what
-    was served. Each family loads and predicts on its own: one that fails is left out of the blend
-    (weights renormalised over the rest) and counted, never dragging the others down with it."""
+class ServingStats:
+    """What serving did, for the summary line and run_summary.json: calls, which members served each
+    view, reduced blends, fallbacks, turned wearers, and each input problem counted (logged once)."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.requested = cfg  # the config serving was asked with (self.cfg takes the bundle's feature settings)
-        self.cfg = cfg
-        self.loaded = False
-        self.error: str | None = None  # set when nothing can serve: every call then raises it
-        self.manifest: dict[str, Any] = {}
-        self.models: dict[str, Any] = {}
-        self.left_out: dict[str, str] = {}  # family -> why it could not be loaded
-        self.demo_bundle_on_other_data = False  # trained on generated demo data, serving data that is not
-        self.problems: Counter[str] = Counter()
+    def __init__(self) -> None:
         self.calls = 0
-        self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> family -> calls
-        self.reduced = 0  # calls blended from fewer families than the bundle's blend weights name
+        self.problems: Counter[str] = Counter()
+        self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> member -> calls
+        self.reduced = 0  # calls blended from fewer members than the bundle's blend weights name
         self.fallbacks = 0  # calls answered with the fallback gesture
-        # subject -> sequence_id -> (probabilities, context): a sequence seen again replaces its entry
-        self.history: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self.context: dict[str, list[Any]] = {}  # orientation / behaviour -> fold boosters (the slot models)
-        self.rule = "argmax"
-        self.context_names: list[str] = []
-        self.wear_scores: dict[str, dict[str, float]] = {}  # subject -> sequence_id -> upside-down score
         self.streak = 0  # consecutive calls answered by the fallback
-        self.lock = threading.RLock()  # one call at a time; the first calls wait for one load
         self.turned = 0  # calls whose rows were turned back (an upside-down wearer)
-        self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
-
-    def bundle_path(self) -> Path:
-        """--model-path; else OUT/bundle; else, on Kaggle, whatever bundle dataset is attached."""
-        if self.cfg.model_path:
-            return Path(self.cfg.model_path)
-        own = Path(self.cfg.out_dir) / "bundle"
-        if not (own / "manifest.json").exists() and KAGGLE_DATA_DIR.parent.exists():
-            return KAGGLE_DATA_DIR.parent
-        return own
-
-    def load(self) -> None:
-        """Read and check the bundle; `loaded` is set only once every family is in place."""
-        with self.lock:
-            try:
-                self._load()
-            finally:
-                self.loaded = True
-
-    def _load(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            path = find_bundle(self.bundle_path())
-            manifest = read_manifest(path)
-        except Exception as err:
-            self.error = failure_reason(err)
-            LOG.error("predict: the model bundle cannot serve: %s", self.error)
-            return
-        # Features must be computed as in training, whatever the serving config says.
-        trained = manifest.get("config", {})
-        if trained.get("demo") and self.cfg.data_dir and not is_demo_folder(Path(self.cfg.data_dir)):
-            self.demo_bundle_on_other_data = True
-            LOG.warning("predict: the bundle %s was trained on generated demo data, and %s is not demo data: "
-                        "its answers mean nothing there. Fix: train on the competition data (leave out --demo).",
-                        path, self.cfg.data_dir)
-        self.cfg = dataclasses.replace(self.cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling",
-                                                                            "tof_grid") if k in trained})
-        made = produced_names(self.cfg)
-        for name, fam in manifest["families"].items():
-            try:
-                self.models[name] = load_family(path, name, fam, manifest, made)
-            except Exception as err:
-                self.left_out[name] = failure_reason(err)
-                LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
-        self.manifest = manifest
-        t_proof = time.perf_counter()
-        if self.models:
-            self.prove(path, manifest)
-            if self.error:
-                return
-        t_proof = time.perf_counter() - t_proof
-        self.rule = self.serving_rule(path, manifest, made)
-        if manifest.get("fallback_gesture") in GESTURES:
-            self.fallback = manifest["fallback_gesture"]
-        else:
-            LOG.warning("predict: %s/manifest.json: fallback_gesture %r is not one of the 18 gestures; "
-                        "using %r", path, manifest.get("fallback_gesture"), self.fallback)
-        if not self.models:
-            self.error = (f"no model family of the bundle {path} can be loaded ("
-                          + "; ".join(f"{n}: {why}" for n, why in self.left_out.items()) + ")")
-            LOG.error("predict: %s", self.error)
-            return
-        print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
-              f"serving {', '.join(self.models)}"
-              f" with the {self.rule} rule"
-              + (f"; left out: {', '.join(self.left_out)} (reason logged above)" if self.left_out else ""))
-
-    def prove(self, path: Path, manifest: dict[str, Any]) -> None:
-        """Replay the bundle's reference calls (stored at training) under the libraries installed here:
-        a family whose probabilities moved beyond the tolerance is left out, naming the difference and
-        the versions; blend answers that differ from the stored ones mean the bundle cannot serve."""
-        spec = manifest.get("proof")
-        if spec is None:
-            LOG.warning("predict: %s carries no proof (trained by an older version); it serves unproven", path)
-            return
-        try:
-            verify_bundle_files(path, [spec["calls"], spec["outputs"]], manifest["files"])
-            calls = pl.read_parquet(path / spec["calls"])
-            demographics = pl.DataFrame(spec["demographics"])
-            with np.load(path / spec["outputs"], allow_pickle=False) as z:
-                stored = {n: z[n] for n in z.files}
-            got, views = replay_proof(self.models, calls, demographics, self.cfg)
-        except Exception as err:
-            self.error = f"{path}: the bundle's proof cannot be replayed ({failure_reason(err)}). Fix: copy or upload the bundle again"
-            LOG.error("predict: %s", self.error)
-            self.models.clear()
-            return
-        here = library_versions()
-        for name in list(self.models):
-            want = stored.get(name)
-            diff = float(np.abs(got[name] - want).max()) if want is not None and want.shape == got[name].shape else np.inf
-            if not diff <= spec["tolerance"]:
-                fold = int(np.abs(got[name] - want).reshape(len(want), -1).max(1).argmax()) if np.isfinite(diff) else -1
-                self.left_out[name] = (f"{path}: the load-time proof: {name}'s probabilities on the bundle's "
-                                       f"{len(views)} reference calls differ from those stored at training by up to "
-                                       f"{diff:.3g} (fold {fold}; tolerance {spec['tolerance']}) under {here}, trained "
-                                       f"under {spec.get('versions')}. Fix: retrain the bundle, or restore its files")
-                LOG.error("predict: model family %s left out of the blend: %s", name, self.left_out[name])
-                del self.models[name]
-        if not self.models:
-            self.error = f"no model family of the bundle {path} passes its proof (" + "; ".join(self.left_out.values()) + ")"
-            LOG.error("predict: %s", self.error)
-            return
-        # Every family passed: the blend, with the manifest's weights and scales, must answer as stored.
-        answers = proof_answers({n: got[n] for n in self.models}, manifest, views)
-        if set(self.models) == set(manifest["families"]) and answers != spec["answers"]:
-            self.error = (f"{path}/manifest.json: the blend answers {answers} on the bundle's reference calls, where "
-                          f"training stored {spec['answers']} (blend weights or target scale edited?). Fix: retrain "
-                          f"the bundle, or restore manifest.json as training wrote it")
-            LOG.error("predict: %s", self.error)
-            self.models.clear()
-
-    def serving_rule(self, path: Path, manifest: dict[str, Any], made: dict[str, list[str]]) -> str:
-        """The bundle's serving rule (14.1), with its slot models when it needs them; a per-subject
-        rule turned off by --subject-assignment false, or slot models that cannot load, mean the
-        next rule that can serve."""
-        rule = manifest.get("serving_rule", "argmax")
-        if rule not in SERVING_RULES:
-            LOG.warning("predict: %s/manifest.json: unknown serving_rule %r; serving argmax", path, rule)
-            return "argmax"
-        if rule in ("gesture_capacity", "slots") and not self.cfg.subject_assignment:
-            return "argmax"
-        if rule == "slots":
-            try:
-                spec = manifest["context"]
-                missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
-                if missing:
-                    raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
-                verify_bundle_files(path, spec["files"], manifest.get("files", {}))
-                for target in CONTEXT_TARGETS:
-                    # bundle_file(f"context_{target}", k, ...), or an older bundle's context/<target>_fold<k>.txt
-                    prefixes = (f"context_{target}_fold", f"{target}_fold")
-                    self.context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"]
-                                            if Path(f).name.startswith(prefixes)]
-                    if not self.context[target]:
-                        raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
-                                          f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
-                self.context_names = spec["feature_names"]
-            except Exception as err:
-                self.left_out["slot models"] = failure_reason(err)
-                LOG.error("predict: slot models left out (serving gesture_capacity instead): %s",
-                          self.left_out["slot models"])
-                return "gesture_capacity"
-        return rule
-
-    def require(self) -> None:
-        """Load the bundle if needed; raise BundleError naming the path when nothing can serve."""
-        with self.lock:
-            if not self.loaded:
-                self.load()
-        if self.error:
-            raise BundleError(f"{self.error.rstrip('.')}. Nothing can serve: a submission of fallback answers "
-                              f"would score near zero, so this stops here.")
 
     def note(self, problem: str, detail: str = "") -> None:
         if not self.problems[problem]:
             LOG.warning("predict: %s%s (logged once; counted in the summary)", problem, f": {detail}" if detail else "")
         self.problems[problem] += 1
 
-    def check_input(self, sequence: Any) -> pl.DataFrame | None:
-        if not isinstance(sequence, pl.DataFrame):
-            try:
-                sequence = pl.from_pandas(sequence) if hasattr(sequence, "to_numpy") else pl.DataFrame(sequence)
-            except Exception:
-                self.note("sequence is not a DataFrame")
-                return None
-        if sequence.height == 0:
-            self.note("empty sequence")
-            return None
-        missing = [c for c in ACC_COLS + ROT_COLS if c not in sequence.columns]
-        if missing:
-            self.note(f"IMU column(s) missing: {missing[:3]}")
-        extra = set(sequence.columns) - set(TEST_COLS) - set(TRAIN_COLS)
-        if extra:
-            self.note("unexpected extra columns (ignored)")
-        if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
-            self.note("rows of several sequence_ids in one call; treated as one sequence")
-        self.check_counter(sequence)
-        return sequence.with_columns(pl.lit("SEQ_CALL").alias("sequence_id"))
 
-    def check_counter(self, sequence: pl.DataFrame) -> None:
-        """sequence_counter should run 0..n-1; rows are ordered by it (in file order where it is empty)."""
-        if "sequence_counter" not in sequence.columns:
-            self.note("no sequence_counter column; rows taken in file order")
-            return
-        counter = sequence["sequence_counter"].cast(pl.Float64, strict=False)
-        if counter.null_count():
-            self.note("sequence_counter empty or unreadable; those rows keep their place in the file order")
-        elif counter.n_unique() < len(counter):
-            self.note("sequence_counter repeats (rows doubled?); the repeated rows are all used")
-        elif counter.min() != 0 or counter.max() != len(counter) - 1:
-            self.note("sequence_counter does not run 0..n-1; rows ordered by it")
+def check_counter(sequence: pl.DataFrame, stats: ServingStats) -> None:
+    """sequence_counter should run 0..n-1; rows are ordered by it (in file order where it is empty)."""
+    if "sequence_counter" not in sequence.columns:
+        stats.note("no sequence_counter column; rows taken in file order")
+        return
+    counter = sequence["sequence_counter"].cast(pl.Float64, strict=False)
+    if counter.null_count():
+        stats.note("sequence_counter empty or unreadable; those rows keep their place in the file order")
+    elif counter.n_unique() < len(counter):
+        stats.note("sequence_counter repeats (rows doubled?); the repeated rows are all used")
+    elif counter.min() != 0 or counter.max() != len(counter) - 1:
+        stats.note("sequence_counter does not run 0..n-1; rows ordered by it")
 
-    def note_repairs(self, prepared: Sequences) -> None:
-        """Count what the sanitising step repaired in this call's sensor cells."""
-        for repair in prepared.repairs:
-            self.note(repair)
 
-    def check_demographics(self, demographics: Any, subject: str | None) -> pl.DataFrame:
-        """The call's one demographics row (its subject's, when several come), with each repair counted."""
+def checked_sequence(sequence: Any, stats: ServingStats) -> pl.DataFrame | None:
+    """The call's rows as a polars frame keyed SEQ_CALL, each oddity counted; None when unusable."""
+    if not isinstance(sequence, pl.DataFrame):
         try:
-            demo = demographics if isinstance(demographics, pl.DataFrame) else pl.from_pandas(demographics)
-            if demo.height == 0:
-                raise ValueError("empty")
-            if demo.height > 1:
-                mine = demo.filter(pl.col("subject").cast(pl.String) == subject) if subject and "subject" in demo.columns \
-                    else demo.clear()
-                self.note("several demographics rows; the sequence's subject's row used" if mine.height
-                          else "several demographics rows, none of the sequence's subject; the first used")
-                demo = mine.head(1) if mine.height else demo.head(1)
-            nulls = [c for c in DEFAULT_DEMOGRAPHICS if c not in demo.columns or demo[c].null_count()]
-            if nulls:
-                self.note("demographics incomplete; defaults used")
-            for c in demographic_problems(demo):
-                self.note(f"demographics {c} unreadable or out of range; default {DEFAULT_DEMOGRAPHICS[c]} used"
-                          + (" (right-handed)" if c == "handedness" else ""))
-            return demo
+            sequence = pl.from_pandas(sequence) if hasattr(sequence, "to_numpy") else pl.DataFrame(sequence)
         except Exception:
-            self.note("demographics unusable; defaults used")
-            return pl.DataFrame({"subject": ["SUBJ_CALL"]})
+            stats.note("sequence is not a DataFrame")
+            return None
+    if sequence.height == 0:
+        stats.note("empty sequence")
+        return None
+    missing = [c for c in ACC_COLS + ROT_COLS if c not in sequence.columns]
+    if missing:
+        stats.note(f"IMU column(s) missing: {missing[:3]}")
+    if set(sequence.columns) - set(TEST_COLS) - set(TRAIN_COLS):
+        stats.note("unexpected extra columns (ignored)")
+    if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
+        stats.note("rows of several sequence_ids in one call; treated as one sequence")
+    check_counter(sequence, stats)
+    if sequence.height > 5000:
+        stats.note("very long sequence; last 5000 rows used")
+        sequence = sequence.tail(5000)
+    return sequence.with_columns(pl.lit("SEQ_CALL").alias("sequence_id"))
 
-    def upside_down(self, prepared: Sequences, subject: str | None, sequence_id: str) -> bool:
-        """Whether this call's subject wears the device upside down, judged on their sequences so far
-        (this one included) as in training; never when the bundle was trained without the check or
-        serving is asked for --upside-down-fix false."""
-        spec = self.manifest.get("upside_down") or {}
-        if not (spec.get("enabled") and self.requested.upside_down_fix):
+
+def checked_demographics(demographics: Any, subject: str | None, stats: ServingStats) -> pl.DataFrame:
+    """The call's one demographics row (its subject's, when several come), with each repair counted."""
+    try:
+        demo = demographics if isinstance(demographics, pl.DataFrame) else pl.from_pandas(demographics)
+        if demo.height == 0:
+            raise ValueError("empty")
+        if demo.height > 1:
+            mine = demo.filter(pl.col("subject").cast(pl.String) == subject) if subject and "subject" in demo.columns \
+                else demo.clear()
+            stats.note("several demographics rows; the sequence's subject's row used" if mine.height
+                       else "several demographics rows, none of the sequence's subject; the first used")
+            demo = mine.head(1) if mine.height else demo.head(1)
+        if [c for c in DEFAULT_DEMOGRAPHICS if c not in demo.columns or demo[c].null_count()]:
+            stats.note("demographics incomplete; defaults used")
+        for c in demographic_problems(demo):
+            stats.note(f"demographics {c} unreadable or out of range; default {DEFAULT_DEMOGRAPHICS[c]} used"
+                       + (" (right-handed)" if c == "handedness" else ""))
+        return demo
+    except Exception:
+        stats.note("demographics unusable; defaults used")
+        return pl.DataFrame({"subject": ["SUBJ_CALL"]})
+
+
+@dataclass(frozen=True)
+class ServedBundle:
+    """A bundle as it serves, fixed once loaded: its members (each proven at load), the serving rule
+    with its slot models, the fallback gesture, and what was left out and why."""
+    path: Path
+    manifest: dict[str, Any]
+    cfg: Config                      # the serving config with the bundle's feature settings
+    models: dict[str, LoadedMember]
+    rule: str
+    context: dict[str, list[Any]]    # orientation / behaviour -> fold boosters (the slot models)
+    context_names: list[str]
+    fallback: str
+    left_out: dict[str, str]         # member (or "slot models") -> why it does not serve
+    demo_on_other_data: bool         # trained on generated demo data, serving data that is not
+
+
+def bundle_path(cfg: Config) -> Path:
+    """--model-path; else OUT/bundle; else, on Kaggle, whatever bundle dataset is attached."""
+    if cfg.model_path:
+        return Path(cfg.model_path)
+    own = Path(cfg.out_dir) / "bundle"
+    if not (own / "manifest.json").exists() and KAGGLE_DATA_DIR.parent.exists():
+        return KAGGLE_DATA_DIR.parent
+    return own
+
+
+def load_members(path: Path, manifest: dict[str, Any], made: dict[str, list[str]],
+                 left_out: dict[str, str]) -> dict[str, LoadedMember]:
+    """Every member that loads; one that cannot is named in `left_out`, never stopping the others."""
+    models = {}
+    for name, fam in manifest["families"].items():
+        try:
+            models[name] = load_member(path, name, fam, manifest, made)
+        except Exception as err:
+            left_out[name] = failure_reason(err)
+            LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
+    if not models:
+        raise BundleError(f"no model family of the bundle {path} can be loaded ("
+                          + "; ".join(f"{n}: {why}" for n, why in left_out.items()) + ")")
+    return models
+
+
+def prove_bundle(path: Path, manifest: dict[str, Any], models: dict[str, LoadedMember], cfg: Config,
+                 left_out: dict[str, str]) -> None:
+    """Replay the bundle's reference calls (stored at training) under the libraries installed here:
+    a member whose probabilities moved beyond the tolerance is taken out of `models`, naming the
+    difference and the versions; blend answers that differ from the stored ones mean the bundle
+    cannot serve (BundleError)."""
+    spec = manifest.get("proof")
+    if spec is None:
+        LOG.warning("predict: %s carries no proof (trained by an older version); it serves unproven", path)
+        return
+    try:
+        verify_bundle_files(path, [spec["calls"], spec["outputs"]], manifest["files"])
+        calls = pl.read_parquet(path / spec["calls"])
+        with np.load(path / spec["outputs"], allow_pickle=False) as z:
+            stored = {n: z[n] for n in z.files}
+        got, views = replay_proof(models, calls, pl.DataFrame(spec["demographics"]), cfg)
+    except Exception as err:
+        raise BundleError(f"{path}: the bundle's proof cannot be replayed ({failure_reason(err)}). "
+                          f"Fix: copy or upload the bundle again") from err
+    for name in list(models):
+        want = stored.get(name)
+        diff = float(np.abs(got[name] - want).max()) if want is not None and want.shape == got[name].shape else np.inf
+        if not diff <= spec["tolerance"]:
+            fold = int(np.abs(got[name] - want).reshape(len(want), -1).max(1).argmax()) if np.isfinite(diff) else -1
+            left_out[name] = (f"{path}: the load-time proof: {name}'s probabilities on the bundle's {len(views)} "
+                              f"reference calls differ from those stored at training by up to {diff:.3g} (fold "
+                              f"{fold}; tolerance {spec['tolerance']}) under {library_versions()}, trained under "
+                              f"{spec.get('versions')}. Fix: retrain the bundle, or restore its files")
+            LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
+            del models[name]
+    if not models:
+        raise BundleError(f"no model family of the bundle {path} passes its proof (" + "; ".join(left_out.values()) + ")")
+    answers = proof_answers({n: got[n] for n in models}, manifest, views)
+    if set(models) == set(manifest["families"]) and answers != spec["answers"]:
+        raise BundleError(f"{path}/manifest.json: the blend answers {answers} on the bundle's reference calls, "
+                          f"where training stored {spec['answers']} (blend weights or target scale edited?). Fix: "
+                          f"retrain the bundle, or restore manifest.json as training wrote it")
+
+
+def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
+              left_out: dict[str, str]) -> tuple[str, dict[str, list[Any]], list[str]]:
+    """The bundle's serving rule (15.1) with its slot models when it needs them: (rule, slot models,
+    their feature names). A per-subject rule turned off by --subject-assignment false, or slot models
+    that cannot load, mean the next rule that can serve."""
+    rule = manifest.get("serving_rule", "argmax")
+    if rule not in SERVING_RULES:
+        LOG.warning("predict: %s/manifest.json: unknown serving_rule %r; serving argmax", path, rule)
+        return "argmax", {}, []
+    if rule in ("gesture_capacity", "slots") and not cfg.subject_assignment:
+        return "argmax", {}, []
+    if rule != "slots":
+        return rule, {}, []
+    try:
+        spec = manifest["context"]
+        missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
+        if missing:
+            raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
+        verify_bundle_files(path, spec["files"], manifest.get("files", {}))
+        context = {}
+        for target in CONTEXT_TARGETS:
+            names = {bundle_file(f"context_{target}", k, ".txt") for k in range(len(spec["files"]))}
+            context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"] if f in names]
+            if not context[target]:
+                raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
+                                  f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
+        return rule, context, spec["feature_names"]
+    except Exception as err:
+        left_out["slot models"] = failure_reason(err)
+        LOG.error("predict: slot models left out (serving gesture_capacity instead): %s", left_out["slot models"])
+        return "gesture_capacity", {}, []
+
+
+def load_bundle(cfg: Config) -> ServedBundle:
+    """Find, check, load and prove the bundle serving `cfg` asks for; BundleError (or FileNotFoundError)
+    naming the path and the fix when nothing can serve."""
+    t0 = time.perf_counter()
+    path = find_bundle(bundle_path(cfg))
+    manifest = read_manifest(path)
+    trained = manifest["config"]
+    on_other = bool(trained.get("demo") and cfg.data_dir and not is_demo_folder(Path(cfg.data_dir)))
+    if on_other:
+        LOG.warning("predict: the bundle %s was trained on generated demo data, and %s is not demo data: "
+                    "its answers mean nothing there. Fix: train on the competition data (leave out --demo).",
+                    path, cfg.data_dir)
+    # Features are computed as in training, whatever the serving config says.
+    cfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling", "tof_grid") if k in trained})
+    made = produced_names(cfg)
+    left_out: dict[str, str] = {}
+    models = load_members(path, manifest, made, left_out)
+    t_proof = time.perf_counter()
+    prove_bundle(path, manifest, models, cfg, left_out)
+    t_proof = time.perf_counter() - t_proof
+    rule, context, context_names = slot_rule(path, manifest, made, cfg, left_out)
+    fallback = manifest["fallback_gesture"]
+    if fallback not in GESTURES:
+        LOG.warning("predict: %s/manifest.json: fallback_gesture %r is not one of the 18 gestures; using %r",
+                    path, fallback, cfg.fallback_gesture)
+        fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
+    print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
+          f"serving {', '.join(models)} with the {rule} rule"
+          + (f"; left out: {', '.join(left_out)} (reason logged above)" if left_out else ""))
+    return ServedBundle(path, manifest, cfg, models, rule, context, context_names, fallback, left_out, on_other)
+
+
+def blend_answers(bundle: ServedBundle, probas: dict[str, np.ndarray], view: str, stats: ServingStats) -> np.ndarray | None:
+    """The bundle's blend for `view` over the members that answered, weights renormalised."""
+    if not probas:
+        return None
+    weights = dict(zip(bundle.manifest["families"], bundle.manifest["blend_weights"][view]))
+    if any(weights[n] > 0 and n not in probas for n in weights):
+        stats.reduced += 1
+    stats.served[view].update([n for n in probas if weights.get(n, 0.0) > 0] or list(probas))
+    p = blend_of(probas, bundle.manifest, view)[0]
+    if not np.isfinite(p).all():
+        stats.note("non-finite blend; the answering families averaged with equal weights")
+        p = blend(list(probas.values()), np.ones(len(probas)))[0]
+    return p
+
+
+class SubjectState:
+    """What serving remembers per subject across calls: each sequence's probabilities and slot
+    context (the per-subject rules), and each sequence's upside-down score. A sequence seen again
+    replaces its entry."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.wear_scores: dict[str, dict[str, float]] = {}
+
+    def upside_down(self, bundle: ServedBundle, fix: bool, prepared: Sequences, subject: str | None,
+                    sequence_id: str) -> bool:
+        """Whether this subject wears the device upside down, judged on their sequences so far (this
+        one included) as in training; never when the bundle was trained without the check or `fix`
+        (--upside-down-fix) is off."""
+        spec = bundle.manifest.get("upside_down") or {}
+        if not (spec.get("enabled") and fix):
             return False
         _, score = UpsideDownCheck(spec["reference"]).scores(prepared)
         seen = self.wear_scores.setdefault(subject, {}) if subject else {}
         seen.pop(sequence_id, None)
         seen[sequence_id] = float(score[0])
-        turned = UpsideDownCheck.decide(list(seen.values()))
-        self.turned += int(turned)
-        return turned
+        return UpsideDownCheck.decide(list(seen.values()))
 
-    def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame, subject: str | None = None,
-              sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, np.ndarray]:
-        """Per family that gave finite numbers, the (1, 18) class probabilities (the same code the
-        CV imu_only view runs), the view whose blend weights apply, and the slot models' (6,)
-        orientation and behaviour probabilities (uniform when the rule does not use them)."""
-        prepared = tie_call(sequence, demographics)
-        self.note_repairs(prepared)
-        if self.upside_down(prepared, subject, sequence_id):
-            prepared = tie_call(sequence, demographics, turned=True)
-        channels = sequence_channels(prepared, self.cfg.sample_rate_hz, self.cfg.tof_pooling)
-        cache: dict[str, Any] = {}
-        out = {}
-        for name, model in self.models.items():
+    def choose(self, rule: str, p: np.ndarray, subject: str | None, context: np.ndarray, sequence_id: str) -> int:
+        """The gesture index under `rule` (15.1); a per-subject rule runs over this subject's sequences
+        so far, each once (a call without a subject gets the per-sequence argmax)."""
+        if rule in ("gesture_capacity", "slots") and subject:
+            rows = self.history.setdefault(subject, {})
+            rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
+            rows[sequence_id] = (p, context)
+            return int(serve_labels(rule, np.vstack([r[0] for r in rows.values()]),
+                                    np.vstack([r[1] for r in rows.values()]))[-1])
+        one = rule if rule == "argmax9" else "argmax"
+        return int(serve_labels(one, p[None, :], context[None, :])[0])
+
+
+class Runtime:
+    """The one serving runtime behind predict(): the bundle (loaded on the first call), the
+    per-subject state and the statistics. Each member predicts on its own: one that fails is left
+    out of that call's blend (weights renormalised over the rest) and counted."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.requested = cfg  # the config serving was asked with
+        self.cfg = cfg        # ... and, once loaded, with the bundle's feature settings
+        self.bundle: ServedBundle | None = None
+        self.error: str | None = None  # set when nothing can serve: every call then raises it
+        self.loaded = False
+        self.lock = threading.RLock()  # one call at a time; the first calls wait for one load
+        self.stats = ServingStats()
+        self.subjects = SubjectState()
+        self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
+
+    def load(self) -> None:
+        """Load the bundle once; a bundle that cannot serve leaves its reason in `error`."""
+        with self.lock:
             try:
-                p = family_outputs(name, model, prepared, channels, self.cfg, cache)
+                self.bundle = load_bundle(self.requested)
+                self.cfg, self.fallback = self.bundle.cfg, self.bundle.fallback
             except Exception as err:
-                self.note(f"{name} raised {type(err).__name__}; left out of that call's blend", str(err)[:200])
-                continue
-            if not np.isfinite(p).all():
-                self.note(f"{name} gave non-finite probabilities; left out of that call's blend")
-                continue
-            out[name] = p
-        context = UNIFORM_CONTEXT
-        if self.rule == "slots":
-            try:
-                cache.setdefault("table", aggregate_features(prepared, channels, self.cfg.sample_rate_hz))
-                context = context_proba(self.context, cache["table"].matrix(self.context_names))[0]
-            except Exception as err:
-                self.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour", str(err)[:200])
-        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), context
+                self.error = failure_reason(err)
+                LOG.error("predict: the model bundle cannot serve: %s", self.error)
+            finally:
+                self.loaded = True
 
-    def blend_answers(self, probas: dict[str, np.ndarray], view: str) -> np.ndarray | None:
-        """The bundle's blend for `view` over the families that answered, weights renormalised."""
-        if not probas:
-            return None
-        weights = dict(zip(self.manifest["families"], self.manifest["blend_weights"][view]))
-        names = list(probas)
-        if any(weights[n] > 0 and n not in probas for n in weights):
-            self.reduced += 1
-        answering = [n for n in names if weights.get(n, 0.0) > 0] or names  # only zero-weight ones: all there is
-        self.served[view].update(answering)
-        p = blend_of(probas, self.manifest, view)[0]
-        if not np.isfinite(p).all():
-            self.note("non-finite blend; the answering families averaged with equal weights")
-            p = blend([probas[n] for n in names], np.ones(len(names)))[0]
-        return p
-
-    def fall_back(self) -> str:
-        self.fallbacks += 1
-        self.streak += 1
-        if self.streak >= FALLBACK_STREAK_LIMIT:  # the submission is answering garbage: fail it visibly
-            self.error = (f"the last {self.streak} calls were all answered by the fallback gesture "
-                          f"({', '.join(k for k, _ in self.problems.most_common(3)) or 'no reason counted'}); "
-                          f"a submission of such answers scores near zero. Fix: read the problems logged above")
-            LOG.error("predict: %s", self.error)
-            raise BundleError(self.error)
-        return self.fallback
+    def require(self) -> ServedBundle:
+        """The loaded bundle (loading it if needed); BundleError naming the path when nothing can serve."""
+        with self.lock:
+            if not self.loaded:
+                self.load()
+        if self.error or self.bundle is None:
+            raise BundleError(f"{(self.error or 'no bundle').rstrip('.')}. Nothing can serve: a submission of "
+                              f"fallback answers would score near zero, so this stops here.")
+        return self.bundle
 
     def predict(self, sequence: Any, demographics: Any) -> str:
+        """One call: the bundle's answer, else the fallback gesture; a long run of fallbacks means
+        the submission is answering garbage, which stops it visibly (BundleError)."""
         with self.lock:
-            self.calls += 1
+            self.stats.calls += 1
             self.require()
             answer = self.answer(sequence, demographics)
             if answer is not None:
-                self.streak = 0
+                self.stats.streak = 0
                 return answer
-            return self.fall_back()
+            self.stats.fallbacks += 1
+            self.stats.streak += 1
+            if self.stats.streak >= FALLBACK_STREAK_LIMIT:
+                self.error = (f"the last {self.stats.streak} calls were all answered by the fallback gesture "
+                              f"({', '.join(k for k, _ in self.stats.problems.most_common(3)) or 'no reason counted'}); "
+                              f"a submission of such answers scores near zero. Fix: read the problems logged above")
+                LOG.error("predict: %s", self.error)
+                raise BundleError(self.error)
+            return self.fallback
 
     def answer(self, sequence: Any, demographics: Any) -> str | None:
         """One call's gesture, or None when nothing can answer it (each reason logged and counted)."""
         try:
-            seq = self.check_input(sequence)
+            seq = checked_sequence(sequence, self.stats)
             if seq is None:
                 return None
-            if seq.height > 5000:
-                self.note("very long sequence; last 5000 rows used")
-                seq = seq.tail(5000)
             subject = subject_of(sequence, demographics)
-            demo = self.check_demographics(demographics, subject)
-            sequence_id = call_sequence_id(sequence, self.calls)
+            demo = checked_demographics(demographics, subject, self.stats)
+            sequence_id = call_sequence_id(sequence, self.stats.calls)
             probas, view, context = self.proba(seq, demo, subject, sequence_id)
-            p = self.blend_answers(probas, view)
+            bundle = self.require()
+            p = blend_answers(bundle, probas, view, self.stats)
             if p is None:
-                self.note("no model family gave finite probabilities")
+                self.stats.note("no model family gave finite probabilities")
                 return None
-            return str(GESTURES[self.choose(p, subject, context, sequence_id)])
+            return str(GESTURES[self.subjects.choose(bundle.rule, p, subject, context, sequence_id)])
         except Exception as err:
-            self.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
+            self.stats.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
             return None
 
-    def choose(self, p: np.ndarray, subject: str | None, context: np.ndarray, sequence_id: str) -> int:
-        """The bundle's serving rule (14.1); a per-subject rule over this subject's sequences so far,
-        each sequence once (a call without a subject gets the per-sequence argmax)."""
-        if self.rule in ("gesture_capacity", "slots") and subject:
-            rows = self.history.setdefault(subject, {})
-            rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
-            rows[sequence_id] = (p, context)
-            return int(serve_labels(self.rule, np.vstack([r[0] for r in rows.values()]),
-                                    np.vstack([r[1] for r in rows.values()]))[-1])
-        rule = self.rule if self.rule == "argmax9" else "argmax"
-        return int(serve_labels(rule, p[None, :], context[None, :])[0])
+    def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame, subject: str | None = None,
+              sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, np.ndarray]:
+        """Per member that gave finite numbers, the (1, 18) class probabilities (the same code the
+        CV imu_only view runs), the view whose blend weights apply, and the slot models' (6,)
+        orientation and behaviour probabilities (uniform when the rule does not use them)."""
+        bundle = self.require()
+        prepared = tie_call(sequence, demographics)
+        for repair in prepared.repairs:
+            self.stats.note(repair)
+        if self.subjects.upside_down(bundle, self.requested.upside_down_fix, prepared, subject, sequence_id):
+            self.stats.turned += 1
+            prepared = tie_call(sequence, demographics, turned=True)
+        channels = sequence_channels(prepared, bundle.cfg.sample_rate_hz, bundle.cfg.tof_pooling)
+        cache: dict[str, Any] = {}
+        out = {}
+        for name, loaded in bundle.models.items():
+            try:
+                p = loaded.proba(prepared, channels, cache)
+            except Exception as err:
+                self.stats.note(f"{name} raised {type(err).__name__}; left out of that call's blend", str(err)[:200])
+                continue
+            if not np.isfinite(p).all():
+                self.stats.note(f"{name} gave non-finite probabilities; left out of that call's blend")
+                continue
+            out[name] = p
+        context = UNIFORM_CONTEXT
+        if bundle.rule == "slots":
+            try:
+                if "table" not in cache:
+                    cache["table"] = aggregate_features(prepared, channels, bundle.cfg.sample_rate_hz)
+                context = context_proba(bundle.context, cache["table"].matrix(bundle.context_names))[0]
+            except Exception as err:
+                self.stats.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour",
+                                str(err)[:200])
+        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), context
 
     def record(self) -> dict[str, Any]:
         """What served, for run_summary.json (the summary line says the same)."""
-        return {"calls": self.calls, "serving_rule": self.rule, "served": {v: dict(c) for v, c in self.served.items()},
-                "reduced_blend_calls": self.reduced, "fallback_calls": self.fallbacks, "upside_down_calls": self.turned,
-                "left_out_at_load": dict(self.left_out), "problems": dict(self.problems),
-                "bundle_error": self.error, "demo_bundle_on_other_data": self.demo_bundle_on_other_data}
+        st, b = self.stats, self.bundle
+        return {"calls": st.calls, "serving_rule": b.rule if b else None,
+                "served": {v: dict(c) for v, c in st.served.items()}, "reduced_blend_calls": st.reduced,
+                "fallback_calls": st.fallbacks, "upside_down_calls": st.turned,
+                "left_out_at_load": dict(b.left_out) if b else {}, "problems": dict(st.problems),
+                "bundle_error": self.error, "demo_bundle_on_other_data": bool(b and b.demo_on_other_data)}
 
     def summary(self) -> str:
-        served = "; ".join(f"{v} served by " + (", ".join(f"{n} ({c})" for n, c in self.served[v].items()) or "none")
+        st, b = self.stats, self.bundle
+        served = "; ".join(f"{v} served by " + (", ".join(f"{n} ({c})" for n, c in st.served[v].items()) or "none")
                            for v in VIEWS)
-        probs = ", ".join(f"{k}: {v}" for k, v in self.problems.most_common()) or "none"
-        left = f"; left out at load: {', '.join(self.left_out)}" if self.left_out else ""
-        return (f"predict: {self.calls} calls; {served}; reduced blend: {self.reduced} calls; "
-                f"turned back (upside down): {self.turned} calls; fallback: "
-                f"{self.fallbacks} calls{left}; problems: {probs}" + (f"; bundle error: {self.error}" if self.error else ""))
+        problems = ", ".join(f"{k}: {v}" for k, v in st.problems.most_common()) or "none"
+        left = f"; left out at load: {', '.join(b.left_out)}" if b and b.left_out else ""
+        return (f"predict: {st.calls} calls; {served}; reduced blend: {st.reduced} calls; "
+                f"turned back (upside down): {st.turned} calls; fallback: "
+                f"{st.fallbacks} calls{left}; problems: {problems}" + (f"; bundle error: {self.error}" if self.error else ""))
 
 
 _RUNTIME: Runtime | None = None
@@ -5189,7 +5346,7 @@ def set_runtime(cfg: Config) -> Runtime:
 
 
 # %% [markdown]
-# ## 18. Serving
+# ## 19. Serving
 #
 # With the competition's `kaggle_evaluation` package importable (it ships inside the competition
 # data), serve through it: `serve()` under the scoring rerun, else its local gateway. Otherwise a
@@ -5271,14 +5428,14 @@ def serve(cfg: Config) -> None:
     watch = Stopwatch()
     watch.seconds["serve"] = time.perf_counter() - t0
     write_run_summary(out, cfg, watch, {"serving": runtime.record()}, continues=cfg.stage != "infer")
-    if runtime.fallbacks > FALLBACK_SHARE_LIMIT * max(runtime.calls, 1):
-        raise BundleError(f"{runtime.fallbacks} of {runtime.calls} calls were answered by the fallback gesture (more "
+    if runtime.stats.fallbacks > FALLBACK_SHARE_LIMIT * max(runtime.stats.calls, 1):
+        raise BundleError(f"{runtime.stats.fallbacks} of {runtime.stats.calls} calls were answered by the fallback gesture (more "
                           f"than {FALLBACK_SHARE_LIMIT:.0%}): {out / 'submission.parquet'} would score near zero. "
                           f"Fix: read the problems in the predict: line above and in run_summary.json.")
 
 
 # %% [markdown]
-# ## 19. Main
+# ## 20. Main
 
 # %%
 def configure_logging(cfg: Config) -> None:
@@ -5298,7 +5455,7 @@ def config_line(cfg: Config) -> str:
         return (f"config: profile={cfg.profile} stage={cfg.stage} models={cfg.models} folds={cfg.folds} "
                 f"epochs={cfg.epochs} {where}")
     try:
-        path = find_bundle(Runtime(cfg).bundle_path())
+        path = find_bundle(bundle_path(cfg))
         manifest = json.loads((path / "manifest.json").read_text())
         trained, lb = manifest.get("config", {}), manifest.get("expected_lb")
         return (f"config: stage=infer, serving the bundle {path}: trained with profile={trained.get('profile')} "
@@ -5306,14 +5463,11 @@ def config_line(cfg: Config) -> str:
                 f"{'demo' if trained.get('demo') else 'competition'} data, CV expected LB "
                 f"{'n/a' if lb is None else f'{lb:.4f}'}; {where}")
     except Exception:
-        return f"config: stage=infer, no readable bundle at {Runtime(cfg).bundle_path()} (see below); {where}"
+        return f"config: stage=infer, no readable bundle at {bundle_path(cfg)} (see below); {where}"
 
 
 def main(argv: list[str] | None = None) -> Config:
     """Train (unless --stage infer or the scoring rerun); returns the config that serving uses."""
-    # Busy-waiting OpenMP threads slow LightGBM/torch ~100x when another process holds a core;
-    # must be set before the first OpenMP library loads (they are imported lazily).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg = parse_config(argv)
     configure_logging(cfg)
     print(config_line(cfg))

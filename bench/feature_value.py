@@ -38,7 +38,7 @@ def cv(cfg: "nb.Config", td: "nb.TrainingData", views: dict[str, pl.DataFrame], 
         booster = nb.train_lgbm_fold(cfg, x["full"][tr], td.y[tr], np.vstack([x["full"][va], x["imu_only"][va]]),
                                      np.concatenate([td.y[va], td.y[va]]), names, cfg.seed + k)
         for v in nb.VIEWS:
-            oof[v][va] = nb.lgbm_predict_proba([booster], np.ones(1), x[v][va])
+            oof[v][va] = nb.LgbmMember("lgbm", cfg, names).predict(booster, x[v][va])["gesture"]
     y = td.labels["gesture"].to_list()
     scores = {v: nb.score_probabilities(y, oof[v])["metric"] for v in nb.VIEWS}
     return {**scores, "expected_lb": 0.5 * (scores["full"] + scores["imu_only"])}

@@ -33,9 +33,10 @@ def main() -> None:
                           environ={})
     rt = nb.set_runtime(cfg)
     if args.rule:
-        rt.require()
-        manifest = dict(rt.manifest, serving_rule=args.rule)
-        rt.rule = rt.serving_rule(nb.find_bundle(rt.bundle_path()), manifest, nb.produced_names(rt.cfg))
+        bundle = rt.require()
+        manifest = dict(bundle.manifest, serving_rule=args.rule)
+        rule, context, names = nb.slot_rule(bundle.path, manifest, nb.produced_names(bundle.cfg), bundle.cfg, {})
+        rt.bundle = nb.dataclasses.replace(bundle, rule=rule, context=context, context_names=names)
     test = pl.read_csv(Path(args.data_dir) / "test.csv", infer_schema_length=100)
     demo = pl.read_csv(Path(args.data_dir) / "test_demographics.csv")
     ids = test["sequence_id"].unique(maintain_order=True).to_list()
@@ -56,10 +57,10 @@ def main() -> None:
     first, rest = times[0], np.array(times[1:])
     print(f"predict(): first call (loads the bundle) {first:.0f} ms; next {len(rest)} calls: "
           f"p50 {np.percentile(rest, 50):.1f} ms, p95 {np.percentile(rest, 95):.1f} ms, max {rest.max():.1f} ms "
-          f"(models: {', '.join(nb._RUNTIME.models)}; rule {nb._RUNTIME.rule}); {nb._RUNTIME.summary()}")
+          f"(models: {', '.join(nb._RUNTIME.bundle.models)}; rule {nb._RUNTIME.bundle.rule}); {nb._RUNTIME.summary()}")
     late = np.array(times)[np.array(counts) >= 80]
     if len(late):
-        print(f"late calls (80-{max(counts)} of the subject's sequences seen, rule {nb._RUNTIME.rule}): "
+        print(f"late calls (80-{max(counts)} of the subject's sequences seen, rule {nb._RUNTIME.bundle.rule}): "
               f"{len(late)} calls, p50 {np.percentile(late, 50):.1f} ms, p95 {np.percentile(late, 95):.1f} ms")
     breakdown(nb._RUNTIME, [frames[sid] for sid in calls[1:]], demo)
 
@@ -78,22 +79,12 @@ def breakdown(rt: "nb.Runtime", sequences: list[pl.DataFrame], demo: pl.DataFram
         t = time.perf_counter()
         prepared, channels = nb.derive(one, d, rt.cfg)
         t = lap("signals (derive)", t)
-        if "lgbm" in rt.models:
-            table = nb.aggregate_features(prepared, channels, rt.cfg.sample_rate_hz)
-            t = lap("lgbm: aggregate features", t)
-            boosters, weights, names = rt.models["lgbm"]
-            nb.lgbm_predict_proba(boosters, weights, table.matrix(names))
-            t = lap(f"lgbm: {len(boosters)} folds predict", t)
-        inputs = nb.net_inputs_from(prepared, channels, rt.cfg.tof_grid)
-        t = lap("net inputs", t)
-        for name, model in rt.models.items():
-            if nb.member_family(name) == "keras":
-                nb.keras_predict_proba(model[0], model[1], inputs, model[2])
-            elif name != "lgbm":
-                nb.torch_predict_proba(*model, inputs)
-            else:
-                continue
-            t = lap(f"{name}: {len(model[0])} folds predict", t)
+        cache: dict = {}
+        for name, loaded in rt.bundle.models.items():
+            loaded.member.call_inputs(prepared, channels, cache)
+            t = lap(f"{name}: inputs" if name == "lgbm" else "net inputs", t)
+            loaded.proba(prepared, channels, cache)
+            t = lap(f"{name}: {len(loaded.folds)} folds predict", t)
     print("per-call breakdown (median ms): " + ", ".join(f"{k} {np.median(v):.1f}" for k, v in laps.items()))
 
 

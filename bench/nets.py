@@ -42,14 +42,14 @@ def main() -> None:
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg), tof_grid=cfg.tof_grid)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     sample = inputs.subset(np.arange(len(y)) < 256)
-    targets = nb.net_targets(ds.train).subset(np.arange(len(y)) < 256)
-    print(f"profile {args.profile}: conv {cfg.torch_conv}, hidden {cfg.torch_hidden}, squeezeformer d "
+    targets = nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES)).subset(np.arange(len(y)) < 256)
+    print(f"profile {args.profile}: conv {cfg.net_conv}, hidden {cfg.net_hidden}, squeezeformer d "
           f"{cfg.torch_sqz_dim} x {cfg.torch_sqz_layers}, {len(inputs.names)} channels, "
-          f"torch threads {nb._torch_lib().torch.get_num_threads()}")
+          f"torch threads {nb.torch.get_num_threads()}")
 
     # --- PyTorch, each --torch-arch: training throughput (one epoch over 256 sequences, fp32 and CPU
     # bf16 autocast) and single-sequence latency for all folds
-    torch = nb._torch_lib().torch
+    torch = nb.torch
     threads = torch.get_num_threads()
     tiny_va = {"full": sample.subset(np.arange(256) < 16)}  # early stopping needs a validation set; keep it small
     rng = np.random.default_rng(0)
@@ -63,17 +63,17 @@ def main() -> None:
             t0 = time.perf_counter()
             res = nb.train_torch_fold(one, sample, targets, tiny_va, y[:16], 0, lambda rec: None)
             print(f"torch {arch} train {precision}: {256 / (time.perf_counter() - t0):7.1f} sequences/s "
-                  f"(one epoch, batch {cfg.torch_batch_size})")
+                  f"(one epoch, batch {cfg.net_batch_size})")
         model = nb.build_torch_model(one, len(res["scaler"].columns))
         model.load_state_dict(res["state"])
-        models = [(model, res["scaler"])] * args.folds
+        folds = [nb.NetFold(model, res["scaler"])] * args.folds
         torch.set_num_threads(1)  # as predict() runs it
         for packed in ((True, False) if arch == "gru" else (True,)):  # same output unpadded (tested)
             ms = []
             for i in picks:
                 single = inputs.subset(np.arange(len(y)) == i)
                 t0 = time.perf_counter()
-                nb.torch_predict_proba(models, np.ones(args.folds), single, packed=packed)
+                [nb.torch_heads(fold, single, packed=packed) for fold in folds]
                 ms.append((time.perf_counter() - t0) * 1000)
             how = ("packed  " if packed else "unpacked") if arch == "gru" else ""
             print(f"torch {arch} single sequence, {args.folds} folds {how}: {percentiles(ms)}")
@@ -83,13 +83,13 @@ def main() -> None:
     kres = nb.train_keras_fold(nb.dataclasses.replace(cfg, epochs=1), sample, targets, tiny_va, y[:16], 0, lambda rec: None)
     print(f"keras train: {256 / (time.perf_counter() - t0):7.1f} sequences/s (one epoch incl. first trace)")
     pred = nb.KerasPredictor(kres["model"], len(kres["scaler"].mean))
-    preds, scalers = [pred] * args.folds, [kres["scaler"]] * args.folds
-    nb.keras_predict_proba(preds, np.ones(args.folds), inputs.subset(np.arange(len(y)) == 0), scalers)  # trace
+    folds = [nb.NetFold(pred, kres["scaler"])] * args.folds
+    [nb.keras_heads(fold, inputs.subset(np.arange(len(y)) == 0)) for fold in folds]  # trace
     ms = []
     for i in picks:
         single = inputs.subset(np.arange(len(y)) == i)
         t0 = time.perf_counter()
-        nb.keras_predict_proba(preds, np.ones(args.folds), single, scalers)
+        [nb.keras_heads(fold, single) for fold in folds]
         ms.append((time.perf_counter() - t0) * 1000)
     print(f"keras single sequence, {args.folds} folds, tf.function: {percentiles(ms)}")
 

@@ -101,8 +101,8 @@ def test_a_booster_with_its_features_in_another_order_is_left_out(trained, tmp_p
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES - {"lgbm"}
-    assert "first difference at position 0" in runtime.left_out["lgbm"]
+    assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES - {"lgbm"}
+    assert "first difference at position 0" in runtime.bundle.left_out["lgbm"]
 
 
 def test_a_lightgbm_only_bundle_whose_booster_expects_other_features_stops(trained, tmp_path):
@@ -144,7 +144,7 @@ def test_four_threads_making_the_first_calls_get_the_serial_answers(trained):
         t.start()
     for t in threads:
         t.join()
-    assert answers == expected and runtime.fallbacks == 0 and runtime.calls == len(calls)
+    assert answers == expected and runtime.stats.fallbacks == 0 and runtime.stats.calls == len(calls)
 
 
 def test_several_bundles_under_one_folder_the_newest_valid_one_serves(trained, tmp_path, capsys):
@@ -175,15 +175,14 @@ def test_the_same_sequence_called_again_replaces_its_history_entry(trained):
     sequence, with another of its subject's sequences between them, give one answer and one entry."""
     cfg, _ = trained
     runtime = nb.Runtime(cfg)
-    runtime.require()
-    runtime.rule = "gesture_capacity"
+    runtime.bundle = nb.dataclasses.replace(runtime.require(), rule="gesture_capacity")
     calls = _calls(cfg)
     (seq, demo), (other, other_demo) = [c for c in calls if c[0]["subject"][0] == calls[0][0]["subject"][0]][:2]
     answers = [runtime.predict(seq, demo)]
     runtime.predict(other, other_demo)
     answers += [runtime.predict(seq, demo) for _ in range(2)]
     assert len(set(answers[1:])) == 1 and all(a in nb.GESTURES for a in answers)
-    assert list(runtime.history[seq["subject"][0]]) == [other["sequence_id"][0], seq["sequence_id"][0]]
+    assert list(runtime.subjects.history[seq["subject"][0]]) == [other["sequence_id"][0], seq["sequence_id"][0]]
 
 
 def _one_call(cfg):
@@ -222,7 +221,7 @@ def test_every_repair_of_a_bad_input_is_counted_and_logged(trained, kind, caplog
     seq, demo = mutate(*_one_call(cfg))
     answer = runtime.predict(seq, demo)
     assert type(answer) is str and answer in nb.GESTURES
-    assert any(problem in k for k in runtime.problems), dict(runtime.problems)
+    assert any(problem in k for k in runtime.stats.problems), dict(runtime.stats.problems)
     assert problem in caplog.text and problem in runtime.summary()
 
 
@@ -231,7 +230,7 @@ def test_the_sequence_subjects_demographics_row_is_the_one_used(trained):
     runtime = nb.Runtime(cfg)
     seq, demo = _one_call(cfg)
     other = demo.with_columns(pl.lit("SUBJ_OTHER").alias("subject"), (1 - pl.col("handedness")).alias("handedness"))
-    chosen = runtime.check_demographics(pl.concat([other, demo]), seq["subject"][0])
+    chosen = nb.checked_demographics(pl.concat([other, demo]), seq["subject"][0], runtime.stats)
     assert chosen.height == 1 and chosen["subject"][0] == seq["subject"][0]
 
 
@@ -289,7 +288,7 @@ def test_an_untouched_bundle_passes_its_proof(trained):
     assert {proof["calls"], proof["outputs"]} <= set(manifest["files"])
     runtime = nb.Runtime(cfg)
     runtime.load()
-    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES and not runtime.left_out
+    assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES and not runtime.bundle.left_out
 
 
 def test_the_proof_catches_a_booster_whose_features_are_permuted(trained, tmp_path):
@@ -305,8 +304,8 @@ def test_the_proof_catches_a_booster_whose_features_are_permuted(trained, tmp_pa
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES - {"lgbm"}
-    assert "load-time proof" in runtime.left_out["lgbm"] and "lightgbm" in runtime.left_out["lgbm"]
+    assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES - {"lgbm"}
+    assert "load-time proof" in runtime.bundle.left_out["lgbm"] and "lightgbm" in runtime.bundle.left_out["lgbm"]
 
 
 def test_the_proof_catches_a_torch_fold_replaced_by_another_folds_file(trained, tmp_path):
@@ -319,8 +318,8 @@ def test_the_proof_catches_a_torch_fold_replaced_by_another_folds_file(trained, 
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and "torch" not in runtime.models and "torch_sqz" in runtime.models
-    assert "load-time proof" in runtime.left_out["torch"] and "(fold 0;" in runtime.left_out["torch"]
+    assert runtime.error is None and "torch" not in runtime.bundle.models and "torch_sqz" in runtime.bundle.models
+    assert "load-time proof" in runtime.bundle.left_out["torch"] and "(fold 0;" in runtime.bundle.left_out["torch"]
 
 
 def test_a_proof_file_that_does_not_match_the_manifest_stops_the_bundle(trained, tmp_path):

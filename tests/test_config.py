@@ -95,7 +95,7 @@ def _a_value_no_profile_uses(name):
     """A valid value for a profile-set field that differs from every profile's own."""
     used = {p.get(name) for p in nb.PROFILES.values()}
     candidates = {"models": ["lgbm", "torch", "keras,lgbm"], "torch_arch": ["squeezeformer", "gru"],
-                  "torch_conv": ["24,48", "40,80"], "lgbm_imu_reference": [True, False]}.get(name)
+                  "net_conv": ["24,48", "40,80"], "lgbm_imu_reference": [True, False]}.get(name)
     if candidates is None:  # a number inside the field's allowed range
         meta = {f.name: f.metadata for f in nb.dataclasses.fields(nb.Config)}[name]
         low, high = meta["low"] or 0, meta["high"] or 10 ** 6
@@ -132,9 +132,9 @@ def test_an_edit_of_the_config_cell_survives_every_profile(tmp_path):
     import subprocess
     import sys
     source = (nb.Path(nb.__file__)).read_text()
-    edits = {'_doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)':
-             '_doc("number of CV folds (grouped by subject, stratified by gesture)", 4, low=2)',
-             '_doc("BiGRU hidden size per direction", low=1)': '_doc("BiGRU hidden size per direction", 20, low=1)'}
+    edits = {'_doc("number of CV folds (grouped by subject, stratified by gesture)", low=2,':
+             '_doc("number of CV folds (grouped by subject, stratified by gesture)", 4, low=2,',
+             '_doc("BiGRU hidden size per direction", low=1,': '_doc("BiGRU hidden size per direction", 20, low=1,'}
     for old, new in edits.items():
         assert source.count(old) == 1, old
         source = source.replace(old, new)
@@ -142,7 +142,7 @@ def test_an_edit_of_the_config_cell_survives_every_profile(tmp_path):
     code = ("import sys, edited\n"
             "for p in sorted(edited.PROFILES):\n"
             "    c = edited.parse_config(['--profile', p], environ={})\n"
-            "    print(p, c.folds, c.torch_hidden, c.epochs == edited.PROFILES[p]['epochs'])\n")
+            "    print(p, c.folds, c.net_hidden, c.epochs == edited.PROFILES[p]['epochs'])\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.split()[0] in nb.PROFILES]
@@ -170,7 +170,7 @@ BAD_VALUES = [
     (["--models", "lgbm,xgb"], {}, r"--models 'lgbm,xgb'.*one or more of lgbm, torch, keras"),
     (["--torch-precision", "fp8"], {}, r"--torch-precision 'fp8'.*auto, fp32, bf16, fp16"),
     (["--aug-mixup", "1.5"], {}, r"--aug-mixup '1.5'.*from 0 to 1"),
-    (["--torch-head-weights", "1,2"], {}, r"--torch-head-weights '1,2'.*3 comma-separated numbers"),
+    (["--net-head-weights", "1,2"], {}, r"--net-head-weights '1,2'.*3 comma-separated numbers"),
     (["--demo-train-subjects", "2", "--folds", "3", "--demo"], {}, r"at least as many training subjects as folds"),
     (["--subject-assignment", "maybe"], {}, r"--subject-assignment 'maybe': not a boolean"),
 ]
@@ -187,10 +187,10 @@ def test_a_bad_config_cell_value_is_caught_too(tmp_path):
     """The Config cell edited to folds = 1: the same check as a flag, naming the cell's field."""
     import subprocess
     import sys
-    old = '_doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)'
+    old = '_doc("number of CV folds (grouped by subject, stratified by gesture)", low=2,'
     source = nb.Path(nb.__file__).read_text()
     assert source.count(old) == 1
-    (tmp_path / "edited.py").write_text(source.replace(old, old.replace(", low=2)", ", 1, low=2)")))
+    (tmp_path / "edited.py").write_text(source.replace(old, old.replace(", low=2,", ", 1, low=2,")))
     res = subprocess.run([sys.executable, "-c", "import edited; edited.parse_config([], environ={})"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "ConfigError: Config.folds = 1: out of range" in res.stderr, res.stderr[-1500:]

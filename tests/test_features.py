@@ -163,7 +163,7 @@ def test_feature_level_blanking_equals_the_raw_imu_only_path(sample_dir):
     full = nb.build_features(train, demo, cfg)
     raw_blank = nb.build_features(nb.blank_modalities(train), demo, cfg)
     names = [c for c in full.columns if c != "sequence_id"]
-    blanked = nb.blank_feature_rows(full.select(names).to_numpy().astype(np.float32), names)
+    blanked = nb.blank_modality_values(full.select(names).to_numpy().astype(np.float32), names)
     np.testing.assert_allclose(blanked, raw_blank.select(names).to_numpy().astype(np.float32),
                                rtol=1e-6, atol=1e-6, equal_nan=True)
 

@@ -21,7 +21,7 @@ def keras_fold(tmp_path_factory):
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     mask = np.arange(len(y)) % 3 != 0
-    targets = nb.net_targets(ds.train)
+    targets = nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES))
     res = nb.train_keras_fold(cfg, inputs.subset(mask), targets.subset(mask), {"full": inputs.subset(~mask)}, y[~mask],
                               0, lambda rec: None)
     return tmp, res, inputs.subset(~mask)
@@ -35,8 +35,8 @@ def test_save_load_round_trip_gives_identical_predictions(keras_fold):
     loaded, scaler = nb.load_keras_fold(path, smoke_config(tmp))
     np.testing.assert_array_equal(scaler.mean, res["scaler"].mean)
     c = len(res["scaler"].mean)
-    a = nb.keras_predict_proba([nb.KerasPredictor(res["model"], c)], np.ones(1), va, [res["scaler"]])
-    b = nb.keras_predict_proba([nb.KerasPredictor(loaded, c)], np.ones(1), va, [scaler])
+    a = nb.keras_heads(nb.NetFold(nb.KerasPredictor(res["model"], c), res["scaler"]), va)["gesture"]
+    b = nb.keras_heads(nb.NetFold(nb.KerasPredictor(loaded, c), scaler), va)["gesture"]
     np.testing.assert_array_equal(a, b)
 
 
@@ -51,7 +51,7 @@ def test_more_padding_does_not_change_the_output(keras_fold):
     padded["x"][:, -extra:] = 7.0  # garbage in the padding must not leak through
     padded["mask"] = np.pad(padded["mask"], ((0, 0), (0, extra)))
     pred = nb.KerasPredictor(model, len(scaler.mean))
-    np.testing.assert_allclose(pred(alone), pred(padded), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred(alone)["gesture"], pred(padded)["gesture"], rtol=1e-5, atol=1e-6)
 
 
 def test_learning_rate_is_readable_from_a_schedule(keras_fold):
@@ -64,14 +64,14 @@ def test_learning_rate_is_readable_from_a_schedule(keras_fold):
     steps_per_epoch, total = 5, 5 * cfg.epochs
     warmup = nb.warmup_steps(cfg, steps_per_epoch)
     assert 0 < warmup < total
-    opt = keras.optimizers.AdamW(nb._keras_lib().WarmupCosine(cfg.torch_lr, warmup, total))
+    opt = keras.optimizers.AdamW(nb.keras_layers().WarmupCosine(cfg.net_lr, warmup, total))
     torch_factor = nb._lr_lambda(total, warmup)
     seen = []
     for step in (0, warmup - 1, warmup, (warmup + total) // 2, total - 1, total, total + 3):
         opt.iterations.assign(step)
         seen.append(nb.keras_learning_rate(opt))
-        assert seen[-1] == pytest.approx(cfg.torch_lr * torch_factor(step), rel=1e-5, abs=1e-9), step
-    assert seen[1] == pytest.approx(cfg.torch_lr) and seen[-1] == pytest.approx(0.0, abs=1e-9)
+        assert seen[-1] == pytest.approx(cfg.net_lr * torch_factor(step), rel=1e-5, abs=1e-9), step
+    assert seen[1] == pytest.approx(cfg.net_lr) and seen[-1] == pytest.approx(0.0, abs=1e-9)
     assert seen[0] < seen[1] and seen[2] > seen[3] > seen[4] > 0
     # After training, the optimizer stepped once per batch of every epoch (patience 0: none skipped),
     # and the rate read is the schedule's at that step.
@@ -79,7 +79,7 @@ def test_learning_rate_is_readable_from_a_schedule(keras_fold):
     done = int(trained_opt.iterations)
     assert done > 0 and done % cfg.epochs == 0
     factor = nb._lr_lambda(done, nb.warmup_steps(cfg, done // cfg.epochs))
-    assert nb.keras_learning_rate(trained_opt) == pytest.approx(cfg.torch_lr * factor(done), abs=1e-9)
+    assert nb.keras_learning_rate(trained_opt) == pytest.approx(cfg.net_lr * factor(done), abs=1e-9)
 
 
 def test_importing_the_notebook_does_not_import_tensorflow():

@@ -20,7 +20,7 @@ def smoke_fold(tmp_path_factory):
     cfg = smoke_config(tmp)
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
-    targets = nb.net_targets(ds.train)
+    targets = nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES))
     train = np.arange(len(targets.y)) % 3 != 0
     return tmp, cfg, inputs, targets, train
 
@@ -28,7 +28,7 @@ def smoke_fold(tmp_path_factory):
 def test_torch_fp16_autocast_with_grad_scaler_trains_and_serves(smoke_fold):
     """--torch-precision fp16 is what torch_precision(auto) picks on CUDA; forced on the CPU here."""
     tmp, cfg, inputs, targets, train = smoke_fold
-    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=2, torch_arch="gru", torch_phase_pool=True)
+    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=2, torch_arch="gru", net_phase_pool=True)
     model = nb.build_torch_model(cfg, len(inputs.names))
     x, lengths, demo = nb.torch_batch(inputs.arrays[:4], inputs.demographics[:4],
                                       nb.InputScaler.fit(inputs, np.arange(len(inputs.names)), 0), "cpu")
@@ -42,14 +42,14 @@ def test_torch_fp16_autocast_with_grad_scaler_trains_and_serves(smoke_fold):
     assert all(np.isfinite(r["loss"]) for r in records)
     served = nb.build_torch_model(cfg, len(res["scaler"].columns))
     served.load_state_dict(res["state"])
-    p = nb.torch_predict_proba([(served, res["scaler"])], np.ones(1), inputs.subset(~train))
+    p = nb.torch_heads(nb.NetFold(served, res["scaler"]), inputs.subset(~train))["gesture"]
     assert np.isfinite(p).all() and np.allclose(p.sum(1), 1, atol=1e-4)
 
 
 def test_torch_fp16_falls_back_to_fp32_after_non_finite_losses(smoke_fold, monkeypatch, capsys):
     tmp, cfg, inputs, targets, train = smoke_fold
     cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=1, torch_arch="gru", torch_max_bad_steps=2,
-                              torch_batch_size=16)
+                              net_batch_size=16)
     real, calls = nb.head_losses, []
 
     def overflowing(*args, **kw):  # the first steps overflow, as fp16 can on a GPU
@@ -79,13 +79,13 @@ def test_keras_mixed_float16_trains_and_its_weights_serve_in_float32(smoke_fold,
     assert any(getattr(layer, "compute_dtype", "") == "float16" for layer in model.layers)
     assert type(model.optimizer).__name__ == "LossScaleOptimizer"
     va = inputs.subset(~train)
-    mixed = nb.keras_predict_proba([nb.KerasPredictor(model, len(res["scaler"].mean))], np.ones(1), va, [res["scaler"]])
+    mixed = nb.keras_heads(nb.NetFold(nb.KerasPredictor(model, len(res["scaler"].mean)), res["scaler"]), va)["gesture"]
     assert np.isfinite(mixed).all()
     path = tmp / "mixed.weights.npz"
     nb.save_keras_fold(path, model, res["scaler"])
     monkeypatch.setattr(nb, "keras_policy", lambda: "float32")
     loaded, scaler = nb.load_keras_fold(path, cfg)
-    plain = nb.keras_predict_proba([nb.KerasPredictor(loaded, len(scaler.mean))], np.ones(1), va, [scaler])
+    plain = nb.keras_heads(nb.NetFold(nb.KerasPredictor(loaded, len(scaler.mean)), scaler), va)["gesture"]
     np.testing.assert_allclose(plain, mixed, atol=2e-2)
 
 
@@ -151,10 +151,16 @@ def test_the_phase_target_rides_along_with_its_steps(smoke_fold):
     np.testing.assert_array_equal(orientation.argmax(1), targets.orientation[idx])
 
 
-def test_keras_phase_targets_follow_the_pooled_steps():
-    """One target per BiGRU step (stride input steps each), valid only where every step it covers is."""
+def test_phase_targets_follow_the_pooled_steps():
+    """One target per phase-head step (stride input steps each), valid only where every step it
+    covers is, for both nets: the torch net's own pooled mask marks exactly the valid targets."""
     phase = np.array([[0, 0, 1, 1, 1, 1, 0, 0]], dtype=np.float32)  # the last two steps are padding
-    target = nb.keras_phase_target(phase, np.array([6]), steps=8, stride=2)
-    np.testing.assert_array_equal(target, [[0.0, 1.0, 1.0, -1.0]])
-    mixed = nb.keras_phase_target(np.array([[0, 1, 1, 1]], np.float32), np.array([4]), steps=8, stride=2)
-    np.testing.assert_array_equal(mixed, [[0.5, 1.0, -1.0, -1.0]])
+    np.testing.assert_array_equal(nb.phase_targets(phase, np.array([6]), stride=2), [[0.0, 1.0, 1.0, -1.0]])
+    mixed = nb.phase_targets(np.array([[0, 1, 1, 1]], np.float32), np.array([4]), stride=2, steps=4)
+    np.testing.assert_array_equal(mixed, [[0.5, 1.0, -1.0, -1.0]])  # Keras: padded to 8 input steps
+    net = nb.GestureNet(3, 7, (8, 8), 4, 0.0, True, True)  # two blocks: stride 4
+    lengths = np.array([37, 16, 9])
+    x = nb.torch.zeros(3, 40, 3)
+    o = net.eval()(x, nb.torch.from_numpy(lengths), nb.torch.zeros(3, 7))
+    target = nb.phase_targets(np.zeros((3, 40), np.float32), lengths, net.phase_stride)
+    np.testing.assert_array_equal(o["phase_mask"].numpy(), target >= 0)

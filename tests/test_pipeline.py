@@ -117,7 +117,7 @@ def test_predict_on_real_test_sequences_returns_plain_str(trained, sample_dir):
         blank = seq.with_columns([pl.lit(None, dtype=pl.String).alias(c) for c in nb.THM_COLS + nb.TOF_COLS])
         out = nb.predict(blank, mine)
         assert type(out) is str and out in nb.GESTURES
-    assert not nb._RUNTIME.problems
+    assert not nb._RUNTIME.stats.problems
 
 
 @pytest.mark.parametrize("family", ["lgbm", "torch", "torch_sqz", "keras"])
@@ -130,17 +130,13 @@ def test_cv_imu_view_is_the_predict_path(trained, family):
     oof_imu = np.load(out / "oof" / f"oof_{family}_imu_only.npy")
     runtime = nb.Runtime(cfg)
     runtime.load()
-    folds_models = runtime.models[family]
+    loaded, bundle = runtime.bundle.models[family], runtime.bundle
     for i in [0, 7]:
         sid, fold = seqs["sequence_id"][i], seqs["fold"][i]
         raw = nb.blank_modalities(ds.train.filter(pl.col("sequence_id") == sid))
         demo = ds.train_demographics.filter(pl.col("subject") == raw["subject"][0])
-        one_fold = list(folds_models)
-        one_fold[0] = [folds_models[0][fold]]
-        one_fold[1] = np.ones(1)
-        if family == "keras":  # per-fold scalers travel beside the predictors
-            one_fold[2] = [folds_models[2][fold]]
-        runtime.models = {family: tuple(one_fold)}
+        one_fold = nb.LoadedMember(loaded.member, [loaded.folds[fold]], np.ones(1))
+        runtime.bundle = nb.dataclasses.replace(bundle, models={family: one_fold})
         probas, view, _ = runtime.proba(raw.drop(["sequence_type", "orientation", "behavior", "phase", "gesture"]), demo)
         assert view == "imu_only"
         np.testing.assert_allclose(probas[family][0], oof_imu[i], rtol=1e-4, atol=1e-5)
@@ -164,18 +160,42 @@ def test_resumed_run_gives_the_same_oof(tmp_path):
 
 
 def test_fold_fingerprints_follow_only_their_own_settings():
-    td = nb.SimpleNamespace(fingerprint="data")
-    base = nb.parse_config(["--profile", "smoke", "--torch-arch", "squeezeformer"], environ={})
-    wider = nb.dataclasses.replace(base, torch_sqz_dim=base.torch_sqz_dim * 2)
-    sqz = lambda cfg: nb._fold_fingerprint(cfg, td, ["c"], "torch", arch="squeezeformer")  # noqa: E731
-    twin = lambda cfg: nb._fold_fingerprint(cfg, td, ["c"], "torch")  # noqa: E731  (Keras: a GRU net)
-    assert sqz(base) != sqz(wider)
-    assert twin(base) == twin(wider) == twin(nb.dataclasses.replace(base, torch_arch="gru"))
-    assert twin(base) != twin(nb.dataclasses.replace(base, torch_hidden=base.torch_hidden + 1))
-    assert twin(base) != twin(nb.dataclasses.replace(base, tof_grid=True))
-    lgbm = lambda cfg: nb._fold_fingerprint(cfg, td, ["c"], "lgbm")  # noqa: E731
-    assert lgbm(base) == lgbm(nb.dataclasses.replace(base, epochs=base.epochs + 1, tof_grid=True, max_len=64))
-    assert lgbm(base) != lgbm(nb.dataclasses.replace(base, lgbm_num_leaves=base.lgbm_num_leaves + 1))
+    """A Config field's `affects` decides whose saved folds it retrains: LightGBM's settings never
+    retrain a net, a net's never retrain LightGBM, what only the Squeezeformer or the torch recipe
+    reads never retrains the Keras twin, and threads, paths and serving settings retrain nothing."""
+    base = nb.parse_config(["--profile", "smoke"], environ={})
+    R = nb.dataclasses.replace  # noqa: N806
+    members = {"lgbm": lambda c: nb.LgbmMember("lgbm", c, ["c"]),
+               "gru": lambda c: nb.TorchMember("torch", R(c, torch_arch="gru"), ["c"]),
+               "sqz": lambda c: nb.TorchMember("torch_sqz", R(c, torch_arch="squeezeformer"), ["c"]),
+               "keras": lambda c: nb.KerasMember("keras", c, ["c"])}
+
+    def changed(**edit):
+        return {name: make(base).fingerprint("data") != make(R(base, **edit)).fingerprint("data")
+                for name, make in members.items()}
+
+    nothing = dict(lgbm=False, gru=False, sqz=False, keras=False)
+    assert changed(torch_sqz_dim=base.torch_sqz_dim * 2) == {**nothing, "sqz": True}
+    assert changed(net_hidden=base.net_hidden + 1) == {**nothing, "gru": True, "keras": True}
+    assert changed(net_ema=0.5) == {**nothing, "gru": True, "sqz": True}
+    assert changed(net_phase_pool=False) == {**nothing, "gru": True}
+    for net_field in (dict(epochs=base.epochs + 1), dict(tof_grid=True), dict(max_len=64), dict(aug_mixup=0.0),
+                      dict(net_modality_dropout=0.1), dict(net_lr=1e-4)):
+        assert changed(**net_field) == {**nothing, "gru": True, "sqz": True, "keras": True}, net_field
+    for lgbm_field in (dict(lgbm_num_leaves=7), dict(lgbm_modality_dropout=0.5), dict(lgbm_class_weight="balanced")):
+        assert changed(**lgbm_field) == {**nothing, "lgbm": True}, lgbm_field
+    for everyone in (dict(seed=1), dict(folds=3), dict(tof_pooling=False), dict(upside_down_fix=False)):
+        assert changed(**everyone) == dict(lgbm=True, gru=True, sqz=True, keras=True), everyone
+    idle = dict(torch_threads=2, lgbm_threads=2, lgbm_imu_reference=False, feature_cache=False, log_level="DEBUG",
+                stage="infer", out_dir="/elsewhere", subject_assignment=False, stop_after_folds=1, demo_noise=2.0)
+    assert changed(**idle) == nothing
+    assert nb.run_fingerprint(base, "data") == nb.run_fingerprint(R(base, **idle), "data")
+    for bundle_field in (dict(models="lgbm"), dict(torch_arch="gru"), dict(net_variants="all,imu"),
+                         dict(lgbm_num_leaves=7), dict(net_hidden=3)):
+        assert nb.run_fingerprint(base, "data") != nb.run_fingerprint(R(base, **bundle_field), "data"), bundle_field
+    assert nb.run_fingerprint(base, "data") != nb.run_fingerprint(base, "other data")
+    for f in nb.dataclasses.fields(nb.Config):
+        assert set(f.metadata["affects"]) <= {*nb.MEMBER_KINDS, "bundle"}, f.name
 
 
 def test_missing_bundle_raises_with_a_clear_message(tmp_path, sample_dir):
@@ -185,7 +205,7 @@ def test_missing_bundle_raises_with_a_clear_message(tmp_path, sample_dir):
     test = pl.read_csv(sample_dir / "test.csv")
     with pytest.raises(nb.BundleError, match="manifest.json"):
         nb.predict(test.head(20), pl.DataFrame())
-    assert str(tmp_path / "nowhere") in runtime.error and runtime.fallbacks == 0
+    assert str(tmp_path / "nowhere") in runtime.error and runtime.stats.fallbacks == 0
 
 
 def test_notebook_ipynb_is_in_sync_with_notebook_py():
@@ -196,14 +216,20 @@ def test_notebook_ipynb_is_in_sync_with_notebook_py():
     assert src(py) == src(ipynb), "notebook.ipynb is stale: run `jupytext --sync notebook.py`"
 
 
-def test_import_runs_nothing_heavy(tmp_path):
-    code = ("import sys, notebook; heavy = {'lightgbm', 'torch', 'tensorflow', 'keras', 'sklearn', 'scipy'};"
-            "print(sorted(heavy & set(sys.modules)))")
+def test_import_defines_and_never_runs(tmp_path):
+    """What `import notebook` may do: import numpy, polars and torch (the PyTorch nets are defined at
+    module level) and set the OpenMP wait policy torch's import needs. What it never does: import
+    TensorFlow/Keras (slow, noisy: on first use only), LightGBM, scikit-learn or SciPy, touch CUDA
+    (no device picked, no memory allocated), read or write a file, or train anything."""
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import notebook, torch; "
+            "heavy = {'lightgbm', 'tensorflow', 'keras', 'sklearn', 'scipy'}; "
+            "print(sorted(heavy & set(sys.modules)), 'torch' in sys.modules, torch.cuda.is_initialized(), "
+            "notebook.torch_device.cache_info().currsize, os.environ.get('OMP_WAIT_POLICY'))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    assert res.stdout.strip() == "[] True False 0 PASSIVE"
     assert list(tmp_path.iterdir()) == []  # no outputs, no demo data: importing writes nothing
 
 
@@ -217,8 +243,8 @@ def test_on_kaggle_an_attached_bundle_dataset_is_found_without_model_path(traine
     serving = smoke_config(tmp_path, model_path=None, stage="infer")  # OUT/bundle does not exist
     runtime = nb.Runtime(serving)
     runtime.load()
-    assert runtime.error is None and set(runtime.models) >= {"lgbm", "torch"}
-    assert nb.find_bundle(runtime.bundle_path()) == kaggle_input / "cmi-bfrb-bundle"
+    assert runtime.error is None and set(runtime.bundle.models) >= {"lgbm", "torch"}
+    assert nb.find_bundle(nb.bundle_path(runtime.requested)) == kaggle_input / "cmi-bfrb-bundle"
 
 
 def test_assignment_respects_capacities_and_fixes_duplicates():
@@ -304,15 +330,14 @@ def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
     test = pl.read_csv(sample_dir / "test.csv")
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     seq = test.filter(pl.col("sequence_id") == two_sequences(test)[0])
-    runtime.require()
-    runtime.rule = "argmax"
+    runtime.bundle = nb.dataclasses.replace(runtime.require(), rule="argmax")
     nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
-    assert not runtime.history
-    runtime.rule = "gesture_capacity"
+    assert not runtime.subjects.history
+    runtime.bundle = nb.dataclasses.replace(runtime.bundle, rule="gesture_capacity")
     for _ in range(3):
         out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
         assert type(out) is str and out in nb.GESTURES
-    assert len(runtime.history[seq["subject"][0]]) == 1  # one sequence, however often it is called
+    assert len(runtime.subjects.history[seq["subject"][0]]) == 1  # one sequence, however often it is called
 
 
 def test_top_k_features_restricts_lightgbm_and_keeps_the_folds(trained, tmp_path):

@@ -78,8 +78,8 @@ def test_fuzz_predict_always_returns_a_valid_str(trained, made_sample_dir):
         worst = max(worst, time.perf_counter() - t0)
         assert type(out) is str and out in nb.GESTURES, (i, out)
     assert worst < 20.0, f"slowest call took {worst:.1f}s"
-    assert runtime.calls == N_FUZZ
-    assert runtime.problems, "the bad inputs should have been noticed and counted"
+    assert runtime.stats.calls == N_FUZZ
+    assert runtime.stats.problems, "the bad inputs should have been noticed and counted"
     assert "problems:" in runtime.summary()
 
 
@@ -115,8 +115,8 @@ def test_incompatible_bundle_is_refused_with_a_clear_message(trained, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and "lgbm" not in runtime.models and set(runtime.models) == {"torch", "torch_sqz", "keras"}
-    assert "feature" in runtime.left_out["lgbm"] and str(bundle) in runtime.left_out["lgbm"]
+    assert runtime.error is None and "lgbm" not in runtime.bundle.models and set(runtime.bundle.models) == {"torch", "torch_sqz", "keras"}
+    assert "feature" in runtime.bundle.left_out["lgbm"] and str(bundle) in runtime.bundle.left_out["lgbm"]
     # What the whole bundle depends on (class order) stops it whole, naming the file.
     manifest["families"]["lgbm"]["feature_names"][0] = "seq_len"
     manifest["class_names"] = list(reversed(nb.GESTURES))

@@ -80,10 +80,10 @@ def test_a_bundle_uploaded_the_kaggle_cli_default_way_serves_whole(trained, samp
         runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(path), subject_assignment=False,
                                                     upside_down_fix=False))
         runtime.load()
-        assert runtime.error is None and set(runtime.models) == ALL_FAMILIES and not runtime.left_out, label
+        assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES and not runtime.bundle.left_out, label
         answers[label] = [runtime.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
                           for _, seq in test.group_by("sequence_id", maintain_order=True)]
-        assert runtime.fallbacks == 0
+        assert runtime.stats.fallbacks == 0
     assert answers["uploaded"] == answers["intact"]
 
 
@@ -91,10 +91,10 @@ def test_the_slot_models_load_from_the_bundle(trained, tmp_path):
     """Whatever rule the smoke run chose, its slot models must load and answer when the rule is slots."""
     cfg, _ = trained
     runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(serving_rule="slots"))
-    assert runtime.rule == "slots" and "slot models" not in runtime.left_out, runtime.left_out
-    assert all(len(runtime.context[t]) == cfg.folds for t in nb.CONTEXT_TARGETS)
-    x = np.zeros((1, len(runtime.context_names)), dtype=np.float32)
-    p = nb.context_proba(runtime.context, x)
+    assert runtime.bundle.rule == "slots" and "slot models" not in runtime.bundle.left_out, runtime.bundle.left_out
+    assert all(len(runtime.bundle.context[t]) == cfg.folds for t in nb.CONTEXT_TARGETS)
+    x = np.zeros((1, len(runtime.bundle.context_names)), dtype=np.float32)
+    p = nb.context_proba(runtime.bundle.context, x)
     assert p.shape == (1, nb.UNIFORM_CONTEXT.size) and np.isfinite(p).all()
 
 
@@ -107,8 +107,8 @@ def test_a_bundle_of_the_sub_folder_layout_says_how_to_recover(trained, tmp_path
         manifest["families"]["lgbm"]["files"] = ["lgbm/" + f for f in manifest["families"]["lgbm"]["files"]]
         manifest["files"] = {("lgbm/" + k if k.startswith("lgbm_") else k): v for k, v in manifest["files"].items()}
     runtime = loaded_after_edit(cfg, tmp_path / "bundle", sub_folder_layout)
-    assert "lgbm" not in runtime.models and "sub-folders" in runtime.left_out["lgbm"]
-    assert "retrain" in runtime.left_out["lgbm"]
+    assert "lgbm" not in runtime.bundle.models and "sub-folders" in runtime.bundle.left_out["lgbm"]
+    assert "retrain" in runtime.bundle.left_out["lgbm"]
 
 
 def test_serve_in_process_leaves_the_working_directory_and_reads_paths_as_given(trained, tmp_path, monkeypatch):
@@ -135,7 +135,7 @@ def test_bundle_load_names_every_family(trained, capsys):
     runtime = nb.Runtime(cfg)
     runtime.load()
     line = [ln for ln in capsys.readouterr().out.splitlines() if "loaded in" in ln][0]
-    assert "serving lgbm, torch, torch_sqz, keras" in line and set(runtime.models) == ALL_FAMILIES
+    assert "serving lgbm, torch, torch_sqz, keras" in line and set(runtime.bundle.models) == ALL_FAMILIES
 
 
 LOAD_AND_PREDICT = """
@@ -151,7 +151,7 @@ for bundle in {bundles!r}:
     cfg = nb.parse_config(["--model-path", bundle, "--profile", "smoke"], environ={{}})
     runtime = nb.Runtime(cfg)
     answer = runtime.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
-    result[bundle] = {{"models": sorted(runtime.models), "left_out": runtime.left_out, "answer": answer}}
+    result[bundle] = {{"models": sorted(runtime.bundle.models), "left_out": runtime.bundle.left_out, "answer": answer}}
 print("RESULT " + json.dumps(result))
 """
 
@@ -188,8 +188,8 @@ def test_a_fold_from_another_run_is_refused_by_its_sha256(trained, tmp_path):
     path.write_text(text[:i + 1] + ("9" if text[i + 1] != "9" else "7") + text[i + 2:])
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and set(runtime.models) == ALL_FAMILIES - {"lgbm"}
-    assert "SHA-256" in runtime.left_out["lgbm"] and str(path) in runtime.left_out["lgbm"]
+    assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES - {"lgbm"}
+    assert "SHA-256" in runtime.bundle.left_out["lgbm"] and str(path) in runtime.bundle.left_out["lgbm"]
 
 
 def test_killed_retrain_with_other_settings_leaves_no_bundle_that_loads(trained, tmp_path):
@@ -233,8 +233,8 @@ def test_one_absurd_value_poisons_no_family(trained, sample_dir):
     runtime.require()
     probas, view, _ = runtime.proba(seq, demo)
     assert set(probas) == ALL_FAMILIES and all(np.isfinite(p).all() for p in probas.values())
-    assert nb.predict(seq, demo) in nb.GESTURES and runtime.fallbacks == 0
-    assert set(runtime.problems) == {"sensor values outside their physical range; clipped to it"}  # counted
+    assert nb.predict(seq, demo) in nb.GESTURES and runtime.stats.fallbacks == 0
+    assert set(runtime.stats.problems) == {"sensor values outside their physical range; clipped to it"}  # counted
 
 
 def test_a_family_that_fails_per_call_is_left_out_of_that_blend_only(trained, sample_dir):
@@ -244,29 +244,29 @@ def test_a_family_that_fails_per_call_is_left_out_of_that_blend_only(trained, sa
     test = pl.read_csv(sample_dir / "test.csv", infer_schema_length=None)
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     seq = test.filter(pl.col("sequence_id") == two_sequences(test)[0])
-    weights = runtime.manifest["blend_weights"]["full"]
-    heaviest = max(zip(weights, runtime.manifest["families"]))[1]
-    predictors, *rest = runtime.models[heaviest]
+    weights = runtime.bundle.manifest["blend_weights"]["full"]
+    heaviest = max(zip(weights, runtime.bundle.manifest["families"]))[1]
+    loaded = runtime.bundle.models[heaviest]
     if heaviest == "lgbm":
         class NaNBooster:
             best_iteration = 0
 
             def predict(self, x, **kw):
                 return np.full((len(x), 18), np.nan)
-        runtime.models["lgbm"] = ([NaNBooster() for _ in predictors], *rest)
+        loaded.folds[:] = [NaNBooster() for _ in loaded.folds]
     elif heaviest == "keras":
-        runtime.models["keras"] = ([lambda batch: np.full((len(batch["x"]), 18), np.nan, np.float32)
-                                    for _ in predictors], *rest)
+        loaded.folds[:] = [nb.NetFold(lambda batch: {"gesture": np.full((len(batch["x"]), 18), np.nan, np.float32)},
+                                      fold.scaler) for fold in loaded.folds]
     else:
         def broken(*a, **k):
             raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
-        for net, _ in predictors:
-            net.forward = broken
+        for fold in loaded.folds:
+            fold.model.forward = broken
     out = nb.predict(seq, demo)
     assert type(out) is str and out in nb.GESTURES
-    assert runtime.fallbacks == 0 and runtime.reduced == 1
-    assert heaviest not in runtime.served["full"] and runtime.served["full"]
-    assert any(p.startswith(heaviest) for p in runtime.problems), runtime.problems
+    assert runtime.stats.fallbacks == 0 and runtime.stats.reduced == 1
+    assert heaviest not in runtime.stats.served["full"] and runtime.stats.served["full"]
+    assert any(p.startswith(heaviest) for p in runtime.stats.problems), runtime.stats.problems
     assert "reduced blend: 1 calls" in runtime.summary()
 
 
@@ -322,7 +322,7 @@ def test_cuda_support_follows_the_build_arch_list(capability, expected):
 
 def test_unsupported_gpu_means_cpu_with_one_warning(monkeypatch, caplog):
     import torch
-    monkeypatch.setattr(nb, "_TORCH_DEVICE", None)
+    nb.torch_device.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
@@ -331,7 +331,7 @@ def test_unsupported_gpu_means_cpu_with_one_warning(monkeypatch, caplog):
         assert nb.torch_device() == "cpu" and nb.torch_device() == "cpu"
     warnings = [r for r in caplog.records if "not supported" in r.getMessage()]
     assert len(warnings) == 1 and "T4" in warnings[0].getMessage() and "P100" in warnings[0].getMessage()
-    monkeypatch.setattr(nb, "_TORCH_DEVICE", None)
+    nb.torch_device.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert nb.torch_device() == "cuda"
-    monkeypatch.setattr(nb, "_TORCH_DEVICE", None)
+    nb.torch_device.cache_clear()

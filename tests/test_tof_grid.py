@@ -113,18 +113,15 @@ def test_grid_nets_serve_what_both_cv_views_measured(grid_trained, family):
     seqs = pl.read_csv(out / "oof" / "sequences.csv")
     runtime = nb.Runtime(dataclasses.replace(cfg, tof_grid=False))  # the bundle's own setting must win
     runtime.load()
-    assert runtime.cfg.tof_grid and not runtime.left_out
-    assert set(runtime.models) == {"torch", "torch_imu", "keras", "keras_imu"}
-    models = runtime.models[family]
+    assert runtime.cfg.tof_grid and not runtime.bundle.left_out
+    assert set(runtime.bundle.models) == {"torch", "torch_imu", "keras", "keras_imu"}
+    loaded, bundle = runtime.bundle.models[family], runtime.bundle
     left = set(ds.train_demographics.filter(pl.col("handedness") == 0)["subject"].to_list())
     picks = [i for i, s in enumerate(seqs["subject"]) if s in left][:1] + [0]
     for i in picks:
         sid, fold = seqs["sequence_id"][i], seqs["fold"][i]
-        one = list(models)
-        one[0], one[1] = [models[0][fold]], np.ones(1)
-        if family == "keras":
-            one[2] = [models[2][fold]]
-        runtime.models = {family: tuple(one)}
+        runtime.bundle = dataclasses.replace(
+            bundle, models={family: nb.LoadedMember(loaded.member, [loaded.folds[fold]], np.ones(1))})
         raw = ds.train.filter(pl.col("sequence_id") == sid)
         demo = ds.train_demographics.filter(pl.col("subject") == raw["subject"][0])
         for view, seq in (("full", raw), ("imu_only", nb.blank_modalities(raw))):

@@ -81,7 +81,7 @@ def test_squeezeformer_attention_mask_excludes_padding():
 
 
 def test_uncertainty_weighting_gives_gradients_to_its_log_variances():
-    w = nb._torch_lib().UncertaintyWeights(3)
+    w = nb.UncertaintyWeights(3)
     losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True),
               torch.tensor(1.5, requires_grad=True)]
     w(losses).backward()
@@ -114,14 +114,14 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
     sub = inputs.subset(keep)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"].to_numpy()[keep]])
     for k in ("aug_jitter", "aug_time_mask", "aug_feature_mask", "aug_time_stretch", "aug_rotation",
-              "aug_mixup", "torch_modality_dropout", "torch_label_smoothing", "torch_ema", "torch_dropout"):
+              "aug_mixup", "net_modality_dropout", "net_label_smoothing", "net_ema", "net_dropout"):
         setattr(cfg, k, 0.0)
-    cfg.epochs, cfg.torch_lr, cfg.torch_patience, cfg.torch_batch_size = 60, 5e-3, 1000, 12
-    cfg.torch_conv, cfg.torch_hidden, cfg.torch_arch = "32,32", 32, arch
-    res = nb.train_torch_fold(cfg, sub, nb.net_targets(ds.train).subset(keep), {"full": sub}, y, 0, lambda rec: None)
+    cfg.epochs, cfg.net_lr, cfg.net_patience, cfg.net_batch_size = 60, 5e-3, 1000, 12
+    cfg.net_conv, cfg.net_hidden, cfg.torch_arch = "32,32", 32, arch
+    res = nb.train_torch_fold(cfg, sub, nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES)).subset(keep), {"full": sub}, y, 0, lambda rec: None)
     model = nb.build_torch_model(cfg, len(sub.names))
     model.load_state_dict(res["state"])
-    p = nb.torch_predict_proba([(model, res["scaler"])], np.ones(1), sub)
+    p = nb.torch_heads(nb.NetFold(model, res["scaler"]), sub)["gesture"]
     assert (p.argmax(1) == y).mean() >= 0.95
 
 
@@ -148,12 +148,12 @@ def test_input_blanking_equals_the_raw_imu_only_path(sample_dir):
     raw_blank = nb.net_inputs_from(*nb.derive(nb.blank_modalities(train), demo, cfg))
     assert full.names == raw_blank.names
     assert len(full.arrays) == len(raw_blank.arrays) == train["sequence_id"].n_unique() > 0
-    values, flags = nb.modality_channel_mask(full.names)
+    values, flags = nb.modality_masks(full.names)
     assert values.any() and flags.any()
     changed = 0
     for a, b in zip(full.arrays, raw_blank.arrays, strict=True):
         assert a.shape == b.shape
-        blanked = nb.blank_input_modalities(a, full.names)
+        blanked = nb.blank_modality_values(a, full.names)
         changed += not np.array_equal(blanked, a, equal_nan=True)
         np.testing.assert_allclose(blanked, b, rtol=1e-6, atol=1e-6)
         assert np.isnan(b[:, values]).all() and (b[:, flags] == 0).all()
