@@ -221,13 +221,6 @@ class Config:
     net_demographics: bool = _doc("join a demographics embedding before the heads", True, affects=NETS)
     net_aux_heads: bool = _doc("train the auxiliary heads: body orientation (4 classes, per sequence) "
                                "and gesture phase (per step, BiGRU nets only)", True, affects=NETS)
-    net_phase_pool: bool = _doc("BiGRU nets: pool the sequence also weighted by the phase head "
-                                "(gesture steps and transition steps apart) beside the attention pool",
-                                True, affects=("torch", "keras"))
-    net_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty",
-                                   choices=("uncertainty", "fixed"), affects=TORCH_NETS)
-    net_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5",
-                                 items=("float", 3), affects=TORCH_NETS)
     net_aux_weights: str = _doc("fixed weights of the orientation and phase losses, added to the "
                                 "gesture heads' loss (never uncertainty-weighted: a learned weight "
                                 "favours the easy per-step phase task over the gesture)", "0.2,0.2",
@@ -238,8 +231,6 @@ class Config:
     net_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2, low=0.0, affects=NETS)
     net_batch_size: int = _doc("sequences per batch (length-bucketed)", 64, low=1, affects=NETS)
     net_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1, low=0.0, high=0.5, affects=NETS)
-    net_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99,
-                          low=0.0, high=0.9999, affects=TORCH_NETS)
     net_patience: int = _doc("early stopping patience, epochs, on the validation metric; 0 = train "
                              "every epoch and keep the last (EMA) weights, so the fold that produces "
                              "the OOF never picks its own epoch", 0, low=0, affects=NETS)
@@ -268,6 +259,15 @@ class Config:
                                   "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
                                   "each is its own ensemble member (torch, torch_sqz) with the same recipe",
                                   choices=tuple(TORCH_ARCHS), many=True, affects=BUNDLE)
+    torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99,
+                            low=0.0, high=0.9999, affects=TORCH_NETS)
+    torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty",
+                                     choices=("uncertainty", "fixed"), affects=TORCH_NETS)
+    torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5",
+                                   items=("float", 3), affects=TORCH_NETS)
+    torch_phase_pool: bool = _doc("BiGRU net: pool the sequence also weighted by the phase head "
+                                  "(gesture steps and transition steps apart) beside the attention pool",
+                                  True, affects=("torch",))
     torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
                                 "bf16 | fp16", "auto", choices=("auto", "fp32", "bf16", "fp16"), affects=TORCH_NETS)
     torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3, low=0,
@@ -806,7 +806,9 @@ def quat_conjugate(q: np.ndarray) -> np.ndarray:
 
 
 def quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Rotate vectors v (device frame) by unit quaternions q (device -> world), row by row."""
+    """Rotate vectors v (device frame) by unit quaternions q (device -> world), row by row. Not scipy's
+    Rotation.apply, which refuses a whole batch for one NaN or zero quaternion (ValueError); here such
+    a row comes out NaN and the others are exact (tests/test_features.py compares the two)."""
     w, u = q[..., :1], q[..., 1:]
     t = 2.0 * np.cross(u, v)
     return v + w * t + np.cross(u, t)
@@ -2768,6 +2770,13 @@ class NetMember(Member):
             cache["inputs"] = net_inputs_from(prepared, channels, self.cfg.tof_grid)
         return cache["inputs"]
 
+    def heads(self, fold: NetFold, inputs: NetInputs, exact: bool) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def predict(self, fold: NetFold, inputs: NetInputs, exact: bool = False) -> dict[str, np.ndarray]:
+        out = self.heads(fold, inputs, exact)
+        return out if self.cfg.net_aux_heads else {"gesture": out["gesture"]}  # an untrained head says nothing
+
     def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
         if self.names != made["channels"]:
             unknown = [c for c in self.names if c not in set(made["channels"])] or self.names
@@ -2805,6 +2814,7 @@ def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator)
 # divides the per-step rates. Both frameworks train on the very same batches (`training_batch`).
 
 # %%
+NET_LOGITS = ("y18", "y9", "y2", "orientation")  # the per-sequence heads of the PyTorch nets
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
                            for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
 
@@ -2828,6 +2838,13 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
     from2 = np.where(is_t, pt * t_share, (1 - pt) * nt_share)
     out = (p18 + from9 + from2) / 3.0
     return (out / out.sum(1, keepdims=True)).astype(np.float32)
+
+
+def net_outputs(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A PyTorch net's per-sequence logits (y18, y9, y2, orientation) -> what its member predicts:
+    "gesture" (the three gesture heads combined) and "orientation" probabilities."""
+    return {"gesture": combine_heads(logits["y18"], logits["y9"], logits["y2"]),
+            "orientation": _softmax(logits["orientation"])}
 
 
 DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
@@ -3025,7 +3042,7 @@ def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
 # 9 classes (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty
 # weights (Kendall & Gal 2018). Two auxiliary heads learn what train.csv says beyond the gesture:
 # the body orientation (per sequence) and, on the BiGRU output, the gesture phase (per step); with
-# `--net-phase-pool` that phase head also weights two extra pools (gesture steps, transition
+# `--torch-phase-pool` that phase head also weights two extra pools (gesture steps, transition
 # steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
 # convolution, so a sequence's output does not depend on how much padding its batch adds. With
 # `--tof-grid` a `GridEncoder` first turns each valid step's five raw 8x8 ToF grids into a small
@@ -3361,7 +3378,7 @@ def build_torch_model(cfg: Config, in_ch: int) -> Any:
         raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
     conv = tuple(int(c) for c in str(cfg.net_conv).split(","))
     return GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.net_hidden, cfg.net_dropout,
-                      cfg.net_demographics, cfg.net_phase_pool, tof_grid_pixels(cfg))
+                      cfg.net_demographics, cfg.torch_phase_pool, tof_grid_pixels(cfg))
 
 
 # %% [markdown]
@@ -3398,8 +3415,8 @@ def torch_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64, packed: 
         xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
         with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda" and not fp32):
             o = model(xb, lb, db, packed=packed)
-        out["gesture"][idx] = combine_heads(*(o[k].float().cpu().numpy() for k in ("y18", "y9", "y2")))
-        out["orientation"][idx] = _softmax(o["orientation"].float().cpu().numpy())
+        for k, v in net_outputs({k: o[k].float().cpu().numpy() for k in NET_LOGITS}).items():
+            out[k][idx] = v
     return out
 
 
@@ -3422,14 +3439,20 @@ def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any, orientatio
     return losses
 
 
-def ema_update(ema: Any, model: Any, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for float tensors; buffers such as counters are copied."""
-    with torch.no_grad():
-        for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-            if pe.dtype.is_floating_point:
-                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
-            else:
-                pe.copy_(pm)
+def ema_average(decay: float) -> Callable[[list[Any], list[Any], Any], None]:
+    """The EMA update for torch's AveragedModel (its `multi_avg_fn`, over parameters and buffers):
+    ema <- d * ema + (1 - d) * model with d = min(decay, (1 + n) / (10 + n)) after n updates, so
+    early on the average does not lag far behind; integer buffers (BatchNorm's counter) are copied."""
+    def update(averaged: list[Any], current: list[Any], n_averaged: Any) -> None:
+        if not averaged[0].dtype.is_floating_point:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+            return
+        n = float(n_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if decay > 0 else 0.0
+        torch._foreach_mul_(averaged, d)
+        torch._foreach_add_(averaged, current, alpha=1 - d)
+    return update
 
 
 def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: int) -> tuple[Any, Any]:
@@ -3451,11 +3474,11 @@ class TorchSteps:
     def __init__(self, cfg: Config, model: Any, ema: Any, weighting: Any, opt: Any, sched: Any,
                  precision: str, device: str) -> None:
         self.cfg, self.model, self.ema, self.weighting, self.opt, self.sched = cfg, model, ema, weighting, opt, sched
-        self.precision, self.device, self.bad_steps, self.ema_steps = precision, device, 0, 0
+        self.precision, self.device, self.bad_steps = precision, device, 0
         self.grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         self.is_target = torch.tensor(TARGET_MASK, device=device)
         self.to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
-        self.fixed = [float(w) for w in str(cfg.net_head_weights).split(",")]
+        self.fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
         self.aux = [float(w) for w in str(cfg.net_aux_weights).split(",")]
 
     def step(self, batch: list[Any]) -> float | None:
@@ -3483,9 +3506,7 @@ class TorchSteps:
         self.grad_scaler.step(self.opt)
         self.grad_scaler.update()
         self.sched.step()
-        self.ema_steps += 1  # EMA warm-up: early on the average must not lag far behind
-        decay = self.cfg.net_ema
-        ema_update(self.ema, self.model, min(decay, (1 + self.ema_steps) / (10 + self.ema_steps)) if decay > 0 else 0.0)
+        self.ema.update_parameters(self.model)
         return float(loss.detach())
 
 
@@ -3497,15 +3518,18 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     device = torch_device()
     scaler = InputScaler.fit(tr, input_columns(tr.names, cfg.net_variants), cfg.max_len)
     model = build_torch_model(cfg, len(scaler.columns)).to(device)
-    ema = build_torch_model(cfg, len(scaler.columns)).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.eval()
-    weighting = UncertaintyWeights(3).to(device) if cfg.net_loss_weighting == "uncertainty" else None
+    # The average lives in a net of its own (built like the model, so the seeded random stream that
+    # follows is the same whatever the EMA settings) and starts as a copy of the model's initial weights.
+    ema = torch.optim.swa_utils.AveragedModel(build_torch_model(cfg, len(scaler.columns)).to(device),
+                                              multi_avg_fn=ema_average(cfg.torch_ema), use_buffers=True)
+    ema.update_parameters(model)
+    ema.module.eval()
+    weighting = UncertaintyWeights(3).to(device) if cfg.torch_loss_weighting == "uncertainty" else None
     lengths = np.array([len(a) for a in tr.arrays])
     opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / cfg.net_batch_size))
     steps = TorchSteps(cfg, model, ema, weighting, opt, sched, torch_precision(cfg, device), device)
     stopper = EarlyStopping(cfg.net_patience)
-    evaluated = ema if cfg.net_ema > 0 else model
+    evaluated = ema.module if cfg.torch_ema > 0 else model
     stride = getattr(model, "phase_stride", 1)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -3567,24 +3591,27 @@ class TorchMember(NetMember):
     def load(self, path: Path) -> NetFold:
         return NetFold(*load_torch_checkpoint(path, torch_device())[:2])
 
-    def predict(self, fold: NetFold, inputs: NetInputs, exact: bool = False) -> dict[str, np.ndarray]:
-        heads = torch_heads(fold, inputs, fp32=exact)
-        return heads if self.cfg.net_aux_heads else {"gesture": heads["gesture"]}
+    def heads(self, fold: NetFold, inputs: NetInputs, exact: bool) -> dict[str, np.ndarray]:
+        return torch_heads(fold, inputs, fp32=exact)
 
 
 # %% [markdown]
 # ## 14. Keras 3 CNN-BiGRU-attention twin
 #
-# The same design in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
-# Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, and a
-# masked temporal attention pooling. A fold is saved as its weight arrays and scaler
-# (`fold{k}.weights.npz`) and rebuilt from the config, so it loads under other Keras versions. It
-# reads the very same inputs and scaler as the PyTorch net (section 11), trains on the same
-# augmented batches and has the same orientation and per-step phase heads (and, with `--tof-grid`,
-# the same per-frame grid CNN, `TofGridEncoder`). Mixed precision (`mixed_float16`, float32
-# output) is used on GPU only (docs/DECISIONS.md, precision). Inference avoids `model.predict`,
-# whose overhead per call dwarfs one sequence's work: the model runs inside one `tf.function` with a
-# (batch, time, channels) signature, inputs padded to fixed length buckets.
+# The BiGRU net again in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
+# Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, masked
+# temporal attention pooling, and the orientation and per-step phase heads (and, with `--tof-grid`,
+# the same per-frame grid CNN, `TofGridEncoder`). It reads the very same inputs and scaler (section
+# 11) and trains on the same augmented batches, phase targets, schedule and early stopping (section
+# 12). Its own recipe differs from the PyTorch net's in four points: one 18-class gesture head (no
+# 9-class and target-vs-not heads, so no uncertainty weighting), no phase-weighted pooling, no EMA
+# of the weights, and per-variable gradient clipping. All four were ported and measured at
+# realistic volume: the port scored lower, so the twin keeps its own recipe (docs/DECISIONS.md,
+# the Keras twin's recipe). A fold is saved as its weight arrays and scaler (`*.weights.npz`) and
+# rebuilt from the config, so it loads under other Keras versions. Mixed precision
+# (`mixed_float16`, float32 output) is used on GPU only (docs/DECISIONS.md, precision). Inference
+# avoids `model.predict`, whose overhead per call dwarfs one sequence's work: the model runs inside
+# one `tf.function` with a (batch, time, channels) signature, inputs padded to fixed length buckets.
 
 # %%
 KERAS_BUCKET = 32  # time axis padded to a multiple of this: few shapes, no retracing
@@ -3702,6 +3729,11 @@ def keras_layers() -> KerasLayers:
 
     @keras.saving.register_keras_serializable(package="cmi")
     class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        """The torch recipe's schedule (_lr_lambda) step for step: peak * (step + 1) / warmup, then cosine
+        to zero at `total`. Not keras's CosineDecay(warmup_target=), whose warm-up runs from its initial
+        rate at step 0 to the peak at step `warmup`, one step later and along another line
+        (tests/test_keras_net.py checks the two frameworks' schedules at seven steps)."""
+
         def __init__(self, peak: float, warmup: int, total: int) -> None:
             self.peak, self.warmup, self.total = peak, warmup, total
 
@@ -3945,8 +3977,8 @@ class KerasMember(NetMember):
         model, scaler = load_keras_fold(path, self.cfg)
         return NetFold(KerasPredictor(model, len(scaler.mean)), scaler)
 
-    def predict(self, fold: NetFold, inputs: NetInputs, exact: bool = False) -> dict[str, np.ndarray]:
-        return keras_heads(fold, inputs)
+    def heads(self, fold: NetFold, inputs: NetInputs, exact: bool) -> dict[str, np.ndarray]:
+        return keras_heads(fold, inputs)  # always float32 at serving: exact on any device
 
 
 # %% [markdown]
@@ -4335,7 +4367,7 @@ def make_plots(out: Path, y_true: list[str], ens: dict[str, np.ndarray], report:
     except Exception as err:
         LOG.warning("plots skipped: matplotlib unavailable (%s)", err)
         return []
-    y = np.array([GESTURE_INDEX[g] for g in y_true])
+    y = label_index(y_true, GESTURES)
     for name, draw in [("confusion", lambda: plot_confusion(plots, y, ens)),
                        ("per-gesture F1", lambda: plot_per_gesture_f1(plots, y, ens)),
                        ("curves", lambda: plot_training_curves(plots, out / "logs")),
@@ -4384,7 +4416,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 4  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
+BUNDLE_FORMAT = 5  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
 def file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -5376,7 +5408,7 @@ def run_builtin_gateway(test_csv: Path, demographics_csv: Path, out_path: Path, 
         seq = test.filter(pl.col("sequence_id") == sid)
         subj = seq["subject"][0] if "subject" in seq.columns else None
         gesture = predict(seq, demo.filter(pl.col("subject") == subj))
-        if not isinstance(gesture, str) or type(gesture) is not str or gesture not in GESTURES:
+        if type(gesture) is not str or gesture not in GESTURES:
             raise TypeError(f"predict returned {gesture!r} ({type(gesture).__name__}) for {sid}; "
                             f"it must be a str among the 18 gestures")
         rows.append((sid, gesture))

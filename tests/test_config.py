@@ -170,7 +170,7 @@ BAD_VALUES = [
     (["--models", "lgbm,xgb"], {}, r"--models 'lgbm,xgb'.*one or more of lgbm, torch, keras"),
     (["--torch-precision", "fp8"], {}, r"--torch-precision 'fp8'.*auto, fp32, bf16, fp16"),
     (["--aug-mixup", "1.5"], {}, r"--aug-mixup '1.5'.*from 0 to 1"),
-    (["--net-head-weights", "1,2"], {}, r"--net-head-weights '1,2'.*3 comma-separated numbers"),
+    (["--torch-head-weights", "1,2"], {}, r"--torch-head-weights '1,2'.*3 comma-separated numbers"),
     (["--demo-train-subjects", "2", "--folds", "3", "--demo"], {}, r"at least as many training subjects as folds"),
     (["--subject-assignment", "maybe"], {}, r"--subject-assignment 'maybe': not a boolean"),
 ]

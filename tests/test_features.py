@@ -238,3 +238,20 @@ def test_segment_quantiles_match_numpy():
             want = np.quantile(v, [0.1, 0.5, 0.9]) if len(v) else [np.nan] * 3
             got = [st["q10"][i, c], st["q50"][i, c], st["q90"][i, c]]
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-8)
+
+
+def test_quat_rotate_equals_scipy_and_keeps_the_rows_scipy_refuses():
+    """The hand-written rotation gives scipy's Rotation.apply on unit quaternions; a NaN or zero
+    quaternion, which makes scipy refuse the whole batch, spoils only its own row here."""
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(500, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    v = rng.normal(size=(500, 3))
+    np.testing.assert_allclose(nb.quat_rotate(q, v), Rotation.from_quat(q, scalar_first=True).apply(v), atol=1e-12)
+    bad = q.copy()
+    bad[0], bad[1] = np.nan, 0.0
+    with pytest.raises(ValueError):
+        Rotation.from_quat(bad, scalar_first=True)
+    out = nb.quat_rotate(bad, v)
+    assert np.isnan(out[0]).all() and np.allclose(out[2:], nb.quat_rotate(q[2:], v[2:]))

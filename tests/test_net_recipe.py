@@ -28,7 +28,7 @@ def smoke_fold(tmp_path_factory):
 def test_torch_fp16_autocast_with_grad_scaler_trains_and_serves(smoke_fold):
     """--torch-precision fp16 is what torch_precision(auto) picks on CUDA; forced on the CPU here."""
     tmp, cfg, inputs, targets, train = smoke_fold
-    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=2, torch_arch="gru", net_phase_pool=True)
+    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=2, torch_arch="gru", torch_phase_pool=True)
     model = nb.build_torch_model(cfg, len(inputs.names))
     x, lengths, demo = nb.torch_batch(inputs.arrays[:4], inputs.demographics[:4],
                                       nb.InputScaler.fit(inputs, np.arange(len(inputs.names)), 0), "cpu")

@@ -177,8 +177,8 @@ def test_fold_fingerprints_follow_only_their_own_settings():
     nothing = dict(lgbm=False, gru=False, sqz=False, keras=False)
     assert changed(torch_sqz_dim=base.torch_sqz_dim * 2) == {**nothing, "sqz": True}
     assert changed(net_hidden=base.net_hidden + 1) == {**nothing, "gru": True, "keras": True}
-    assert changed(net_ema=0.5) == {**nothing, "gru": True, "sqz": True}
-    assert changed(net_phase_pool=False) == {**nothing, "gru": True}
+    assert changed(torch_ema=0.5) == {**nothing, "gru": True, "sqz": True}
+    assert changed(torch_phase_pool=False) == {**nothing, "gru": True}
     for net_field in (dict(epochs=base.epochs + 1), dict(tof_grid=True), dict(max_len=64), dict(aug_mixup=0.0),
                       dict(net_modality_dropout=0.1), dict(net_lr=1e-4)):
         assert changed(**net_field) == {**nothing, "gru": True, "sqz": True, "keras": True}, net_field

@@ -114,7 +114,7 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
     sub = inputs.subset(keep)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"].to_numpy()[keep]])
     for k in ("aug_jitter", "aug_time_mask", "aug_feature_mask", "aug_time_stretch", "aug_rotation",
-              "aug_mixup", "net_modality_dropout", "net_label_smoothing", "net_ema", "net_dropout"):
+              "aug_mixup", "net_modality_dropout", "net_label_smoothing", "torch_ema", "net_dropout"):
         setattr(cfg, k, 0.0)
     cfg.epochs, cfg.net_lr, cfg.net_patience, cfg.net_batch_size = 60, 5e-3, 1000, 12
     cfg.net_conv, cfg.net_hidden, cfg.torch_arch = "32,32", 32, arch
@@ -158,3 +158,28 @@ def test_input_blanking_equals_the_raw_imu_only_path(sample_dir):
         np.testing.assert_allclose(blanked, b, rtol=1e-6, atol=1e-6)
         assert np.isnan(b[:, values]).all() and (b[:, flags] == 0).all()
     assert changed > 0, "no sequence carried thm/ToF: the comparison would prove nothing"
+
+
+def test_the_ema_averages_weights_and_batchnorm_statistics_with_its_warm_up():
+    """torch's AveragedModel with ema_average: after the copy of the initial weights, the first step
+    moves every float tensor (BatchNorm's running statistics included) by min(decay, 2 / 11); the
+    integer counter follows the model."""
+    torch = nb.torch
+    model = nb.GestureNet(3, 7, (8,), 4, 0.0, True, True)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=nb.ema_average(0.99), use_buffers=True)
+    ema.update_parameters(model)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    model.train()
+    model(torch.randn(2, 12, 3), torch.tensor([12, 9]), torch.zeros(2, 7))  # BatchNorm statistics move
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    ema.update_parameters(model)
+    d, now = 2 / 11, model.state_dict()
+    assert any("running_mean" in k for k in now)
+    for k, v in ema.module.state_dict().items():
+        if v.dtype.is_floating_point:
+            np.testing.assert_allclose(v.numpy(), (d * before[k] + (1 - d) * now[k]).numpy(), rtol=1e-6, atol=1e-7,
+                                       err_msg=k)
+        else:
+            assert torch.equal(v, now[k]), k
