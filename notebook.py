@@ -163,7 +163,8 @@ class Config:
                       "all", choices=("all", "train", "infer"))
     models: str | None = _doc("comma-separated model families to train: lgbm, torch, keras",
                               choices=MODEL_FAMILIES, many=True, affects=BUNDLE)
-    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2, affects=ALL_MEMBERS)
+    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2,
+                             affects=ALL_MEMBERS)
     epochs: int | None = _doc("training epochs for the neural nets", low=1, affects=NETS)
     seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0, affects=ALL_MEMBERS)
     sample_rate_hz: float = _doc("sampling rate used as the time base of every derivative and "
@@ -187,7 +188,8 @@ class Config:
                                        "OUT/feature_importance.csv")
     # --- LightGBM
     lgbm_learning_rate: float | None = _doc("LightGBM learning rate", low=1e-5, high=1.0, affects=("lgbm",))
-    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1, affects=("lgbm",))
+    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1,
+                                   affects=("lgbm",))
     lgbm_early_stopping: int = _doc("LightGBM early stopping patience, rounds", 50, low=1, affects=("lgbm",))
     lgbm_num_leaves: int = _doc("LightGBM num_leaves", 31, low=2, affects=("lgbm",))
     lgbm_min_data_in_leaf: int = _doc("LightGBM min_data_in_leaf", 10, low=1, affects=("lgbm",))
@@ -250,10 +252,12 @@ class Config:
     aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3,
                                 low=0.0, high=1.0, affects=NETS)
     aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3, low=0.0, high=1.0, affects=NETS)
-    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3, low=0.0, high=1.0, affects=NETS)
+    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3, low=0.0, high=1.0,
+                                   affects=NETS)
     aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5,
                                low=0.0, high=1.0, affects=NETS)
-    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3, low=0.0, high=1.0, affects=NETS)
+    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3, low=0.0, high=1.0,
+                            affects=NETS)
     # --- PyTorch only
     torch_arch: str | None = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
                                   "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
@@ -275,7 +279,8 @@ class Config:
     torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0, low=0)
     torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)", low=8, affects=("torch_sqz",))
     torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks", low=1, affects=("torch_sqz",))
-    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4, low=1, affects=("torch_sqz",))
+    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4, low=1,
+                                affects=("torch_sqz",))
     torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31, low=1,
                                  affects=("torch_sqz",))
     torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1,
@@ -3138,11 +3143,11 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = mask.unsqueeze(1).to(x.dtype)
-        h = torch.relu(self.bn1(self.conv1(x))) * m
+        h = torch.relu(self.bn1(self.conv1(x))) * m                 # (batch, cout, time)
         h = self.bn2(self.conv2(h)) * m
         h = torch.relu(self.se(h, mask) + self.short(x)) * m
-        h = self.pool(h)
-        mask = mask[:, : h.shape[-1] * 2 : 2] & mask[:, 1 : h.shape[-1] * 2 : 2]
+        h = self.pool(h)                                             # (batch, cout, time // 2)
+        mask = mask[:, : h.shape[-1] * 2 : 2] & mask[:, 1 : h.shape[-1] * 2 : 2]  # valid when both were
         return self.drop(h) * mask.unsqueeze(1).to(h.dtype), mask
 
 
@@ -3152,9 +3157,9 @@ class MaskedAttentionPool(nn.Module):
         self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, 1))
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        s = self.score(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
+        s = self.score(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))  # (batch, time)
         w = torch.softmax(s, dim=1).to(h.dtype)
-        return (h * w.unsqueeze(-1)).sum(1)
+        return (h * w.unsqueeze(-1)).sum(1)                                      # (batch, dim)
 
 
 class Heads(nn.Module):
@@ -3173,8 +3178,9 @@ class Heads(nn.Module):
 
     def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.demo is not None:
-            z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)
-        z = self.trunk(z)
+            z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)  # (batch, dim + 16)
+        z = self.trunk(z)                                           # (batch, 256)
+        # logits: y18 (batch, 18), y9 (batch, 9), y2 (batch,), orientation (batch, 4)
         return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1),
                 "orientation": self.head_orientation(z)}
 
@@ -3226,12 +3232,12 @@ class GestureNet(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
                 packed: bool = True) -> dict[str, torch.Tensor]:
-        mask = time_mask(x, lengths)
-        x = self.frame(x, mask)
+        mask = time_mask(x, lengths)                          # x (batch, time, in_ch), mask (batch, time)
+        x = self.frame(x, mask)                               # (batch, time, frame.out_ch)
         h = x.transpose(1, 2) * mask.unsqueeze(1).to(x.dtype)
         for block in self.blocks:
-            h, mask = block(h, mask)
-        h = h.transpose(1, 2)
+            h, mask = block(h, mask)                          # (batch, conv[i], time / 2^(i+1))
+        h = h.transpose(1, 2)                                 # (batch, steps, conv[-1])
         lens = mask.sum(1).clamp(min=1)
         mask = time_mask(h, lens)
         # Packing only matters when some row is padded (a single sequence never is).
@@ -3240,15 +3246,15 @@ class GestureNet(nn.Module):
             out, _ = self.gru(pk)
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
         else:
-            out, _ = self.gru(h)
-        phase = self.phase_head(out).squeeze(-1)
-        z = self.pool(out, mask)
+            out, _ = self.gru(h)                              # (batch, steps, 2 * hidden)
+        phase = self.phase_head(out).squeeze(-1)              # (batch, steps) logits
+        z = self.pool(out, mask)                              # (batch, 2 * hidden)
         if self.phase_pool:  # mean over the steps the phase head calls gesture, and over the rest
             p = torch.sigmoid(phase.float()) * mask
             parts = [z]
             for w in (p, (1 - p) * mask):
                 parts.append((out.float() * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-3))
-            z = torch.cat([parts[0], parts[1].to(z.dtype), parts[2].to(z.dtype)], dim=1)
+            z = torch.cat([parts[0], parts[1].to(z.dtype), parts[2].to(z.dtype)], dim=1)  # (batch, 6 * hidden)
         return {**self.heads(z, demo), "phase": phase, "phase_mask": mask}
 
 
@@ -3334,20 +3340,20 @@ class SqueezeformerNet(nn.Module):
 
     def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The [CLS] output: the sequence summary the heads see."""
-        mask = time_mask(x, lengths)
-        h = self.project(self.frame(x, mask)) * mask.unsqueeze(-1).to(x.dtype)
+        mask = time_mask(x, lengths)                                             # (batch, time)
+        h = self.project(self.frame(x, mask)) * mask.unsqueeze(-1).to(x.dtype)  # (batch, time, dim)
         if self.reduction > 1:  # pad to a multiple first, so the grouping never depends on batch padding
             r = self.reduction
             h = nn.functional.pad(h, (0, 0, 0, (-h.shape[1]) % r))
-            h = h.view(h.shape[0], h.shape[1] // r, r, h.shape[2]).mean(2)
+            h = h.view(h.shape[0], h.shape[1] // r, r, h.shape[2]).mean(2)  # (batch, time / r, dim)
             lengths = (lengths.to(x.device) + r - 1) // r
             mask = time_mask(h, lengths)
         h = (h + sinusoidal_positions(h.shape[1], h.shape[2], h)) * mask.unsqueeze(-1).to(h.dtype)
         for block in self.blocks:
             h = block(h, mask)
-        h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)  # (batch, 1 + steps, dim)
         keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        return self.cls_encoder(h, src_key_padding_mask=~keep)[:, 0]
+        return self.cls_encoder(h, src_key_padding_mask=~keep)[:, 0]                # (batch, dim)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
                 packed: bool = True) -> dict[str, torch.Tensor]:

@@ -64,16 +64,16 @@ def test_predict_turns_an_upside_down_test_subject_back_from_the_first_clear_cal
     same, wrong = [], []
     for i, sid in enumerate(ids):
         d = demo.filter(pl.col("subject") == subject)
-        before = normal.turned, upside.turned
+        before = normal.stats.turned, upside.stats.turned
         a = normal.predict(rows.filter(pl.col("sequence_id") == sid), d)
         b = upside.predict(turned_rows.filter(pl.col("sequence_id") == sid), d)
-        if upside.turned > before[1]:
+        if upside.stats.turned > before[1]:
             same.append(a == b)
-        if normal.turned > before[0] or upside.turned == before[1]:
+        if normal.stats.turned > before[0] or upside.stats.turned == before[1]:
             wrong.append(i)
     # The decision rests on the subject's calls so far: only the first few may be misjudged (in this
     # file's order the first two calls are the subject's only two sequences that point the other way).
     assert all(i < 5 for i in wrong), f"calls misjudged: {wrong} of {len(ids)}"
     assert all(same), "a call turned back must be answered as the call worn normally"
-    assert normal.fallbacks == upside.fallbacks == 0
+    assert normal.stats.fallbacks == upside.stats.fallbacks == 0
     assert "turned back (upside down)" in upside.summary()
