@@ -2582,6 +2582,13 @@ def feature_matrix(table: pl.DataFrame, names: list[str]) -> np.ndarray:
     return table.select(cols).to_numpy().astype(np.float32)
 
 
+def call_table(prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any], fs: float) -> FeatureTable:
+    """One call's aggregate feature table, made once for every reader of it (LightGBM, the slot models)."""
+    if "table" not in cache:
+        cache["table"] = aggregate_features(prepared, channels, fs)
+    return cache["table"]
+
+
 class LgbmMember(Member):
     """LightGBM on the aggregate table (section 7.2): one booster per fold, saved as its model text.
     Early stopping watches the validation fold in both views."""
@@ -2595,9 +2602,7 @@ class LgbmMember(Member):
         return inputs[mask]
 
     def call_inputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> np.ndarray:
-        if "table" not in cache:
-            cache["table"] = aggregate_features(prepared, channels, self.cfg.sample_rate_hz)
-        return cache["table"].matrix(self.names)
+        return call_table(prepared, channels, cache, self.cfg.sample_rate_hz).matrix(self.names)
 
     def fit(self, k: int, inputs: dict[str, np.ndarray], td: TrainingData, tr: np.ndarray, va: np.ndarray,
             out: Path) -> Fitted:
@@ -4499,8 +4504,7 @@ def member_from_manifest(bundle: Path, name: str, fam: dict[str, Any], manifest:
     cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
     if family == "torch":
         cfg.torch_arch = {base: arch for arch, base in TORCH_ARCHS.items()}[name.removesuffix("_imu")]
-    member = MEMBER_CLASSES[family](name, cfg, fam.get(MEMBER_CLASSES[family].names_key))
-    return member
+    return MEMBER_CLASSES[family](name, cfg, fam.get(MEMBER_CLASSES[family].names_key))
 
 
 @dataclass
@@ -5332,9 +5336,8 @@ class Runtime:
         context = UNIFORM_CONTEXT
         if bundle.rule == "slots":
             try:
-                if "table" not in cache:
-                    cache["table"] = aggregate_features(prepared, channels, bundle.cfg.sample_rate_hz)
-                context = context_proba(bundle.context, cache["table"].matrix(bundle.context_names))[0]
+                table = call_table(prepared, channels, cache, bundle.cfg.sample_rate_hz)
+                context = context_proba(bundle.context, table.matrix(bundle.context_names))[0]
             except Exception as err:
                 self.stats.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour",
                                 str(err)[:200])
