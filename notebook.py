@@ -18,7 +18,7 @@
 #
 # 1. **Train.** Add Input → the competition; Save Version → Save & Run All. Everything lands in
 #    `/kaggle/working`: `bundle/` (the models), `cv_report.json`, `oof/`, `plots/`. The full profile
-#    (the Kaggle default) is estimated at 1.5-2 hours.
+#    (the Kaggle default) is estimated at 2.5-3 hours.
 # 2. **Publish the bundle.** Nothing to upload: in the inference notebook, Add Input → Notebook
 #    Output → this training notebook. Or download the output and run
 #    `kaggle datasets create -p working/bundle` (first replace `YOUR_KAGGLE_USERNAME` in
@@ -55,7 +55,8 @@
 #    wearers detected per subject and turned back, cleaned quaternions, gravity-free world-frame
 #    acceleration, angular velocity, thermopile and time-of-flight summaries, Welch band powers.
 # 5. **Models**: LightGBM on per-sequence aggregates; a PyTorch CNN-BiGRU-attention net (packed
-#    sequences, orientation and per-step phase heads, phase-weighted pooling; optionally also a
+#    sequences, orientation, starting-behaviour, joint 102-slot and per-step phase heads,
+#    phase-weighted pooling, `--net-seeds` models per fold averaged; optionally also a
 #    Squeezeformer + [CLS] encoder) and its Keras 3 twin on the per-timestep channels (optionally
 #    also the raw 8x8 ToF grids, through a per-frame 2D CNN). All are trained with modality
 #    dropout, so the IMU-only half of the test set is served by the same models.
@@ -63,8 +64,9 @@
 #    with the raw thermopile/ToF cells nulled exactly as in the IMU-only test sequences, through
 #    the very code path `predict()` runs. Their mean is the expected leaderboard figure.
 # 7. **Ensemble**: blend weights per view fitted on OOF (with a nested check), an optional
-#    target/non-target scale kept only if it wins out of sample, and the serving rule that wins when
-#    replayed on OOF, up to assigning a subject's sequences to the study's 102 slots.
+#    target/non-target scale kept only if it wins out of sample, and the serving plan that wins when
+#    replayed on OOF, up to assigning a subject's sequences to the study's 102 slots with slot
+#    probabilities from the nets' own heads or from two light LightGBM slot models.
 # 8. **Bundle**: models + manifest in `OUT/bundle`, every file at its top level with its size and
 #    SHA-256, loadable under other Keras/torch/LightGBM versions than it was trained with.
 # 9. **Inference**: `predict(sequence, demographics)` loads the bundle lazily on its first call and
@@ -74,7 +76,7 @@
 #
 # Speed on a 2-core CPU without GPU: `quick` (the local default) runs the whole demo end to end in
 # about 4-5 min and then serves a sequence in tens of milliseconds; `smoke` runs in seconds and is
-# what the tests use; `full` (the Kaggle default) is estimated at 1.5-2 h on a Kaggle T4. Figures:
+# what the tests use; `full` (the Kaggle default) is estimated at 2.5-3 h on a Kaggle T4. Figures:
 # docs/RESULTS.md; why each default: docs/DECISIONS.md.
 
 # %%
@@ -221,12 +223,14 @@ class Config:
     net_hidden: int | None = _doc("BiGRU hidden size per direction", low=1, affects=("torch", "keras"))
     net_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3, low=0.0, high=0.95, affects=NETS)
     net_demographics: bool = _doc("join a demographics embedding before the heads", True, affects=NETS)
-    net_aux_heads: bool = _doc("train the auxiliary heads: body orientation (4 classes, per sequence) "
-                               "and gesture phase (per step, BiGRU nets only)", True, affects=NETS)
-    net_aux_weights: str = _doc("fixed weights of the orientation and phase losses, added to the "
-                                "gesture heads' loss (never uncertainty-weighted: a learned weight "
-                                "favours the easy per-step phase task over the gesture)", "0.2,0.2",
-                                items=("float", 2), affects=NETS)
+    net_aux_heads: bool = _doc("train the auxiliary heads: per sequence the body orientation (4), the "
+                               "starting behaviour (2) and the joint study slot (102: orientation x "
+                               "gesture x behaviour), per step the gesture phase (BiGRU nets only)",
+                               True, affects=NETS)
+    net_aux_weights: str = _doc("fixed weights of the orientation, phase, behaviour and slot losses, "
+                                "added to the gesture heads' loss (never uncertainty-weighted: a learned "
+                                "weight favours the easy per-step phase task over the gesture)",
+                                "0.2,0.2,0.2,0.2", items=("float", 4), affects=NETS)
     net_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3,
                          low=1e-7, high=1.0, affects=NETS)
     net_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1, low=0, affects=NETS)
@@ -238,14 +242,17 @@ class Config:
                              "the OOF never picks its own epoch", 0, low=0, affects=NETS)
     net_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
                                        "channels (as an IMU-only test sequence)", 0.5, low=0.0, high=1.0, affects=NETS)
+    net_seeds: int | None = _doc("models per fold of every net member, each with its own seed, averaged "
+                                 "(one member in the blend, a file per seed in the bundle; more seeds "
+                                 "resume from the ones already trained)", low=1, affects=BUNDLE)
     max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0,
                         low=0, affects=NETS)
     tof_grid: bool = _doc("nets also read the five raw 8x8 ToF grids per step through a small per-frame "
                           "2D convolution (beside the per-sensor ToF statistics; the IMU-only variant "
                           "never reads them)", False, affects=NETS)
-    net_variants: str = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
+    net_variants: str | None = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
                              "(IMU channels only); comma-separated, each its own ensemble member "
-                             "(<member>, <member>_imu) whose blend weight per CV view decides", "all",
+                             "(<member>, <member>_imu) whose blend weight per CV view decides",
                              choices=NET_VARIANTS, many=True, affects=NETS_AND_BUNDLE)
     aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5,
                              low=0.0, high=1.0, affects=NETS)
@@ -297,15 +304,16 @@ class Config:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(models="lgbm,torch,keras", folds=2, epochs=2, lgbm_imu_reference=True, net_conv="16,32", net_hidden=16,
+    "smoke": dict(models="lgbm,torch,keras", net_variants="all", net_seeds=1, folds=2, epochs=2,
+                  lgbm_imu_reference=True, net_conv="16,32", net_hidden=16,
                   torch_arch="gru,squeezeformer", torch_sqz_dim=32, torch_sqz_layers=1, demo_train_subjects=6, demo_test_subjects=2,
                   demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(models="lgbm,torch,keras", folds=3, epochs=8, lgbm_imu_reference=False, torch_arch="gru",
-                  net_conv="32,64", net_hidden=48,
+    "quick": dict(models="lgbm,torch,keras", net_variants="all", net_seeds=1, folds=3, epochs=8,
+                  lgbm_imu_reference=False, torch_arch="gru", net_conv="32,64", net_hidden=48,
                   torch_sqz_dim=64, torch_sqz_layers=2, demo_train_subjects=16, demo_test_subjects=4,
                   demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
-    "full": dict(models="lgbm,torch,keras", folds=5, epochs=60, lgbm_imu_reference=True, torch_arch="gru",
-                 net_conv="64,128", net_hidden=128,
+    "full": dict(models="lgbm,torch,keras", net_variants="all,imu", net_seeds=1, folds=5, epochs=60,
+                 lgbm_imu_reference=True, torch_arch="gru", net_conv="64,128", net_hidden=128,
                  torch_sqz_dim=128, torch_sqz_layers=3, demo_train_subjects=40, demo_test_subjects=8,
                  demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
 }
@@ -635,6 +643,15 @@ def allowed_pairs() -> list[tuple[str, str]]:
                 continue
             pairs.append((o, g))
     return pairs
+
+
+# The study's slots: every subject performs each allowed (orientation, gesture) pair once from each
+# starting behaviour, 102 in all (the nets' joint head and the per-subject assignment of 15.1).
+SLOTS = [(o, g, b) for o, g in allowed_pairs() for b in START_BEHAVIORS]
+SLOT_INDEX = {slot: i for i, slot in enumerate(SLOTS)}
+SLOT_GESTURE = np.array([GESTURE_INDEX[g] for _, g, _ in SLOTS])
+SLOT_ORIENTATION = np.array([ORIENTATIONS.index(o) for o, _, _ in SLOTS])
+SLOT_BEHAVIOR = np.array([START_BEHAVIORS.index(b) for _, _, b in SLOTS])
 
 
 # %% [markdown]
@@ -2199,15 +2216,19 @@ class StopRequested(Exception):
 
 @dataclass
 class NetTargets:
-    """What the nets learn besides the gesture: body orientation per sequence and, per step, whether
-    the gesture is being performed (train.csv's phase column), aligned with NetInputs."""
+    """What the nets learn besides the gesture: per sequence the body orientation, the starting
+    behaviour and the study slot (orientation, gesture, behaviour), and per step whether the gesture
+    is being performed (train.csv's phase column), aligned with NetInputs."""
     y: np.ndarray                # gesture index per sequence
     orientation: np.ndarray      # ORIENTATIONS index per sequence
+    behavior: np.ndarray         # START_BEHAVIORS index per sequence
+    slot: np.ndarray             # SLOTS index per sequence, -1 for a combination outside the design
     phase: list[np.ndarray]      # (length,) float32 per sequence: 1 in the gesture phase, else 0
 
     def subset(self, mask: np.ndarray) -> "NetTargets":
         idx = np.flatnonzero(mask)
-        return NetTargets(self.y[idx], self.orientation[idx], [self.phase[i] for i in idx])
+        return NetTargets(self.y[idx], self.orientation[idx], self.behavior[idx], self.slot[idx],
+                          [self.phase[i] for i in idx])
 
 
 def net_targets(train: pl.DataFrame, y: np.ndarray) -> NetTargets:
@@ -2215,7 +2236,9 @@ def net_targets(train: pl.DataFrame, y: np.ndarray) -> NetTargets:
     NetInputs is), with `y`, the gesture index per sequence (TrainingData.y)."""
     labels = sequence_labels(train)
     phase = (train["phase"] == "Gesture").fill_null(False).to_numpy().astype(np.float32)
+    slot = [SLOT_INDEX.get(key, -1) for key in labels.select("orientation", "gesture", "behavior").iter_rows()]
     return NetTargets(y, label_index(labels["orientation"].to_list(), ORIENTATIONS),
+                      label_index(labels["behavior"].to_list(), START_BEHAVIORS), np.asarray(slot, dtype=np.int64),
                       np.split(phase, Segments.of(train["sequence_id"].to_numpy()).starts[1:]))
 
 
@@ -2355,11 +2378,12 @@ class Member:
     - `training_inputs(td, out)`: per CV view, what its models read of the training sequences
       (sets `names`, the input names the bundle records); `rows(inputs, mask)`: a subset of them;
     - `call_inputs(prepared, channels, cache)`: the same for one predict() call;
-    - `fit(k, inputs, td, train_mask, valid_mask, out)`: train fold k -> Fitted;
+    - `fit(k, s, inputs, td, train_mask, valid_mask, out)`: train fold k with its seed s -> Fitted;
     - `save(model, path)` / `load(path)`: a fold file in the bundle;
     - `predict(fold, inputs, exact=False)`: every head's output of one fold: "gesture" (n, 18)
-      probabilities, and "orientation" (n, 4) where the member has that head; `exact` asks for the
-      device-independent fp32 path (the bundle's proof)."""
+      probabilities, and "orientation" (n, 4), "behavior" (n, 2) and "slot" (n, 102) where the
+      member has those heads; `exact` asks for the device-independent fp32 path (the bundle's proof).
+    A member trains `seeds` models per fold (--net-seeds for the nets), one file each, averaged."""
     family = ""     # lgbm, torch or keras
     suffix = ""     # the fold file's suffix
     names_key = ""  # the manifest field that lists its input names
@@ -2372,8 +2396,18 @@ class Member:
         """What its fold fingerprint takes from the Config (a field's `affects`)."""
         return self.family
 
-    def file(self, k: int) -> str:
-        return bundle_file(self.name, k, self.suffix)
+    @property
+    def seeds(self) -> int:
+        return 1
+
+    def file(self, k: int, s: int = 0) -> str:
+        """Fold k's file of seed s (seed 0 keeps the plain name, so a bundle of one seed per fold
+        resumes into more seeds)."""
+        return bundle_file(self.name, k, (f"_seed{s}" if s else "") + self.suffix)
+
+    def seed(self, k: int, s: int) -> int:
+        """The random seed of fold k's seed-s model."""
+        return self.cfg.seed + k + 1000 * s
 
     def fingerprint(self, data_fingerprint: str) -> str:
         """What a saved fold depends on: the data, the input names and this member's settings only."""
@@ -2394,7 +2428,7 @@ class Member:
     def call_inputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    def fit(self, k: int, inputs: dict[str, Any], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
+    def fit(self, k: int, s: int, inputs: dict[str, Any], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
             out: Path) -> Fitted:
         raise NotImplementedError
 
@@ -2409,53 +2443,67 @@ class Member:
 
 
 def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path) -> dict[str, Any]:
-    """The fold loop of every member: a fold the bundle already holds for this data and these
+    """The fold loop of every member: a fold file the bundle already holds for this data and these
     settings is loaded, any other is trained, saved (its meta file last: a fold cut short has none
-    and is retrained) and loaded back, so OOF always comes from the saved file, exactly as a resumed
-    fold or predict() sees it, and never has holes. Fold weights follow each fold's validation score
-    (mean of the two views). Returns the OOF per view, the fold weights, the loaded folds, and the
-    member's manifest entry."""
+    and is retrained) and loaded back, so OOF always comes from the saved files, exactly as a
+    resumed fold or predict() sees them, and never has holes. A fold's seeds are averaged. File
+    weights follow each fold's validation score (mean of the two views), shared by its seeds.
+    Returns the OOF gesture probabilities per view, every head's OOF per view ("heads"), the file
+    weights, the loaded models (one per file), and the member's manifest entry."""
     cfg = member.cfg
     inputs = member.training_inputs(td, out)
     fp = member.fingerprint(td.fingerprint)
     bundle.mkdir(parents=True, exist_ok=True)
-    oof = {v: np.zeros((len(td.y), len(GESTURES)), dtype=np.float32) for v in VIEWS}
-    folds, fold_scores, trained_now = [], [], 0
+    heads: dict[str, dict[str, np.ndarray]] = {v: {} for v in VIEWS}
+    models, files, fold_scores, trained_now = [], [], [], 0
     y_names = td.labels["gesture"].to_numpy()
     for k, tr, va in progress(fold_splits(td.folds), desc=f"{member.name} folds", total=cfg.folds):
-        path = bundle / member.file(k)
-        how = "resumed from the bundle"
-        if not saved_fold_matches(path, fp):
-            if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
-                raise StopRequested(f"{member.name}: stopped after {trained_now} new fold(s); rerun to resume")
-            fitted = member.fit(k, inputs, td, tr, va, out)
-            member.save(fitted.model, path)
-            write_json(fold_meta_path(path), {"fingerprint": fp, **fitted.meta})
-            how, trained_now = fitted.how, trained_now + 1
-        fold = member.load(path)
+        outputs: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in VIEWS}
+        hows = []
+        for s in range(member.seeds):
+            path = bundle / member.file(k, s)
+            how = "resumed from the bundle"
+            if not saved_fold_matches(path, fp):
+                if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
+                    raise StopRequested(f"{member.name}: stopped after {trained_now} new fold(s); rerun to resume")
+                fitted = member.fit(k, s, inputs, td, tr, va, out)
+                member.save(fitted.model, path)
+                write_json(fold_meta_path(path), {"fingerprint": fp, "seed": member.seed(k, s), **fitted.meta})
+                how, trained_now = fitted.how, trained_now + 1
+            model = member.load(path)
+            for v in VIEWS:
+                outputs[v].append(member.predict(model, member.rows(inputs[v], va)))
+            models.append(model)
+            files.append(member.file(k, s))
+            hows.append(how)
         for v in VIEWS:
-            oof[v][va] = member.predict(fold, member.rows(inputs[v], va))["gesture"]
-        scores = {v: score_probabilities(y_names[va], oof[v][va])["metric"] for v in VIEWS}
+            for head in outputs[v][0]:
+                part = np.mean([o[head] for o in outputs[v]], axis=0)
+                heads[v].setdefault(head, np.zeros((len(td.y), part.shape[1]), dtype=np.float32))[va] = part
+        scores = {v: score_probabilities(y_names[va], heads[v]["gesture"][va])["metric"] for v in VIEWS}
         fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
-        say(f"{member.name} fold {k}: {how}; full {scores['full']:.4f}  imu_only {scores['imu_only']:.4f}")
-        folds.append(fold)
-    member.report(folds, out)
-    weights = np.asarray(fold_scores) / max(float(np.sum(fold_scores)), 1e-12)
-    entry = {"files": [member.file(k) for k in range(cfg.folds)], "fold_weights": weights.tolist(),
-             member.names_key: member.names, "fingerprint": fp}
-    return {"oof": oof, "fold_weights": weights.tolist(), "folds": folds, "entry": entry}
+        seeds = f" ({member.seeds} seeds averaged)" if member.seeds > 1 else ""
+        say(f"{member.name} fold {k}: {'; '.join(dict.fromkeys(hows))}{seeds}; full {scores['full']:.4f}  "
+            f"imu_only {scores['imu_only']:.4f}")
+    member.report(models, out)
+    per_file = np.repeat(np.asarray(fold_scores), member.seeds)
+    weights = per_file / max(float(np.sum(per_file)), 1e-12)
+    entry = {"files": files, "fold_weights": weights.tolist(), member.names_key: member.names, "fingerprint": fp}
+    return {"oof": {v: heads[v]["gesture"] for v in VIEWS}, "heads": heads, "fold_weights": weights.tolist(),
+            "folds": models, "entry": entry}
 
 
-def epoch_logger(out: Path, family: str, k: int) -> Callable[[dict[str, Any]], None]:
+def epoch_logger(out: Path, family: str, k: int, s: int = 0) -> Callable[[dict[str, Any]], None]:
     """Per-epoch record of a net: one JSON line in OUT/logs/<family>.jsonl and one printed line."""
     path = out / "logs" / f"{family}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    fold = f"{k} seed {s}" if s else str(k)
 
     def log(rec: dict[str, Any]) -> None:
         with open(path, "a") as fh:
-            fh.write(json.dumps({"fold": k, **rec}) + "\n")
+            fh.write(json.dumps({"fold": k, "seed": s, **rec}) + "\n")
         loss = rec["loss"] if rec["loss"] is not None else float("nan")
-        say(f"  {family} fold {k} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
+        say(f"  {family} fold {fold} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
             f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
     return log
 
@@ -2604,12 +2652,12 @@ class LgbmMember(Member):
     def call_inputs(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> np.ndarray:
         return call_table(prepared, channels, cache, self.cfg.sample_rate_hz).matrix(self.names)
 
-    def fit(self, k: int, inputs: dict[str, np.ndarray], td: TrainingData, tr: np.ndarray, va: np.ndarray,
-            out: Path) -> Fitted:
+    def fit(self, k: int, s: int, inputs: dict[str, np.ndarray], td: TrainingData, tr: np.ndarray,
+            va: np.ndarray, out: Path) -> Fitted:
         t0 = time.perf_counter()
         x_va = np.vstack([inputs["full"][va], inputs["imu_only"][va]])
         booster = train_lgbm_fold(self.cfg, inputs["full"][tr], td.y[tr], x_va, np.concatenate([td.y[va], td.y[va]]),
-                                  self.names, self.cfg.seed + k)
+                                  self.names, self.seed(k, s))
         return Fitted(booster, {"best_iteration": booster.best_iteration, "seconds": time.perf_counter() - t0},
                       f"trained {booster.best_iteration} rounds")
 
@@ -2764,8 +2812,12 @@ class NetFold(NamedTuple):
 
 class NetMember(Member):
     """What the two nets share as members: per-step inputs (NetInputs, computed once per view for
-    both), their channel names checked against this code's, and the nets' targets."""
+    both), their channel names checked against this code's, the nets' targets, and --net-seeds."""
     names_key = "channel_names"
+
+    @property
+    def seeds(self) -> int:
+        return self.cfg.net_seeds
 
     def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, NetInputs]:
         inputs = {v: td.net_inputs(v, self.cfg) for v in VIEWS}
@@ -2824,7 +2876,8 @@ def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator)
 # divides the per-step rates. Both frameworks train on the very same batches (`training_batch`).
 
 # %%
-NET_LOGITS = ("y18", "y9", "y2", "orientation")  # the per-sequence heads of the PyTorch nets
+NET_LOGITS = ("y18", "y9", "y2", "orientation", "behavior", "slot")  # the PyTorch nets' per-sequence heads
+AUX_HEADS = ("orientation", "phase", "behavior", "slot")  # the order of --net-aux-weights
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
                            for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
 
@@ -2851,10 +2904,10 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
 
 
 def net_outputs(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A PyTorch net's per-sequence logits (y18, y9, y2, orientation) -> what its member predicts:
-    "gesture" (the three gesture heads combined) and "orientation" probabilities."""
+    """A PyTorch net's per-sequence logits -> what its member predicts: "gesture" (the three gesture
+    heads combined), "orientation", "behavior" and "slot" probabilities."""
     return {"gesture": combine_heads(logits["y18"], logits["y9"], logits["y2"]),
-            "orientation": _softmax(logits["orientation"])}
+            **{k: _softmax(logits[k]) for k in ("orientation", "behavior", "slot")}}
 
 
 DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
@@ -2961,7 +3014,8 @@ def soft_targets(y: np.ndarray, smoothing: float) -> np.ndarray:
 def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: InputScaler, cfg: Config,
                    rng: np.random.Generator) -> list[np.ndarray]:
     """One augmented training batch: x, lengths, demographics and the soft targets (gesture,
-    orientation, per-step phase). The phase rides along as one more column through the per-sequence
+    orientation, starting behaviour, slot, per-step phase; a slot outside the design has an all-zero
+    row, so it adds no loss). The phase rides along as one more column through the per-sequence
     augmentations and the crop, so it stays aligned with the steps."""
     names = [*tr.names, "aux_phase"]
     arrays = [last_steps(augment_sequence(np.column_stack([tr.arrays[i], targets.phase[i]]), names, cfg, rng),
@@ -2972,7 +3026,10 @@ def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: 
         phase[row, :len(a)] = a[:, -1]
     batch = [augment_scaled_batch(x, lengths, cfg, rng), lengths, demo,
              soft_targets(targets.y[idx], cfg.net_label_smoothing),
-             np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]], phase]
+             np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]],
+             np.eye(len(START_BEHAVIORS), dtype=np.float32)[targets.behavior[idx]],
+             np.vstack([np.eye(len(SLOTS), dtype=np.float32), np.zeros((1, len(SLOTS)), np.float32)])[targets.slot[idx]],
+             phase]
     if rng.random() < cfg.aug_mixup and len(idx) > 1:
         batch = mixup(rng, *batch)
     return batch
@@ -3050,8 +3107,10 @@ def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
 # `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
 # gets zero weight), optional demographics embedding, and three gesture heads: 18 gestures (main),
 # 9 classes (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty
-# weights (Kendall & Gal 2018). Two auxiliary heads learn what train.csv says beyond the gesture:
-# the body orientation (per sequence) and, on the BiGRU output, the gesture phase (per step); with
+# weights (Kendall & Gal 2018). Auxiliary heads learn what train.csv says beyond the gesture: per
+# sequence the body orientation, the starting behaviour and the joint study slot (orientation x
+# gesture x behaviour, 102 classes; the per-subject assignment of 15.1 can read all three), and, on
+# the BiGRU output, the gesture phase (per step); with
 # `--torch-phase-pool` that phase head also weights two extra pools (gesture steps, transition
 # steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
 # convolution, so a sequence's output does not depend on how much padding its batch adds. With
@@ -3168,8 +3227,8 @@ class MaskedAttentionPool(nn.Module):
 
 
 class Heads(nn.Module):
-    """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary / orientation logits; both
-    encoders end here."""
+    """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary gesture logits and the
+    orientation / behaviour / slot logits; both encoders end here."""
 
     def __init__(self, dim: int, n_demo: int, dropout: float, use_demographics: bool) -> None:
         super().__init__()
@@ -3180,14 +3239,17 @@ class Heads(nn.Module):
         self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
         self.head2 = nn.Linear(256, 1)
         self.head_orientation = nn.Linear(256, len(ORIENTATIONS))
+        self.head_behavior = nn.Linear(256, len(START_BEHAVIORS))
+        self.head_slot = nn.Linear(256, len(SLOTS))
 
     def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.demo is not None:
             z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)  # (batch, dim + 16)
         z = self.trunk(z)                                           # (batch, 256)
-        # logits: y18 (batch, 18), y9 (batch, 9), y2 (batch,), orientation (batch, 4)
+        # logits: y18 (batch, 18), y9 (batch, 9), y2 (batch,), orientation (batch, 4), behavior
+        # (batch, 2), slot (batch, 102)
         return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1),
-                "orientation": self.head_orientation(z)}
+                "orientation": self.head_orientation(z), "behavior": self.head_behavior(z), "slot": self.head_slot(z)}
 
 
 def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -3414,40 +3476,38 @@ def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler,
 def torch_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64, packed: bool = True,
                 fp32: bool = False) -> dict[str, np.ndarray]:
     """One fold's heads for every sequence of `inputs`: "gesture" (n, 18) from the three gesture
-    heads, "orientation" (n, 4). Eval mode, no grad; fp16 autocast on CUDA unless `fp32`, which the
-    bundle's proof uses so that it holds on any device."""
+    heads, "orientation" (n, 4), "behavior" (n, 2), "slot" (n, 102). Eval mode, no grad; fp16
+    autocast on CUDA unless `fp32`, which the bundle's proof uses so that it holds on any device."""
     model, scaler = fold
     lengths = np.array([len(a) for a in inputs.arrays])
     device = next(model.parameters()).device.type
     model.eval()
-    out = {"gesture": np.zeros((len(lengths), len(GESTURES)), dtype=np.float32),
-           "orientation": np.zeros((len(lengths), len(ORIENTATIONS)), dtype=np.float32)}
+    out: dict[str, np.ndarray] = {}
     for idx in length_buckets(lengths, batch_size, None):
         xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
         with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda" and not fp32):
             o = model(xb, lb, db, packed=packed)
         for k, v in net_outputs({k: o[k].float().cpu().numpy() for k in NET_LOGITS}).items():
-            out[k][idx] = v
+            out.setdefault(k, np.zeros((len(lengths), v.shape[1]), dtype=np.float32))[idx] = v
     return out
 
 
-def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any, orientation: Any = None,
-                phase: Any = None) -> list[Any]:
+def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any,
+                aux: dict[str, Any] | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Cross-entropy of the 18-class and 9-class heads and the target-vs-not BCE against soft
-    targets; with the auxiliary targets, the orientation cross-entropy and the per-step phase BCE
-    against phase_targets() (its -1 steps, padding, left out)."""
+    targets; with the auxiliary targets `aux` (AUX_HEADS), the orientation, behaviour and slot
+    cross-entropies and the per-step phase BCE against phase_targets() (its -1 steps, padding, left
+    out). Returns (the three gesture losses, the auxiliary losses by head)."""
     func = torch.nn.functional
-    l18 = -(yb * torch.log_softmax(o["y18"].float(), 1)).sum(1).mean()
-    l9 = -((yb @ to9) * torch.log_softmax(o["y9"].float(), 1)).sum(1).mean()
+    soft_ce = lambda logits, target: -(target * torch.log_softmax(logits.float(), 1)).sum(1).mean()  # noqa: E731
     l2 = func.binary_cross_entropy_with_logits(o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
-    losses = [l18, l9, l2]
-    if orientation is not None:
-        losses.append(-(orientation * torch.log_softmax(o["orientation"].float(), 1)).sum(1).mean())
-    if phase is not None and "phase" in o:
-        m = (phase >= 0).float()
-        per_step = func.binary_cross_entropy_with_logits(o["phase"].float(), phase.clamp(min=0.0), reduction="none")
-        losses.append((per_step * m).sum() / m.sum().clamp(min=1.0))
-    return losses
+    gesture = [soft_ce(o["y18"], yb), soft_ce(o["y9"], yb @ to9), l2]
+    extra = {k: soft_ce(o[k], aux[k]) for k in ("orientation", "behavior", "slot")} if aux else {}
+    if aux and "phase" in o:
+        m = (aux["phase"] >= 0).float()
+        per_step = func.binary_cross_entropy_with_logits(o["phase"].float(), aux["phase"].clamp(min=0.0), reduction="none")
+        extra["phase"] = (per_step * m).sum() / m.sum().clamp(min=1.0)
+    return gesture, extra
 
 
 def ema_average(decay: float) -> Callable[[list[Any], list[Any], Any], None]:
@@ -3490,19 +3550,18 @@ class TorchSteps:
         self.is_target = torch.tensor(TARGET_MASK, device=device)
         self.to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
         self.fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
-        self.aux = [float(w) for w in str(cfg.net_aux_weights).split(",")]
+        self.aux = dict(zip(AUX_HEADS, (float(w) for w in str(cfg.net_aux_weights).split(","))))
 
     def step(self, batch: list[Any]) -> float | None:
-        """One batch (x, lengths, demographics, gesture, orientation, phase); the loss, or None if skipped."""
-        xb, lb, db, yb, ob, pb = batch
-        aux = self.cfg.net_aux_heads
+        """One batch (x, lengths, demographics, gesture, orientation, behaviour, slot, phase); the
+        loss, or None if skipped."""
+        xb, lb, db, yb, *rest = batch
+        aux = dict(zip(("orientation", "behavior", "slot", "phase"), rest)) if self.cfg.net_aux_heads else None
         with torch.autocast(self.device, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16,
                             enabled=self.precision in ("fp16", "bf16")):
-            losses = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, ob if aux else None,
-                                 pb if aux else None)
-            gesture, extra = losses[:3], losses[3:]
+            gesture, extra = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, aux)
             loss = self.weighting(gesture) if self.weighting is not None else sum(w * l for w, l in zip(self.fixed, gesture))
-            loss = loss + sum(w * l for w, l in zip(self.aux, extra))
+            loss = loss + sum(self.aux[k] * l for k, l in extra.items())
         self.opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.bad_steps += 1
@@ -3547,9 +3606,8 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
         model.train()
         losses = []
         for idx in training_buckets(lengths, cfg, rng):
-            x, lb, demo, y, orientation, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
-            batch = [x, lb, demo, y, orientation, phase_targets(phase, lb, stride)]
-            losses.append(steps.step(to_torch(batch, device)))
+            *batch, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
+            losses.append(steps.step(to_torch([*batch, phase_targets(phase, batch[1], stride)], device)))
         losses = [v for v in losses if v is not None]
         scores = view_metrics(views_va, y_va, lambda va: torch_heads(NetFold(evaluated, scaler), va)["gesture"])
         log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
@@ -3586,11 +3644,11 @@ class TorchMember(NetMember):
             torch.set_num_threads(self.cfg.torch_threads)
         return super().training_inputs(td, out)
 
-    def fit(self, k: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
-            out: Path) -> Fitted:
+    def fit(self, k: int, s: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray,
+            va: np.ndarray, out: Path) -> Fitted:
         res = train_torch_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
-                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.cfg.seed + k,
-                               epoch_logger(out, self.name, k))
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s),
+                               epoch_logger(out, self.name, k, s))
         ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(self.cfg),
                 "channel_names": self.names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
         return Fitted(ckpt, {"best_epoch": res["epoch"], "best_score": res["score"], "bad_steps": res["bad_steps"],
@@ -3611,8 +3669,8 @@ class TorchMember(NetMember):
 #
 # The BiGRU net again in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
 # Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, masked
-# temporal attention pooling, and the orientation and per-step phase heads (and, with `--tof-grid`,
-# the same per-frame grid CNN, `TofGridEncoder`). It reads the very same inputs and scaler (section
+# temporal attention pooling, and the orientation, behaviour, slot and per-step phase heads (and,
+# with `--tof-grid`, the same per-frame grid CNN, `TofGridEncoder`). It reads the very same inputs and scaler (section
 # 11) and trains on the same augmented batches, phase targets, schedule and early stopping (section
 # 12). Its own recipe differs from the PyTorch net's in four points: one 18-class gesture head (no
 # 9-class and target-vs-not heads, so no uncertainty weighting), no phase-weighted pooling, no EMA
@@ -3847,9 +3905,9 @@ def build_keras_model(cfg: Config, in_ch: int, policy: str | None = None) -> Any
         z = keras.layers.Concatenate()([z, keras.layers.Dense(16, activation="relu", name="demo_embed")(d_in)])
     z = keras.layers.Dropout(cfg.net_dropout)(keras.layers.Dense(256, activation="relu")(z))
     out = {"gesture": keras.layers.Dense(len(GESTURES), activation="softmax", dtype="float32", name="gesture")(z)}
-    if cfg.net_aux_heads:  # the torch nets' auxiliary heads: orientation, and phase per BiGRU step
-        out["orientation"] = keras.layers.Dense(len(ORIENTATIONS), activation="softmax", dtype="float32",
-                                                name="orientation")(z)
+    if cfg.net_aux_heads:  # the torch nets' auxiliary heads: orientation, behaviour, slot; phase per BiGRU step
+        for head, n in (("orientation", len(ORIENTATIONS)), ("behavior", len(START_BEHAVIORS)), ("slot", len(SLOTS))):
+            out[head] = keras.layers.Dense(n, activation="softmax", dtype="float32", name=head)(z)
         out["phase"] = layers.PhaseSteps(dtype="float32", name="phase")(seq)
     return keras.Model({"x": x_in, "mask": m_in, "demo": d_in}, out, name="gesture_net_keras")
 
@@ -3870,7 +3928,8 @@ def keras_inputs(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler
 
 class KerasPredictor:
     """A saved fold wrapped in one tf.function (traced once per input rank, not per call) that returns
-    its per-sequence heads: "gesture", and "orientation" where the net has it (not the per-step phase)."""
+    its per-sequence heads: "gesture", and "orientation", "behavior" and "slot" where the net has
+    them (not the per-step phase)."""
 
     def __init__(self, model: Any, channels: int) -> None:
         _, tf = keras_framework()
@@ -3885,8 +3944,8 @@ class KerasPredictor:
 
 
 def keras_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """One fold's heads for every sequence of `inputs`: "gesture" (n, 18), and "orientation" (n, 4)
-    when the net has that head."""
+    """One fold's heads for every sequence of `inputs`: "gesture" (n, 18), and "orientation" (n, 4),
+    "behavior" (n, 2) and "slot" (n, 102) when the net has those heads."""
     predictor, scaler = fold
     lengths = np.array([len(a) for a in inputs.arrays])
     out: dict[str, np.ndarray] = {}
@@ -3920,11 +3979,9 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
                                  weight_decay=cfg.net_weight_decay, clipnorm=1.0)
     if keras_policy() == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    aux = [float(w) for w in str(cfg.net_aux_weights).split(",")]
-    losses_of = {"gesture": keras.losses.CategoricalCrossentropy(), "orientation": keras.losses.CategoricalCrossentropy(),
-                 "phase": layers.masked_phase_loss}
-    weights_of = {"gesture": 1.0, "orientation": aux[0], "phase": aux[1]}
-    outputs = ["gesture", "orientation", "phase"] if cfg.net_aux_heads else ["gesture"]
+    weights_of = {"gesture": 1.0, **dict(zip(AUX_HEADS, (float(w) for w in str(cfg.net_aux_weights).split(","))))}
+    losses_of = {k: keras.losses.CategoricalCrossentropy() for k in weights_of} | {"phase": layers.masked_phase_loss}
+    outputs = list(weights_of) if cfg.net_aux_heads else ["gesture"]
     model.compile(optimizer=opt, loss={k: losses_of[k] for k in outputs}, loss_weights={k: weights_of[k] for k in outputs})
     stride = 2 ** len(str(cfg.net_conv).split(","))
     stopper = EarlyStopping(cfg.net_patience)
@@ -3932,9 +3989,9 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
         t0 = time.perf_counter()
         losses = []
         for idx in training_buckets(lengths, cfg, rng):
-            x, lb, demo, y, orientation, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
+            x, lb, demo, y, orientation, behavior, slot, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
             batch = keras_batch(x, lb, demo)
-            y_all = {"gesture": y, "orientation": orientation,
+            y_all = {"gesture": y, "orientation": orientation, "behavior": behavior, "slot": slot,
                      "phase": phase_targets(phase, lb, stride, steps=batch["x"].shape[1] // stride)}
             res = model.train_on_batch(batch, {k: y_all[k] for k in outputs}, return_dict=True)
             losses.append(float(res["loss"]))
@@ -3973,11 +4030,11 @@ class KerasMember(NetMember):
     and scaler (save_keras_fold), rebuilt from the config when loaded."""
     family, suffix = "keras", ".weights.npz"
 
-    def fit(self, k: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
-            out: Path) -> Fitted:
+    def fit(self, k: int, s: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray,
+            va: np.ndarray, out: Path) -> Fitted:
         res = train_keras_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
-                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.cfg.seed + k,
-                               epoch_logger(out, self.name, k))
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s),
+                               epoch_logger(out, self.name, k, s))
         return Fitted((res["model"], res["scaler"]), {"best_epoch": res["epoch"], "best_score": res["score"]},
                       kept_epoch(self.cfg, res["epoch"]))
 
@@ -4090,23 +4147,45 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 #   non-target mass), since all non-targets count as one class;
 # - `gesture_capacity`: an assignment (Hungarian algorithm on -log p) of the subject's sequences
 #   to gestures, each gesture used at most 2 x (its allowed orientations) times;
-# - `slots`: an assignment to the 102 (orientation, gesture, behaviour) slots, capacity 1, with
-#   slot probability p(gesture) x p(orientation) x p(behaviour); orientation and starting
-#   behaviour come from two light LightGBM models on the IMU features (trained on the same folds).
-# Each rule is replayed on the OOF predictions exactly as predict() runs it (each subject's
-# sequences in a random order, several seeds); the bundle serves the rule with the best replayed
-# expected LB, and the report gives its nested figure (the rule picked on the other folds).
+# - `slots`: an assignment to the 102 (orientation, gesture, behaviour) slots, capacity 1. The slot
+#   probability comes from one of three sources: `lgbm`, p(gesture) x p(orientation) x p(behaviour)
+#   with the last two from two light LightGBM models on the IMU features (the slot models); `heads`,
+#   the same product with the nets' own orientation and behaviour heads; `blend`, the orientation
+#   averaged over the nets' heads and the slot model, the behaviour from the slot model (the nets
+#   read the last --max-len steps, which often leave out how the sequence started); `joint`, the
+#   nets' joint 102-slot head times p(gesture). In each, p(gesture) (the served blend) enters with a weight
+#   (its inverse temperature against the slot context, chosen per view). A single temperature on
+#   the whole slot table would change nothing: every row takes exactly one slot, so scaling all
+#   costs, or adding a constant per row, leaves the assignment as it is.
+# Every rule, source and weight is replayed on the OOF predictions exactly as predict() runs it
+# (each subject's sequences in a random order, several seeds); the bundle serves the plan with the
+# best replayed expected LB, and the report gives its nested figure (the plan picked on the other
+# folds, scored on this one).
 
 # %%
 GESTURE_CAPACITY = np.array([2 * sum(1 for _, g in allowed_pairs() if g == name) for name in GESTURES])
 ASSIGNMENT_MAX_ROWS = int(GESTURE_CAPACITY.sum())  # beyond this many sequences: plain argmax
-SLOTS = [(o, g, b) for o, g in allowed_pairs() for b in START_BEHAVIORS]
-SLOT_GESTURE = np.array([GESTURE_INDEX[g] for _, g, _ in SLOTS])
-SLOT_ORIENTATION = np.array([ORIENTATIONS.index(o) for o, _, _ in SLOTS])
-SLOT_BEHAVIOR = np.array([START_BEHAVIORS.index(b) for _, _, b in SLOTS])
 SERVING_RULES = ("argmax", "argmax9", "gesture_capacity", "slots")
 CONTEXT_TARGETS = {"orientation": ORIENTATIONS, "behavior": START_BEHAVIORS}  # what the slot models predict
-UNIFORM_CONTEXT = np.concatenate([np.full(len(v), 1.0 / len(v)) for v in CONTEXT_TARGETS.values()])
+# The slot sources, with the gesture weights the replay tries for each (the first wins a tie).
+SLOT_SOURCES = {"lgbm": (1.0, 0.5, 2.0), "heads": (1.0, 0.5, 2.0), "blend": (1.0, 0.5, 2.0), "joint": (1.0, 0.0, 0.5)}
+SLOT_PARTS = {"lgbm": ("lgbm",), "heads": ("orientation", "behavior"), "blend": ("lgbm", "orientation"),
+              "joint": ("slot",)}  # what each reads
+UNIFORM_PARTS = {"lgbm": np.concatenate([np.full(len(v), 1.0 / len(v)) for v in CONTEXT_TARGETS.values()])[None, :],
+                 "orientation": np.full((1, len(ORIENTATIONS)), 1.0 / len(ORIENTATIONS)),
+                 "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS)),
+                 "slot": np.full((1, len(SLOTS)), 1.0 / len(SLOTS))}  # a call whose source has no answer
+
+
+def serving_plan(rule: str, source: str = "", weights: dict[str, float] | None = None) -> dict[str, Any]:
+    """How predict() labels a call: the rule, and for `slots` the slot source and the gesture weight
+    per view (the manifest's "serving" entry)."""
+    return {"rule": rule, "slot_source": source if rule == "slots" else "",
+            "gesture_weight": {v: float((weights or {}).get(v, 1.0)) for v in VIEWS}}
+
+
+def plan_name(plan: dict[str, Any]) -> str:
+    return plan["rule"] + (f"/{plan['slot_source']}" if plan["slot_source"] else "")
 
 
 def argmax9(probs: np.ndarray) -> np.ndarray:
@@ -4132,78 +4211,150 @@ def assign_labels(probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def slot_probabilities(probs: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """(n, 102) probability of each (orientation, gesture, behaviour) slot. `context` holds the
-    orientation (4) then behaviour (2) probabilities per row; disallowed pairs get nothing."""
-    orientation, behavior = context[:, :len(ORIENTATIONS)], context[:, len(ORIENTATIONS):]
-    p = probs[:, SLOT_GESTURE] * orientation[:, SLOT_ORIENTATION] * behavior[:, SLOT_BEHAVIOR]
-    return p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+def net_context(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The nets' orientation, behaviour and slot heads, each the plain mean over the members that
+    have it: the same for training's OOF replay and one predict() call."""
+    got: dict[str, list[np.ndarray]] = {}
+    for member in heads:
+        for head in ("orientation", "behavior", "slot"):
+            if head in member:
+                got.setdefault(head, []).append(member[head])
+    return {head: np.mean(parts, axis=0) for head, parts in got.items()}
 
 
-def assign_slots(probs: np.ndarray, context: np.ndarray) -> np.ndarray:
+def slot_probabilities(source: str, probs: np.ndarray, parts: dict[str, np.ndarray], weight: float = 1.0) -> np.ndarray:
+    """(n, 102) probability of each (orientation, gesture, behaviour) slot from `source` (15.1):
+    p(gesture)^weight times the slot context, renormalised. `parts` holds per row what the sources
+    read: "lgbm" (the slot models' 4 orientation then 2 behaviour probabilities), "orientation",
+    "behavior" and "slot" (the nets' heads)."""
+    log_p = weight * np.log(np.clip(probs[:, SLOT_GESTURE].astype(np.float64), 1e-12, 1.0))
+    if source == "joint":
+        log_p += np.log(np.clip(parts["slot"].astype(np.float64), 1e-12, 1.0))
+    else:
+        n_o = len(ORIENTATIONS)
+        context = {"lgbm": lambda: parts["lgbm"],
+                   "heads": lambda: np.hstack([parts["orientation"], parts["behavior"]]),
+                   "blend": lambda: np.hstack([(parts["orientation"] + parts["lgbm"][:, :n_o]) / 2, parts["lgbm"][:, n_o:]]),
+                   }[source]()
+        context = np.log(np.clip(context.astype(np.float64), 1e-12, 1.0))
+        log_p += context[:, SLOT_ORIENTATION] + context[:, len(ORIENTATIONS) + SLOT_BEHAVIOR]
+    p = np.exp(log_p - log_p.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def assign_slots(probs: np.ndarray, slot_p: np.ndarray) -> np.ndarray:
     """Gesture index per row from the assignment of rows to the 102 slots (each used once) that
-    maximises the summed log slot probability; gesture capacity when there are more rows than slots."""
+    maximises the summed log slot probability (`slot_p`, slot_probabilities); gesture capacity
+    when there are more rows than slots."""
     from scipy.optimize import linear_sum_assignment
     if len(probs) > len(SLOTS) or len(probs) == 0:
         return assign_labels(probs)
-    rows, cols = linear_sum_assignment(-np.log(np.clip(slot_probabilities(probs, context), 1e-12, 1.0)))
+    rows, cols = linear_sum_assignment(-np.log(np.clip(slot_p, 1e-12, 1.0)))
     out = probs.argmax(axis=1)
     out[rows] = SLOT_GESTURE[cols]
     return out
 
 
-def serve_labels(rule: str, probs: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """Labels of one subject's sequences so far under `rule` (predict() keeps the last one)."""
+def serve_labels(rule: str, probs: np.ndarray, slot_p: np.ndarray | None = None) -> np.ndarray:
+    """Labels of one subject's sequences so far under `rule` (predict() keeps the last one); `slot_p`
+    is what the slots rule assigns on."""
     if rule == "argmax9":
         return argmax9(probs)
     if rule == "gesture_capacity":
         return assign_labels(probs)
     if rule == "slots":
-        return assign_slots(probs, context)
+        return assign_slots(probs, slot_p)
     return probs.argmax(axis=1)
 
 
-def replay_rule(rule: str, probs: np.ndarray, context: np.ndarray, subjects: np.ndarray, seed: int) -> np.ndarray:
+def replay_order(subjects: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Per subject, the row indices in the random order the replay presents them."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(np.flatnonzero(subjects == subj)) for subj in np.unique(subjects)]
+
+
+def replay_rule(rule: str, probs: np.ndarray, slot_p: np.ndarray | None, subjects: np.ndarray, seed: int) -> np.ndarray:
     """Online labels as predict() gives them: each subject's sequences arrive in a random order and
     each is labelled by the rule over the sequences seen so far."""
     if rule in ("argmax", "argmax9"):  # per-row rules: the order does not matter
-        return serve_labels(rule, probs, context)
-    rng = np.random.default_rng(seed)
+        return serve_labels(rule, probs)
     out = probs.argmax(axis=1)
-    for subj in np.unique(subjects):
-        idx = rng.permutation(np.flatnonzero(subjects == subj))
+    for idx in replay_order(subjects, seed):
         for t in range(len(idx)):
             seen = idx[: t + 1]
-            out[idx[t]] = serve_labels(rule, probs[seen], context[seen])[-1]
+            out[idx[t]] = serve_labels(rule, probs[seen], None if slot_p is None else slot_p[seen])[-1]
     return out
 
 
-def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], context: np.ndarray, subjects: np.ndarray,
-                       folds: np.ndarray, rules: Iterable[str] = SERVING_RULES, seeds: int = 3) -> dict[str, Any]:
-    """Every rule replayed on the ensemble OOF of both views (mean over seeds), the rule with the
-    best expected LB, and the nested figure of that choice: for each fold, the rule that wins on
-    the other folds, scored on this one."""
-    y = np.asarray(y_true, dtype=object)
-    labels = {r: {v: [replay_rule(r, ens[v], context, subjects, s) for s in range(seeds)] for v in VIEWS}
-              for r in rules}
+def serving_candidates(rules: Iterable[str], parts: dict[str, dict[str, np.ndarray]]) -> list[tuple[str, str, float]]:
+    """(rule, slot source, gesture weight) for every rule, and for `slots` every source whose parts
+    both views have, with each of its weights."""
+    out = []
+    for rule in rules:
+        if rule != "slots":
+            out.append((rule, "", 1.0))
+            continue
+        for source, weights in SLOT_SOURCES.items():
+            if all(p in parts[v] for v in VIEWS for p in SLOT_PARTS[source]):
+                out += [(rule, source, w) for w in weights]
+    return out
 
-    def score(r: str, v: str, rows: np.ndarray) -> float:
+
+def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], parts: dict[str, dict[str, np.ndarray]],
+                       subjects: np.ndarray, folds: np.ndarray, rules: Iterable[str] = SERVING_RULES,
+                       seeds: int = 3) -> dict[str, Any]:
+    """Every rule (and for `slots` every slot source and gesture weight) replayed on the ensemble OOF
+    of both views (mean over seeds); the plan with the best expected LB (the weight chosen per view);
+    and the nested figure of that choice: for each fold, the plan that wins on the other folds,
+    scored on this one. `parts[view]` holds what the slot sources read (slot_probabilities)."""
+    y = np.asarray(y_true, dtype=object)
+    candidates = serving_candidates(rules, parts)
+    labels = {c: {v: [replay_rule(c[0], ens[v], slot_probabilities(c[1], ens[v], parts[v], c[2]) if c[1] else None,
+                                  subjects, s) for s in range(seeds)] for v in VIEWS} for c in candidates}
+
+    def score(c: tuple[str, str, float], v: str, rows: np.ndarray) -> float:
         return float(np.mean([competition_metric(y[rows], [GESTURES[i] for i in lab[rows]])["metric"]
-                              for lab in labels[r][v]]))
+                              for lab in labels[c][v]]))
+
+    def pick(rows: np.ndarray) -> dict[str, Any]:
+        """The plan that wins on `rows`: the (rule, source) of the best expected LB, each view's weight its best."""
+        scored = {c: {v: score(c, v, rows) for v in VIEWS} for c in candidates}
+        best: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+        for (rule, source, w), by_view in scored.items():
+            for v, sc in by_view.items():
+                if sc > best.setdefault((rule, source), {}).get(v, (-1.0, 0.0))[0] + 1e-12:
+                    best[(rule, source)][v] = (sc, w)
+        (rule, source), views = max(best.items(), key=lambda kv: np.mean([kv[1][v][0] for v in VIEWS]))
+        return serving_plan(rule, source, {v: views[v][1] for v in VIEWS})
+
+    def key(plan: dict[str, Any], v: str) -> tuple[str, str, float]:
+        return plan["rule"], plan["slot_source"], plan["gesture_weight"][v] if plan["slot_source"] else 1.0
 
     everything = np.ones(len(y), dtype=bool)
-    table = {r: {v: score(r, v, everything) for v in VIEWS} for r in labels}
-    for r in table:
-        table[r]["expected_lb"] = 0.5 * (table[r]["full"] + table[r]["imu_only"])
-    chosen = max(table, key=lambda r: table[r]["expected_lb"])
-    best = {k: max(labels, key=lambda r: np.mean([score(r, w, other) for w in VIEWS]))
-            for k, other, _ in fold_splits(folds)}  # the rule that wins on the other folds
+    table = [{"rule": r, "slot_source": src, "gesture_weight": w, **{v: score((r, src, w), v, everything) for v in VIEWS}}
+             for r, src, w in candidates]
+    for row in table:
+        row["expected_lb"] = 0.5 * (row["full"] + row["imu_only"])
+    chosen = pick(everything)
+    served = {v: score(key(chosen, v), v, everything) for v in VIEWS}
+    per_fold = {k: pick(other) for k, other, _ in fold_splits(folds)}
     nested = {}
     for v in VIEWS:
-        picked = held_out(folds, lambda k, other, hold: labels[best[k]][v][0][hold], dtype=np.int64)
-        nested[v] = competition_metric(y, [GESTURES[i] for i in picked])["metric"]
+        nested[v] = float(np.mean([competition_metric(y, [GESTURES[i] for i in held_out(
+            folds, lambda k, other, hold: labels[key(per_fold[k], v)][v][s][hold], dtype=np.int64)])["metric"]
+            for s in range(seeds)]))
     nested["expected_lb"] = 0.5 * (nested["full"] + nested["imu_only"])
-    return {"rules": table, "chosen": chosen, "nested": nested}
+    rules_table = {}  # the best weight of each rule / source, per view: the one-line summary
+    for row in table:
+        name = plan_name(serving_plan(row["rule"], row["slot_source"]))
+        got = rules_table.setdefault(name, {v: -1.0 for v in VIEWS})
+        for v in VIEWS:
+            got[v] = max(got[v], row[v])
+    for got in rules_table.values():
+        got["expected_lb"] = 0.5 * (got["full"] + got["imu_only"])
+    return {"candidates": table, "rules": rules_table, "chosen": plan_name(chosen), "plan": chosen,
+            "served": {**served, "expected_lb": 0.5 * (served["full"] + served["imu_only"])},
+            "nested": nested, "nested_plans": {str(k): p for k, p in per_fold.items()}}
 
 
 def context_labels(labels: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -4233,6 +4384,7 @@ def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[st
             atomic_write(bundle / files[-1], lambda p: booster.save_model(str(p)))
             return booster.predict(x[va], num_iteration=booster.best_iteration)
         part = held_out(td.folds, fit_predict)
+        atomic_write(Path(cfg.out_dir) / "oof" / f"oof_slot_model_{target}.npy", lambda p, a=part: np.save(p, a))
         accuracy = float((part.argmax(1) == y[target]).mean())
         say(f"slot model {target}: OOF accuracy {accuracy:.3f} ({len(classes)} classes)")
         oof.append(part)
@@ -4427,7 +4579,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 5  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
+BUNDLE_FORMAT = 6  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
 def file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -4520,9 +4672,11 @@ class LoadedMember:
         inputs = self.member.call_inputs(prepared, channels, cache)
         return [self.member.predict(fold, inputs, exact) for fold in self.folds]
 
-    def proba(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> np.ndarray:
-        """Gesture probabilities (n, 18), fold-weighted, as served."""
-        return blend([o["gesture"] for o in self.fold_outputs(prepared, channels, cache)], self.weights)
+    def heads(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Every head's output, fold-weighted, as served: "gesture" (n, 18) probabilities, and the
+        nets' "orientation", "behavior" and "slot" where the member has them."""
+        outputs = self.fold_outputs(prepared, channels, cache)
+        return {head: blend([o[head] for o in outputs], self.weights) for head in outputs[0]}
 
 
 def load_member(bundle: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
@@ -4633,7 +4787,7 @@ def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
                  blend_weights: dict[str, list[float]], target_scale: dict[str, float],
-                 report: dict[str, Any], context: dict[str, Any], rule: str) -> None:
+                 report: dict[str, Any], context: dict[str, Any], plan: dict[str, Any]) -> None:
     prior = np.bincount(td.y, minlength=len(GESTURES)) / len(td.y)
     manifest = {
         "format_version": BUNDLE_FORMAT,
@@ -4645,7 +4799,7 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "files": {f: file_digest(bundle / f) for fam in [*(m["entry"] for m in families.values()), context]
                   for f in fam["files"]},
         "context": {k: context[k] for k in ("files", "feature_names")},
-        "serving_rule": rule,
+        "serving": plan,
         "blend_weights": blend_weights,
         "target_scale": target_scale,
         "upside_down": {"enabled": cfg.upside_down_fix, "reference": td.upside_down.reference,
@@ -4670,7 +4824,7 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
 
 
 MANIFEST_FIELDS = {"format_version": (int, str), "class_names": list, "feature_version": int, "families": dict,
-                   "files": dict, "blend_weights": dict, "target_scale": dict, "config": dict, "serving_rule": str,
+                   "files": dict, "blend_weights": dict, "target_scale": dict, "config": dict, "serving": dict,
                    "fallback_gesture": str, "context": dict, "upside_down": dict}
 FIX_RETRAIN = "Fix: retrain the bundle with this notebook version, or restore manifest.json as training wrote it."
 
@@ -4823,8 +4977,9 @@ def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[
             fam = run_folds(member, td, out / "bundle", out)
         families[name] = fam
         for view in VIEWS:  # named by member and view (a "_imu" suffix alone would make torch's
-            arr = fam["oof"][view]  # IMU-only view and torch_imu's full view the same file)
-            atomic_write(out / "oof" / f"oof_{name}_{view}.npy", lambda p, a=arr: np.save(p, a))
+            for head, arr in fam["heads"][view].items():  # IMU-only view and torch_imu's full view the same file)
+                tail = "" if head == "gesture" else f"_{head}"  # the other heads beside the gesture probabilities
+                atomic_write(out / "oof" / f"oof_{name}_{view}{tail}.npy", lambda p, a=arr: np.save(p, a))
         report["models"][name] = model_report(y_true, fam["oof"], td.folds)
         print_fold_table(name, report["models"][name])
     if "lgbm" in families and cfg.lgbm_imu_reference:
@@ -4866,19 +5021,24 @@ def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, An
     return blend_weights, target_scale, ens
 
 
-def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray], context: np.ndarray,
-                        report: dict[str, Any]) -> str:
-    """The serving rule of 15.1 with the best replayed expected LB (only the per-row rules when
-    --subject-assignment is off), with every rule's figures in `report`."""
+def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray],
+                        families: dict[str, dict[str, Any]], context: np.ndarray, report: dict[str, Any]) -> dict[str, Any]:
+    """The serving plan of 15.1 with the best replayed expected LB (only the per-row rules when
+    --subject-assignment is off), with every candidate's figures in `report`. The slot sources read
+    the slot models' OOF (`context`) and the nets' heads averaged as predict() averages them."""
     rules = SERVING_RULES if cfg.subject_assignment else ("argmax", "argmax9")
-    check = serving_rule_check(td.labels["gesture"].to_list(), ens, context, td.labels["subject"].to_numpy(),
+    parts = {v: {"lgbm": context, **net_context(fam["heads"][v] for fam in families.values())} for v in VIEWS}
+    check = serving_rule_check(td.labels["gesture"].to_list(), ens, parts, td.labels["subject"].to_numpy(),
                                td.folds, rules)
     report["serving_rule"] = check
-    say("serving rules (replayed in random call orders, 3 seeds; expected LB): " + ", ".join(
+    weights = ", ".join(f"{v} {w:g}" for v, w in check["plan"]["gesture_weight"].items())
+    say("serving rules (replayed in random call orders, 3 seeds; expected LB, best gesture weight): " + ", ".join(
         f"{r} {t['expected_lb']:.4f}" for r, t in check["rules"].items())
-        + f"; serving {check['chosen']} (nested: the rule picked on the other folds, {check['nested']['expected_lb']:.4f})")
-    report["expected_lb_served"] = check["rules"][check["chosen"]]["expected_lb"]
-    return check["chosen"]
+        + f"; serving {check['chosen']}" + (f" (gesture weight {weights})" if check["plan"]["slot_source"] else "")
+        + f", {check['served']['expected_lb']:.4f} (nested: the plan picked on the other folds, "
+        f"{check['nested']['expected_lb']:.4f})")
+    report["expected_lb_served"] = check["served"]["expected_lb"]
+    return check["plan"]
 
 
 def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
@@ -4901,9 +5061,9 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     blend_weights, target_scale, ens = fit_ensemble(cfg, td, families, report)
     with watch("serving_rule"):
         context = train_context_models(cfg, td, bundle)
-        rule = choose_serving_rule(cfg, td, ens, context["oof"], report)
+        plan = choose_serving_rule(cfg, td, ens, families, context["oof"], report)
     write_json(out / "cv_report.json", report)
-    write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report, context, rule)
+    write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report, context, plan)
     print_cv_table(report)
     with watch("plots"):
         plots = make_plots(out, td.labels["gesture"].to_list(), ens, report)
@@ -5035,18 +5195,22 @@ def checked_demographics(demographics: Any, subject: str | None, stats: ServingS
 
 @dataclass(frozen=True)
 class ServedBundle:
-    """A bundle as it serves, fixed once loaded: its members (each proven at load), the serving rule
+    """A bundle as it serves, fixed once loaded: its members (each proven at load), the serving plan
     with its slot models, the fallback gesture, and what was left out and why."""
     path: Path
     manifest: dict[str, Any]
     cfg: Config                      # the serving config with the bundle's feature settings
     models: dict[str, LoadedMember]
-    rule: str
+    plan: dict[str, Any]             # serving_plan(): rule, slot source, gesture weight per view
     context: dict[str, list[Any]]    # orientation / behaviour -> fold boosters (the slot models)
     context_names: list[str]
     fallback: str
     left_out: dict[str, str]         # member (or "slot models") -> why it does not serve
     demo_on_other_data: bool         # trained on generated demo data, serving data that is not
+
+    @property
+    def rule(self) -> str:
+        return self.plan["rule"]
 
 
 def bundle_path(cfg: Config) -> Path:
@@ -5115,19 +5279,35 @@ def prove_bundle(path: Path, manifest: dict[str, Any], models: dict[str, LoadedM
 
 
 def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
-              left_out: dict[str, str]) -> tuple[str, dict[str, list[Any]], list[str]]:
-    """The bundle's serving rule (15.1) with its slot models when it needs them: (rule, slot models,
-    their feature names). A per-subject rule turned off by --subject-assignment false, or slot models
-    that cannot load, mean the next rule that can serve."""
-    rule = manifest.get("serving_rule", "argmax")
+              models: dict[str, LoadedMember], left_out: dict[str, str]) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
+    """The bundle's serving plan (15.1) with the slot models when its slot source needs them: (plan,
+    slot models, their feature names). A per-subject rule turned off by --subject-assignment false
+    means argmax; a slot source that cannot serve (its slot models do not load, no net with the
+    auxiliary heads loaded, an edited entry) means gesture_capacity, named in `left_out`."""
+    spec = manifest["serving"]
+    rule = spec.get("rule")
     if rule not in SERVING_RULES:
-        LOG.warning("predict: %s/manifest.json: unknown serving_rule %r; serving argmax", path, rule)
-        return "argmax", {}, []
+        LOG.warning("predict: %s/manifest.json: unknown serving rule %r; serving argmax", path, rule)
+        return serving_plan("argmax"), {}, []
     if rule in ("gesture_capacity", "slots") and not cfg.subject_assignment:
-        return "argmax", {}, []
+        return serving_plan("argmax"), {}, []
     if rule != "slots":
-        return rule, {}, []
+        return serving_plan(rule), {}, []
     try:
+        source, weights = spec.get("slot_source"), spec.get("gesture_weight")
+        if source not in SLOT_SOURCES:
+            raise BundleError(f"{path}/manifest.json: serving.slot_source = {_short(source)}, not one of {list(SLOT_SOURCES)}")
+        values = [weights.get(v) for v in VIEWS] if isinstance(weights, dict) else None
+        if not (_number_list(values) and max(values) <= 10):
+            raise BundleError(f"{path}/manifest.json: serving.gesture_weight = {_short(weights)}; it takes a number "
+                              f"from 0 to 10 per view {list(VIEWS)}")
+        plan = serving_plan(rule, source, weights)
+        if set(SLOT_PARTS[source]) - {"lgbm"} and not any(
+                m.member.cfg.net_aux_heads for m in models.values() if isinstance(m.member, NetMember)):
+            raise BundleError(f"{path}: the {source} slot source reads the nets' auxiliary heads, and no net "
+                              f"member with them serves (left out: {list(left_out) or 'none'})")
+        if "lgbm" not in SLOT_PARTS[source]:
+            return plan, {}, []
         spec = manifest["context"]
         missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
         if missing:
@@ -5140,11 +5320,11 @@ def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], 
             if not context[target]:
                 raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
                                   f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
-        return rule, context, spec["feature_names"]
+        return plan, context, spec["feature_names"]
     except Exception as err:
         left_out["slot models"] = failure_reason(err)
-        LOG.error("predict: slot models left out (serving gesture_capacity instead): %s", left_out["slot models"])
-        return "gesture_capacity", {}, []
+        LOG.error("predict: slot source left out (serving gesture_capacity instead): %s", left_out["slot models"])
+        return serving_plan("gesture_capacity"), {}, []
 
 
 def load_bundle(cfg: Config) -> ServedBundle:
@@ -5167,16 +5347,16 @@ def load_bundle(cfg: Config) -> ServedBundle:
     t_proof = time.perf_counter()
     prove_bundle(path, manifest, models, cfg, left_out)
     t_proof = time.perf_counter() - t_proof
-    rule, context, context_names = slot_rule(path, manifest, made, cfg, left_out)
+    plan, context, context_names = slot_rule(path, manifest, made, cfg, models, left_out)
     fallback = manifest["fallback_gesture"]
     if fallback not in GESTURES:
         LOG.warning("predict: %s/manifest.json: fallback_gesture %r is not one of the 18 gestures; using %r",
                     path, fallback, cfg.fallback_gesture)
         fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
     print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
-          f"serving {', '.join(models)} with the {rule} rule"
+          f"serving {', '.join(models)} with the {plan_name(plan)} rule"
           + (f"; left out: {', '.join(left_out)} (reason logged above)" if left_out else ""))
-    return ServedBundle(path, manifest, cfg, models, rule, context, context_names, fallback, left_out, on_other)
+    return ServedBundle(path, manifest, cfg, models, plan, context, context_names, fallback, left_out, on_other)
 
 
 def blend_answers(bundle: ServedBundle, probas: dict[str, np.ndarray], view: str, stats: ServingStats) -> np.ndarray | None:
@@ -5195,9 +5375,9 @@ def blend_answers(bundle: ServedBundle, probas: dict[str, np.ndarray], view: str
 
 
 class SubjectState:
-    """What serving remembers per subject across calls: each sequence's probabilities and slot
-    context (the per-subject rules), and each sequence's upside-down score. A sequence seen again
-    replaces its entry."""
+    """What serving remembers per subject across calls: each sequence's gesture and slot
+    probabilities (the per-subject rules), and each sequence's upside-down score. A sequence seen
+    again replaces its entry."""
 
     def __init__(self) -> None:
         self.history: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
@@ -5217,17 +5397,17 @@ class SubjectState:
         seen[sequence_id] = float(score[0])
         return UpsideDownCheck.decide(list(seen.values()))
 
-    def choose(self, rule: str, p: np.ndarray, subject: str | None, context: np.ndarray, sequence_id: str) -> int:
-        """The gesture index under `rule` (15.1); a per-subject rule runs over this subject's sequences
-        so far, each once (a call without a subject gets the per-sequence argmax)."""
+    def choose(self, rule: str, p: np.ndarray, subject: str | None, slot_p: np.ndarray | None, sequence_id: str) -> int:
+        """The gesture index under `rule` (15.1) from this call's gesture probabilities `p` (18,) and
+        slot probabilities `slot_p` (102,; the slots rule); a per-subject rule runs over this
+        subject's sequences so far, each once (a call without a subject gets the per-sequence argmax)."""
         if rule in ("gesture_capacity", "slots") and subject:
             rows = self.history.setdefault(subject, {})
             rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
-            rows[sequence_id] = (p, context)
+            rows[sequence_id] = (p, slot_p if slot_p is not None else np.full(len(SLOTS), 1.0 / len(SLOTS)))
             return int(serve_labels(rule, np.vstack([r[0] for r in rows.values()]),
                                     np.vstack([r[1] for r in rows.values()]))[-1])
-        one = rule if rule == "argmax9" else "argmax"
-        return int(serve_labels(one, p[None, :], context[None, :])[0])
+        return int(serve_labels(rule if rule == "argmax9" else "argmax", p[None, :])[0])
 
 
 class Runtime:
@@ -5297,13 +5477,20 @@ class Runtime:
             subject = subject_of(sequence, demographics)
             demo = checked_demographics(demographics, subject, self.stats)
             sequence_id = call_sequence_id(sequence, self.stats.calls)
-            probas, view, context = self.proba(seq, demo, subject, sequence_id)
+            probas, view, parts = self.proba(seq, demo, subject, sequence_id)
             bundle = self.require()
             p = blend_answers(bundle, probas, view, self.stats)
             if p is None:
                 self.stats.note("no model family gave finite probabilities")
                 return None
-            return str(GESTURES[self.subjects.choose(bundle.rule, p, subject, context, sequence_id)])
+            slot_p = None
+            if bundle.rule == "slots":
+                source = bundle.plan["slot_source"]
+                if any(k not in parts for k in SLOT_PARTS[source]):
+                    self.stats.note(f"the {source} slot source has no answer for this call; uniform slot context")
+                slot_p = slot_probabilities(source, p[None, :], {**UNIFORM_PARTS, **parts},
+                                            bundle.plan["gesture_weight"][view])[0]
+            return str(GESTURES[self.subjects.choose(bundle.rule, p, subject, slot_p, sequence_id)])
         except Exception as err:
             self.stats.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
             return None
@@ -5311,8 +5498,9 @@ class Runtime:
     def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame, subject: str | None = None,
               sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, np.ndarray]:
         """Per member that gave finite numbers, the (1, 18) class probabilities (the same code the
-        CV imu_only view runs), the view whose blend weights apply, and the slot models' (6,)
-        orientation and behaviour probabilities (uniform when the rule does not use them)."""
+        CV imu_only view runs), the view whose blend weights apply, and what the slot sources read
+        (slot_probabilities' `parts`): the nets' heads averaged over the members that answered, and
+        the slot models' (1, 6) orientation and behaviour probabilities when the plan reads them."""
         bundle = self.require()
         prepared = tie_call(sequence, demographics)
         for repair in prepared.repairs:
@@ -5322,31 +5510,32 @@ class Runtime:
             prepared = tie_call(sequence, demographics, turned=True)
         channels = sequence_channels(prepared, bundle.cfg.sample_rate_hz, bundle.cfg.tof_pooling)
         cache: dict[str, Any] = {}
-        out = {}
+        out, heads = {}, []
         for name, loaded in bundle.models.items():
             try:
-                p = loaded.proba(prepared, channels, cache)
+                got = loaded.heads(prepared, channels, cache)
             except Exception as err:
                 self.stats.note(f"{name} raised {type(err).__name__}; left out of that call's blend", str(err)[:200])
                 continue
-            if not np.isfinite(p).all():
+            if not all(np.isfinite(v).all() for v in got.values()):
                 self.stats.note(f"{name} gave non-finite probabilities; left out of that call's blend")
                 continue
-            out[name] = p
-        context = UNIFORM_CONTEXT
-        if bundle.rule == "slots":
+            out[name] = got["gesture"]
+            heads.append(got)
+        parts = net_context(heads)
+        if "lgbm" in SLOT_PARTS.get(bundle.plan["slot_source"], ()):
             try:
                 table = call_table(prepared, channels, cache, bundle.cfg.sample_rate_hz)
-                context = context_proba(bundle.context, table.matrix(bundle.context_names))[0]
+                parts["lgbm"] = context_proba(bundle.context, table.matrix(bundle.context_names))
             except Exception as err:
                 self.stats.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour",
                                 str(err)[:200])
-        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), context
+        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), parts
 
     def record(self) -> dict[str, Any]:
         """What served, for run_summary.json (the summary line says the same)."""
         st, b = self.stats, self.bundle
-        return {"calls": st.calls, "serving_rule": b.rule if b else None,
+        return {"calls": st.calls, "serving_rule": plan_name(b.plan) if b else None,
                 "served": {v: dict(c) for v, c in st.served.items()}, "reduced_blend_calls": st.reduced,
                 "fallback_calls": st.fallbacks, "upside_down_calls": st.turned,
                 "left_out_at_load": dict(b.left_out) if b else {}, "problems": dict(st.problems),

@@ -1,11 +1,12 @@
 """predict() latency for the whole bundle over the demo test sequences, as the gateway calls it.
 
 Usage: python bench/inference.py [--model-path working/bundle] [--data-dir demo_data] [--n 408]
-                                 [--rule argmax|argmax9|gesture_capacity|slots]
+                                 [--plan argmax|argmax9|gesture_capacity|slots/lgbm|slots/heads|slots/joint]
 Prints the first call (bundle load) apart, then p50/p95/max over the following calls, the late
 calls of long subjects (80 or more of the subject's sequences seen: the per-subject assignment
 solves over all of them), then where the time of a call goes (signals, LightGBM features and
-folds, each net's folds). --rule overrides the bundle's serving rule (default: the bundle's).
+folds, each net's folds). --plan overrides the bundle's serving rule and slot source (default: the
+bundle's; the gesture weights stay the bundle's, 1 where it has none).
 """
 from __future__ import annotations
 
@@ -27,16 +28,21 @@ def main() -> None:
     ap.add_argument("--model-path", default=str(ROOT / "working" / "bundle"))
     ap.add_argument("--data-dir", default=str(ROOT / "demo_data"))
     ap.add_argument("--n", type=int, default=408)
-    ap.add_argument("--rule", choices=nb.SERVING_RULES, default=None)
+    plans = [r for r in nb.SERVING_RULES if r != "slots"] + [f"slots/{s}" for s in nb.SLOT_SOURCES]
+    ap.add_argument("--plan", choices=plans, default=None)
     args = ap.parse_args()
     cfg = nb.parse_config(["--stage", "infer", "--model-path", args.model_path, "--data-dir", args.data_dir],
                           environ={})
     rt = nb.set_runtime(cfg)
-    if args.rule:
+    if args.plan:
         bundle = rt.require()
-        manifest = dict(bundle.manifest, serving_rule=args.rule)
-        rule, context, names = nb.slot_rule(bundle.path, manifest, nb.produced_names(bundle.cfg), bundle.cfg, {})
-        rt.bundle = nb.dataclasses.replace(bundle, rule=rule, context=context, context_names=names)
+        rule, _, source = args.plan.partition("/")
+        plan = nb.serving_plan(rule, source, bundle.manifest["serving"].get("gesture_weight"))
+        left_out: dict[str, str] = {}
+        plan, context, names = nb.slot_rule(bundle.path, dict(bundle.manifest, serving=plan),
+                                            nb.produced_names(bundle.cfg), bundle.cfg, bundle.models, left_out)
+        assert not left_out, left_out
+        rt.bundle = nb.dataclasses.replace(bundle, plan=plan, context=context, context_names=names)
     test = pl.read_csv(Path(args.data_dir) / "test.csv", infer_schema_length=100)
     demo = pl.read_csv(Path(args.data_dir) / "test_demographics.csv")
     ids = test["sequence_id"].unique(maintain_order=True).to_list()
@@ -57,10 +63,10 @@ def main() -> None:
     first, rest = times[0], np.array(times[1:])
     print(f"predict(): first call (loads the bundle) {first:.0f} ms; next {len(rest)} calls: "
           f"p50 {np.percentile(rest, 50):.1f} ms, p95 {np.percentile(rest, 95):.1f} ms, max {rest.max():.1f} ms "
-          f"(models: {', '.join(nb._RUNTIME.bundle.models)}; rule {nb._RUNTIME.bundle.rule}); {nb._RUNTIME.summary()}")
+          f"(models: {', '.join(nb._RUNTIME.bundle.models)}; rule {nb.plan_name(nb._RUNTIME.bundle.plan)}); {nb._RUNTIME.summary()}")
     late = np.array(times)[np.array(counts) >= 80]
     if len(late):
-        print(f"late calls (80-{max(counts)} of the subject's sequences seen, rule {nb._RUNTIME.bundle.rule}): "
+        print(f"late calls (80-{max(counts)} of the subject's sequences seen, rule {nb.plan_name(nb._RUNTIME.bundle.plan)}): "
               f"{len(late)} calls, p50 {np.percentile(late, 50):.1f} ms, p95 {np.percentile(late, 95):.1f} ms")
     breakdown(nb._RUNTIME, [frames[sid] for sid in calls[1:]], demo)
 
@@ -83,7 +89,7 @@ def breakdown(rt: "nb.Runtime", sequences: list[pl.DataFrame], demo: pl.DataFram
         for name, loaded in rt.bundle.models.items():
             loaded.member.call_inputs(prepared, channels, cache)
             t = lap(f"{name}: inputs" if name == "lgbm" else "net inputs", t)
-            loaded.proba(prepared, channels, cache)
+            loaded.heads(prepared, channels, cache)
             t = lap(f"{name}: {len(loaded.folds)} folds predict", t)
     print("per-call breakdown (median ms): " + ", ".join(f"{k} {np.median(v):.1f}" for k, v in laps.items()))
 

@@ -175,7 +175,7 @@ def test_the_same_sequence_called_again_replaces_its_history_entry(trained):
     sequence, with another of its subject's sequences between them, give one answer and one entry."""
     cfg, _ = trained
     runtime = nb.Runtime(cfg)
-    runtime.bundle = nb.dataclasses.replace(runtime.require(), rule="gesture_capacity")
+    runtime.bundle = nb.dataclasses.replace(runtime.require(), plan=nb.serving_plan("gesture_capacity"))
     calls = _calls(cfg)
     (seq, demo), (other, other_demo) = [c for c in calls if c[0]["subject"][0] == calls[0][0]["subject"][0]][:2]
     answers = [runtime.predict(seq, demo)]
@@ -274,7 +274,7 @@ def test_a_bundle_whose_every_family_fails_per_call_stops_the_gateway(trained, t
     runtime = nb.set_runtime(serving)
     runtime.require()
     # Every family fails every call (each is left out of that call's blend, as test_serving checks).
-    monkeypatch.setattr(runtime, "proba", lambda *a, **k: ({}, "full", nb.UNIFORM_CONTEXT))
+    monkeypatch.setattr(runtime, "proba", lambda *a, **k: ({}, "full", {}))
     with pytest.raises(nb.BundleError, match="the last 20 calls were all answered by the fallback"):
         nb.serve(serving)
 

@@ -95,7 +95,7 @@ def _a_value_no_profile_uses(name):
     """A valid value for a profile-set field that differs from every profile's own."""
     used = {p.get(name) for p in nb.PROFILES.values()}
     candidates = {"models": ["lgbm", "torch", "keras,lgbm"], "torch_arch": ["squeezeformer", "gru"],
-                  "net_conv": ["24,48", "40,80"], "lgbm_imu_reference": [True, False]}.get(name)
+                  "net_conv": ["24,48", "40,80"], "lgbm_imu_reference": [True, False], "net_variants": ["imu"]}.get(name)
     if candidates is None:  # a number inside the field's allowed range
         meta = {f.name: f.metadata for f in nb.dataclasses.fields(nb.Config)}[name]
         low, high = meta["low"] or 0, meta["high"] or 10 ** 6

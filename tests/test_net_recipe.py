@@ -53,9 +53,9 @@ def test_torch_fp16_falls_back_to_fp32_after_non_finite_losses(smoke_fold, monke
     real, calls = nb.head_losses, []
 
     def overflowing(*args, **kw):  # the first steps overflow, as fp16 can on a GPU
-        losses = real(*args, **kw)
+        gesture, extra = real(*args, **kw)
         calls.append(1)
-        return [l * float("inf") for l in losses] if len(calls) <= 2 else losses
+        return ([l * float("inf") for l in gesture], extra) if len(calls) <= 2 else (gesture, extra)
 
     monkeypatch.setattr(nb, "head_losses", overflowing)
     records = []
@@ -140,8 +140,8 @@ def test_the_phase_target_rides_along_with_its_steps(smoke_fold):
     cfg = dataclasses.replace(cfg, aug_time_stretch=1.0, aug_mixup=0.0, aug_rotation=0.0, max_len=40)
     scaler = nb.InputScaler.fit(inputs, np.arange(len(inputs.names)), cfg.max_len)
     idx = np.arange(8)
-    x, lengths, demo, y, orientation, phase = nb.training_batch(inputs, targets, idx, scaler, cfg,
-                                                                np.random.default_rng(0))
+    x, lengths, demo, y, orientation, behavior, slot, phase = nb.training_batch(inputs, targets, idx, scaler, cfg,
+                                                                                np.random.default_rng(0))
     assert x.shape[:2] == phase.shape and (lengths <= 40).all()
     for row, i in enumerate(idx):
         p = phase[row, :lengths[row]]

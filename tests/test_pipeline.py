@@ -159,6 +159,35 @@ def test_resumed_run_gives_the_same_oof(tmp_path):
                                        np.load(tmp_path / "b" / "out" / "oof" / f), rtol=1e-5, atol=1e-6)
 
 
+def test_more_seeds_resume_the_first_and_average_into_one_member(tmp_path, capsys):
+    """--net-seeds 2 after a run of one seed: seed 0's files are resumed, only seed 1 trains; the
+    member stays one in the blend, its OOF is the mean of the two seeds' fold outputs, and every
+    file is in the manifest with its weight (a fold's weight shared by its seeds)."""
+    one = smoke_config(tmp_path, models="torch", torch_arch="gru")
+    nb.train(one)
+    oof_one = np.load(tmp_path / "out" / "oof" / "oof_torch_full.npy")
+    capsys.readouterr()
+    two = smoke_config(tmp_path, models="torch", torch_arch="gru", net_seeds=2)
+    nb.train(two)
+    log = capsys.readouterr().out
+    assert "torch fold 0 seed 1 epoch" in log and "torch fold 0 epoch" not in log, "seed 0 is resumed, seed 1 trains"
+    manifest = json.loads((tmp_path / "out" / "bundle" / "manifest.json").read_text())
+    fam = manifest["families"]["torch"]
+    assert list(manifest["families"]) == ["torch"]
+    assert fam["files"] == ["torch_fold0.pt", "torch_fold0_seed1.pt", "torch_fold1.pt", "torch_fold1_seed1.pt"]
+    assert fam["fold_weights"][0] == fam["fold_weights"][1] and sum(fam["fold_weights"]) == pytest.approx(1.0)
+    runtime = nb.Runtime(nb.dataclasses.replace(two, stage="infer"))
+    loaded = runtime.require().models["torch"]
+    td = nb.prepare_training_data(nb.load_training_data(nb.Path(two.data_dir)), two, nb.Path(two.out_dir))
+    inputs = loaded.member.training_inputs(td, nb.Path(two.out_dir))["full"]
+    seed1 = np.zeros_like(oof_one)
+    for k in range(two.folds):
+        va = td.folds == k
+        seed1[va] = loaded.member.predict(loaded.folds[2 * k + 1], inputs.subset(va))["gesture"]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "oof" / "oof_torch_full.npy"), (oof_one + seed1) / 2,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_fold_fingerprints_follow_only_their_own_settings():
     """A Config field's `affects` decides whose saved folds it retrains: LightGBM's settings never
     retrain a net, a net's never retrain LightGBM, what only the Squeezeformer or the torch recipe
@@ -286,12 +315,55 @@ def test_replayed_assignment_gains_on_data_with_the_study_structure():
     logits[np.arange(len(y)), y] += 1.2
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     context = np.hstack([np.eye(4)[o] * 0.7 + 0.075, np.eye(2)[b] * 0.6 + 0.2])
+    weak = np.hstack([np.eye(4)[o] * 0.2 + 0.2, np.eye(2)[b] * 0.1 + 0.45])  # the nets' heads, less sure
+    parts = {"lgbm": context, "orientation": weak[:, :4], "behavior": weak[:, 4:],
+             "slot": np.full((len(y), len(nb.SLOTS)), 1.0 / len(nb.SLOTS))}
     folds = np.array([int(s[1:]) % 2 for s in subj])
-    check = nb.serving_rule_check([nb.GESTURES[i] for i in y], {"full": probs, "imu_only": probs}, context, subj,
-                                  folds, seeds=1)
+    check = nb.serving_rule_check([nb.GESTURES[i] for i in y], {"full": probs, "imu_only": probs},
+                                  {"full": parts, "imu_only": parts}, subj, folds, seeds=1)
     lb = {r: t["expected_lb"] for r, t in check["rules"].items()}
-    assert lb["gesture_capacity"] > lb["argmax"] + 0.01 and lb["slots"] > lb["gesture_capacity"] + 0.01, lb
-    assert check["chosen"] == "slots" and check["nested"]["expected_lb"] == pytest.approx(lb["slots"])
+    assert lb["gesture_capacity"] > lb["argmax"] + 0.01 and lb["slots/lgbm"] > lb["gesture_capacity"] + 0.01, lb
+    assert lb["slots/lgbm"] > lb["slots/heads"] > lb["gesture_capacity"], lb  # sharper context, better slots
+    assert lb["slots/joint"] == pytest.approx(lb["gesture_capacity"], abs=0.02), lb  # a flat joint head adds nothing
+    assert check["chosen"] == "slots/lgbm" and check["nested"]["expected_lb"] > lb["gesture_capacity"] + 0.01
+    assert check["served"]["expected_lb"] == pytest.approx(lb["slots/lgbm"])
+
+
+def test_serving_decides_as_the_replay_does(trained):
+    """A subject's per-call rows fed to predict() in the replay's order get exactly the replay's
+    answers: the same slot probabilities (plan, gesture weight of the call's view), the same history,
+    the same assignment. Every member answers the same row, so the served blend is that row with the
+    bundle's target scale."""
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    bundle = runtime.require()
+    rng = np.random.default_rng(3)
+    y, o, b, subj = study_subjects(1)
+    logits = rng.normal(0, 1.0, (len(y), 18))
+    logits[np.arange(len(y)), y] += 1.0
+    raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    noisy = lambda eye: (eye + rng.uniform(0, 1.0, eye.shape)) / (eye + rng.uniform(0, 1.0, eye.shape)).sum(1, keepdims=True)  # noqa: E731
+    parts = {"orientation": noisy(np.eye(4)[o]), "behavior": noisy(np.eye(2)[b])}
+    demo = pl.DataFrame({"subject": ["S0"], **{k: [v] for k, v in nb.DEFAULT_DEMOGRAPHICS.items()}})
+    plan = nb.serving_plan("slots", "heads", {"full": 0.5, "imu_only": 2.0})
+    for view in nb.VIEWS:
+        runtime = nb.Runtime(cfg)
+        runtime.bundle, runtime.loaded = nb.dataclasses.replace(bundle, plan=plan), True
+        served_p = nb.blend_of({n: raw for n in bundle.models}, bundle.manifest, view)
+        want = nb.replay_rule("slots", served_p, nb.slot_probabilities("heads", served_p, parts, plan["gesture_weight"][view]),
+                              subj, seed=5)
+        order = nb.replay_order(subj, seed=5)[0]
+        current = {}
+        runtime.proba = lambda *args, view=view: ({n: raw[current["i"]][None, :] for n in bundle.models}, view,
+                                                   {k: v[current["i"]][None, :] for k, v in parts.items()})
+        got = []
+        for i in order:
+            current["i"] = i
+            seq = pl.DataFrame({"sequence_id": [f"SEQ_{i}"] * 3, "sequence_counter": [0, 1, 2], "subject": ["S0"] * 3,
+                                **{c: [0.1, 0.2, 0.3] for c in nb.ACC_COLS + nb.ROT_COLS}})
+            got.append(runtime.predict(seq, demo))
+        assert runtime.stats.fallbacks == 0 and not runtime.stats.problems, runtime.stats.problems
+        assert got == [nb.GESTURES[want[i]] for i in order], view
 
 
 def test_slot_assignment_fixes_what_gesture_capacity_cannot():
@@ -305,12 +377,33 @@ def test_slot_assignment_fixes_what_gesture_capacity_cannot():
     probs[1, above_ear], probs[1, neck] = 0.55, 0.30  # truly Neck - pinch skin
     probs /= probs.sum(1, keepdims=True)
     context = np.tile(np.concatenate([[0.94, 0.02, 0.02, 0.02], [0.95, 0.05]]), (2, 1))  # both seated straight, relaxing first
+    slot_p = lambda c: nb.slot_probabilities("lgbm", probs, {"lgbm": c})  # noqa: E731
     assert nb.assign_labels(probs).tolist() == [above_ear, above_ear]
-    assert nb.assign_slots(probs, context).tolist() == [above_ear, neck]
+    assert nb.assign_slots(probs, slot_p(context)).tolist() == [above_ear, neck]
     # Told the two were performed in different orientations, the slots no longer collide.
     apart = context.copy()
     apart[1, :4] = [0.02, 0.94, 0.02, 0.02]
-    assert nb.assign_slots(probs, apart).tolist() == [above_ear, above_ear]
+    assert nb.assign_slots(probs, slot_p(apart)).tolist() == [above_ear, above_ear]
+    # The same from the nets' heads, and from a joint head that puts the two in one slot.
+    heads = {"orientation": context[:, :4], "behavior": context[:, 4:]}
+    assert nb.assign_slots(probs, nb.slot_probabilities("heads", probs, heads)).tolist() == [above_ear, neck]
+    joint = nb.slot_probabilities("heads", probs, heads, weight=0.0)
+    assert nb.assign_slots(probs, nb.slot_probabilities("joint", probs, {"slot": joint})).tolist() == [above_ear, neck]
+
+
+def test_one_temperature_on_the_slot_table_changes_no_assignment():
+    """Why the calibration weighs the gesture blend against the slot context and not the whole
+    table: every row takes one slot, so a common power of the slot probabilities (a temperature)
+    leaves the assignment unchanged, while the gesture weight can change it."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(18) * 0.3, 60)
+    heads = {"orientation": rng.dirichlet(np.ones(4), 60), "behavior": rng.dirichlet(np.ones(2), 60)}
+    base = nb.slot_probabilities("heads", probs, heads)
+    for t in (0.3, 3.0):
+        tempered = base ** (1 / t) / (base ** (1 / t)).sum(1, keepdims=True)
+        assert (nb.assign_slots(probs, tempered) == nb.assign_slots(probs, base)).all()
+    moved = [nb.assign_slots(probs, nb.slot_probabilities("heads", probs, heads, w)) for w in (0.25, 4.0)]
+    assert (moved[0] != moved[1]).any()
 
 
 def test_argmax9_picks_a_target_only_when_it_beats_the_non_target_mass():
@@ -330,10 +423,10 @@ def test_predict_keeps_per_subject_state_only_when_enabled(trained, sample_dir):
     test = pl.read_csv(sample_dir / "test.csv")
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     seq = test.filter(pl.col("sequence_id") == two_sequences(test)[0])
-    runtime.bundle = nb.dataclasses.replace(runtime.require(), rule="argmax")
+    runtime.bundle = nb.dataclasses.replace(runtime.require(), plan=nb.serving_plan("argmax"))
     nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
     assert not runtime.subjects.history
-    runtime.bundle = nb.dataclasses.replace(runtime.bundle, rule="gesture_capacity")
+    runtime.bundle = nb.dataclasses.replace(runtime.bundle, plan=nb.serving_plan("gesture_capacity"))
     for _ in range(3):
         out = nb.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
         assert type(out) is str and out in nb.GESTURES

@@ -88,14 +88,50 @@ def test_a_bundle_uploaded_the_kaggle_cli_default_way_serves_whole(trained, samp
 
 
 def test_the_slot_models_load_from_the_bundle(trained, tmp_path):
-    """Whatever rule the smoke run chose, its slot models must load and answer when the rule is slots."""
+    """Whatever plan the smoke run chose, its slot models must load and answer when the plan reads them."""
     cfg, _ = trained
-    runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(serving_rule="slots"))
-    assert runtime.bundle.rule == "slots" and "slot models" not in runtime.bundle.left_out, runtime.bundle.left_out
+    plan = nb.serving_plan("slots", "lgbm", {"full": 1.0, "imu_only": 0.5})
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(serving=plan))
+    assert runtime.bundle.plan == plan and "slot models" not in runtime.bundle.left_out, runtime.bundle.left_out
     assert all(len(runtime.bundle.context[t]) == cfg.folds for t in nb.CONTEXT_TARGETS)
     x = np.zeros((1, len(runtime.bundle.context_names)), dtype=np.float32)
     p = nb.context_proba(runtime.bundle.context, x)
-    assert p.shape == (1, nb.UNIFORM_CONTEXT.size) and np.isfinite(p).all()
+    assert p.shape == nb.UNIFORM_PARTS["lgbm"].shape and np.isfinite(p).all()
+
+
+@pytest.mark.parametrize("source", ["heads", "blend", "joint"])
+def test_the_nets_heads_serve_the_slot_rule(trained, tmp_path, source):
+    """A plan on the nets' own heads serves every call with them (no call short of its slot context)."""
+    cfg, _ = trained
+    plan = nb.serving_plan("slots", source, {"full": 1.0, "imu_only": 2.0})
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(serving=plan))
+    assert runtime.bundle.plan == plan and not runtime.bundle.left_out, runtime.bundle.left_out
+    test = pl.read_csv(nb.Path(cfg.data_dir) / "test.csv")
+    demo = pl.read_csv(nb.Path(cfg.data_dir) / "test_demographics.csv")
+    for _, seq in list(test.group_by("sequence_id", maintain_order=True))[:6]:
+        assert runtime.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0])) in nb.GESTURES
+    assert runtime.stats.fallbacks == 0 and not runtime.stats.problems, runtime.stats.problems
+    assert all(len(h) for h in runtime.subjects.history.values())
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: m["serving"].update(rule="slots", slot_source="tea_leaves"), "slot_source"),
+    (lambda m: m["serving"].update(rule="slots", slot_source="heads", gesture_weight={"full": 1.0}), "gesture_weight"),
+    (lambda m: m["serving"].update(rule="slots", slot_source="joint", gesture_weight={"full": -1, "imu_only": 1}),
+     "gesture_weight"),
+])
+def test_an_edited_slot_plan_serves_gesture_capacity_and_says_why(trained, tmp_path, edit, why):
+    cfg, _ = trained
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", edit)
+    assert runtime.bundle.rule == "gesture_capacity" and why in runtime.bundle.left_out["slot models"]
+
+
+def test_the_bundle_serves_the_plan_training_chose(trained):
+    cfg, report = trained
+    manifest = json.loads((nb.Path(cfg.out_dir) / "bundle" / "manifest.json").read_text())
+    assert manifest["serving"] == report["serving_rule"]["plan"]
+    runtime = nb.Runtime(cfg)
+    assert runtime.require().plan == manifest["serving"] or not cfg.subject_assignment
 
 
 def test_a_bundle_of_the_sub_folder_layout_says_how_to_recover(trained, tmp_path):
