@@ -61,7 +61,8 @@ def main() -> None:
         counts.append(seen[subject])
         assert type(out) is str and out in nb.GESTURES
     first, rest = times[0], np.array(times[1:])
-    print(f"predict(): first call (loads the bundle) {first:.0f} ms; next {len(rest)} calls: "
+    loads = "the bundle was loaded before it, for --plan" if args.plan else "loads the bundle"
+    print(f"predict(): first call ({loads}) {first:.0f} ms; next {len(rest)} calls: "
           f"p50 {np.percentile(rest, 50):.1f} ms, p95 {np.percentile(rest, 95):.1f} ms, max {rest.max():.1f} ms "
           f"(models: {', '.join(nb._RUNTIME.bundle.models)}; rule {nb.plan_name(nb._RUNTIME.bundle.plan)}); {nb._RUNTIME.summary()}")
     late = np.array(times)[np.array(counts) >= 80]
