@@ -4151,9 +4151,9 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 #   probability comes from one of three sources: `lgbm`, p(gesture) x p(orientation) x p(behaviour)
 #   with the last two from two light LightGBM models on the IMU features (the slot models); `heads`,
 #   the same product with the nets' own orientation and behaviour heads; `blend`, the orientation
-#   averaged over the nets' heads and the slot model, the behaviour from the slot model (the nets
-#   read the last --max-len steps, which often leave out how the sequence started); `joint`, the
-#   nets' joint 102-slot head times p(gesture). In each, p(gesture) (the served blend) enters with a weight
+#   averaged over the nets' heads and the slot model, the behaviour from the slot model (the nets'
+#   behaviour heads are the last to train: short runs leave them behind it); `joint`, the nets'
+#   joint 102-slot head times p(gesture). In each, p(gesture) (the served blend) enters with a weight
 #   (its inverse temperature against the slot context, chosen per view). A single temperature on
 #   the whole slot table would change nothing: every row takes exactly one slot, so scaling all
 #   costs, or adding a constant per row, leaves the assignment as it is.
