@@ -227,7 +227,7 @@ class Config:
                                "starting behaviour (2) and the joint study slot (102: orientation x "
                                "gesture x behaviour), per step the gesture phase (BiGRU nets only)",
                                True, affects=NETS)
-    net_aux_weights: str = _doc("fixed weights of the orientation, phase, behaviour and slot losses, "
+    net_aux_weights: str = _doc("fixed weights of the orientation, behaviour, slot and phase losses, "
                                 "added to the gesture heads' loss (never uncertainty-weighted: a learned "
                                 "weight favours the easy per-step phase task over the gesture)",
                                 "0.2,0.2,0.2,0.2", items=("float", 4), affects=NETS)
@@ -2876,8 +2876,9 @@ def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator)
 # divides the per-step rates. Both frameworks train on the very same batches (`training_batch`).
 
 # %%
-NET_LOGITS = ("y18", "y9", "y2", "orientation", "behavior", "slot")  # the PyTorch nets' per-sequence heads
-AUX_HEADS = ("orientation", "phase", "behavior", "slot")  # the order of --net-aux-weights
+SEQUENCE_HEADS = ("orientation", "behavior", "slot")  # the nets' per-sequence heads besides the gesture
+AUX_HEADS = (*SEQUENCE_HEADS, "phase")  # training_batch's targets after the gesture; --net-aux-weights' order
+NET_LOGITS = ("y18", "y9", "y2", *SEQUENCE_HEADS)  # the PyTorch nets' per-sequence logits
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
                            for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
 
@@ -2907,7 +2908,7 @@ def net_outputs(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A PyTorch net's per-sequence logits -> what its member predicts: "gesture" (the three gesture
     heads combined), "orientation", "behavior" and "slot" probabilities."""
     return {"gesture": combine_heads(logits["y18"], logits["y9"], logits["y2"]),
-            **{k: _softmax(logits[k]) for k in ("orientation", "behavior", "slot")}}
+            **{k: _softmax(logits[k]) for k in SEQUENCE_HEADS}}
 
 
 DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
@@ -3028,7 +3029,7 @@ def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: 
              soft_targets(targets.y[idx], cfg.net_label_smoothing),
              np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]],
              np.eye(len(START_BEHAVIORS), dtype=np.float32)[targets.behavior[idx]],
-             np.vstack([np.eye(len(SLOTS), dtype=np.float32), np.zeros((1, len(SLOTS)), np.float32)])[targets.slot[idx]],
+             np.eye(len(SLOTS) + 1, len(SLOTS), dtype=np.float32)[targets.slot[idx]],  # row -1: all zero
              phase]
     if rng.random() < cfg.aug_mixup and len(idx) > 1:
         batch = mixup(rng, *batch)
@@ -3502,7 +3503,7 @@ def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any,
     soft_ce = lambda logits, target: -(target * torch.log_softmax(logits.float(), 1)).sum(1).mean()  # noqa: E731
     l2 = func.binary_cross_entropy_with_logits(o["y2"].float(), (yb * is_target).sum(1).clamp(0, 1))
     gesture = [soft_ce(o["y18"], yb), soft_ce(o["y9"], yb @ to9), l2]
-    extra = {k: soft_ce(o[k], aux[k]) for k in ("orientation", "behavior", "slot")} if aux else {}
+    extra = {k: soft_ce(o[k], aux[k]) for k in SEQUENCE_HEADS} if aux else {}
     if aux and "phase" in o:
         m = (aux["phase"] >= 0).float()
         per_step = func.binary_cross_entropy_with_logits(o["phase"].float(), aux["phase"].clamp(min=0.0), reduction="none")
@@ -3556,7 +3557,7 @@ class TorchSteps:
         """One batch (x, lengths, demographics, gesture, orientation, behaviour, slot, phase); the
         loss, or None if skipped."""
         xb, lb, db, yb, *rest = batch
-        aux = dict(zip(("orientation", "behavior", "slot", "phase"), rest)) if self.cfg.net_aux_heads else None
+        aux = dict(zip(AUX_HEADS, rest)) if self.cfg.net_aux_heads else None
         with torch.autocast(self.device, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16,
                             enabled=self.precision in ("fp16", "bf16")):
             gesture, extra = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, aux)
@@ -3989,10 +3990,10 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
         t0 = time.perf_counter()
         losses = []
         for idx in training_buckets(lengths, cfg, rng):
-            x, lb, demo, y, orientation, behavior, slot, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
+            x, lb, demo, y, *aux = training_batch(tr, targets, idx, scaler, cfg, rng)
             batch = keras_batch(x, lb, demo)
-            y_all = {"gesture": y, "orientation": orientation, "behavior": behavior, "slot": slot,
-                     "phase": phase_targets(phase, lb, stride, steps=batch["x"].shape[1] // stride)}
+            y_all = {"gesture": y, **dict(zip(AUX_HEADS, aux))}
+            y_all["phase"] = phase_targets(y_all["phase"], lb, stride, steps=batch["x"].shape[1] // stride)
             res = model.train_on_batch(batch, {k: y_all[k] for k in outputs}, return_dict=True)
             losses.append(float(res["loss"]))
         fold = NetFold(KerasPredictor(model, len(scaler.mean)), scaler)
@@ -4216,7 +4217,7 @@ def net_context(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     have it: the same for training's OOF replay and one predict() call."""
     got: dict[str, list[np.ndarray]] = {}
     for member in heads:
-        for head in ("orientation", "behavior", "slot"):
+        for head in SEQUENCE_HEADS:
             if head in member:
                 got.setdefault(head, []).append(member[head])
     return {head: np.mean(parts, axis=0) for head, parts in got.items()}
@@ -4232,12 +4233,14 @@ def slot_probabilities(source: str, probs: np.ndarray, parts: dict[str, np.ndarr
         log_p += np.log(np.clip(parts["slot"].astype(np.float64), 1e-12, 1.0))
     else:
         n_o = len(ORIENTATIONS)
-        context = {"lgbm": lambda: parts["lgbm"],
-                   "heads": lambda: np.hstack([parts["orientation"], parts["behavior"]]),
-                   "blend": lambda: np.hstack([(parts["orientation"] + parts["lgbm"][:, :n_o]) / 2, parts["lgbm"][:, n_o:]]),
-                   }[source]()
+        if source == "lgbm":
+            context = parts["lgbm"]
+        elif source == "heads":
+            context = np.hstack([parts["orientation"], parts["behavior"]])
+        else:  # blend
+            context = np.hstack([(parts["orientation"] + parts["lgbm"][:, :n_o]) / 2, parts["lgbm"][:, n_o:]])
         context = np.log(np.clip(context.astype(np.float64), 1e-12, 1.0))
-        log_p += context[:, SLOT_ORIENTATION] + context[:, len(ORIENTATIONS) + SLOT_BEHAVIOR]
+        log_p += context[:, SLOT_ORIENTATION] + context[:, n_o + SLOT_BEHAVIOR]
     p = np.exp(log_p - log_p.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
 
@@ -4316,9 +4319,9 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], parts: dic
         return float(np.mean([competition_metric(y[rows], [GESTURES[i] for i in lab[rows]])["metric"]
                               for lab in labels[c][v]]))
 
-    def pick(rows: np.ndarray) -> dict[str, Any]:
-        """The plan that wins on `rows`: the (rule, source) of the best expected LB, each view's weight its best."""
-        scored = {c: {v: score(c, v, rows) for v in VIEWS} for c in candidates}
+    def pick(scored: dict[tuple[str, str, float], dict[str, float]]) -> dict[str, Any]:
+        """The plan that wins on the rows `scored` was scored on: the (rule, source) of the best
+        expected LB, each view's weight its best."""
         best: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
         for (rule, source, w), by_view in scored.items():
             for v, sc in by_view.items():
@@ -4330,14 +4333,16 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], parts: dic
     def key(plan: dict[str, Any], v: str) -> tuple[str, str, float]:
         return plan["rule"], plan["slot_source"], plan["gesture_weight"][v] if plan["slot_source"] else 1.0
 
-    everything = np.ones(len(y), dtype=bool)
-    table = [{"rule": r, "slot_source": src, "gesture_weight": w, **{v: score((r, src, w), v, everything) for v in VIEWS}}
-             for r, src, w in candidates]
+    def scored_on(rows: np.ndarray) -> dict[tuple[str, str, float], dict[str, float]]:
+        return {c: {v: score(c, v, rows) for v in VIEWS} for c in candidates}
+
+    everything = scored_on(np.ones(len(y), dtype=bool))
+    table = [{"rule": r, "slot_source": src, "gesture_weight": w, **everything[(r, src, w)]} for r, src, w in candidates]
     for row in table:
         row["expected_lb"] = 0.5 * (row["full"] + row["imu_only"])
     chosen = pick(everything)
-    served = {v: score(key(chosen, v), v, everything) for v in VIEWS}
-    per_fold = {k: pick(other) for k, other, _ in fold_splits(folds)}
+    served = {v: everything[key(chosen, v)][v] for v in VIEWS}
+    per_fold = {k: pick(scored_on(other)) for k, other, _ in fold_splits(folds)}
     nested = {}
     for v in VIEWS:
         nested[v] = float(np.mean([competition_metric(y, [GESTURES[i] for i in held_out(
@@ -5404,7 +5409,7 @@ class SubjectState:
         if rule in ("gesture_capacity", "slots") and subject:
             rows = self.history.setdefault(subject, {})
             rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
-            rows[sequence_id] = (p, slot_p if slot_p is not None else np.full(len(SLOTS), 1.0 / len(SLOTS)))
+            rows[sequence_id] = (p, slot_p if slot_p is not None else UNIFORM_PARTS["slot"][0])
             return int(serve_labels(rule, np.vstack([r[0] for r in rows.values()]),
                                     np.vstack([r[1] for r in rows.values()]))[-1])
         return int(serve_labels(rule if rule == "argmax9" else "argmax", p[None, :])[0])
@@ -5496,7 +5501,7 @@ class Runtime:
             return None
 
     def proba(self, sequence: pl.DataFrame, demographics: pl.DataFrame, subject: str | None = None,
-              sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, np.ndarray]:
+              sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, dict[str, np.ndarray]]:
         """Per member that gave finite numbers, the (1, 18) class probabilities (the same code the
         CV imu_only view runs), the view whose blend weights apply, and what the slot sources read
         (slot_probabilities' `parts`): the nets' heads averaged over the members that answered, and

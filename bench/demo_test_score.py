@@ -36,17 +36,13 @@ def demo_test_labels(data_dir: Path) -> pl.DataFrame:
     frames: list[tuple[bool, pl.DataFrame]] = []
     real_rows, test_cols = nb._demo_rows, nb.TEST_COLS
 
-    class Kept:  # the generator writes what _demo_rows returns; keep it instead
-        def __init__(self, frame: pl.DataFrame) -> None:
-            self.frame = frame
-
+    class NotWritten:  # the generator writes what _demo_rows returns; `frames` keeps it instead
         def write_csv(self, path: Path) -> None:
             pass
 
     def rows(rng, subjects, is_train, cfg_, seq_iter):  # noqa: ANN001, ANN202
-        frame = real_rows(rng, subjects, is_train, cfg_, seq_iter)
-        frames.append((is_train, frame))
-        return Kept(frame)
+        frames.append((is_train, real_rows(rng, subjects, is_train, cfg_, seq_iter)))
+        return NotWritten()
 
     # The test rows as made, with the label columns the test schema drops (the same random draws).
     nb._demo_rows, nb.TEST_COLS = rows, nb.TRAIN_COLS
