@@ -192,7 +192,7 @@ def test_a_long_wait_never_pushes_the_gesture_out_of_a_demo_sequence():
     still starts (up to 450 steps / tempo) must give way, not truncate the gesture or overflow."""
     rng = np.random.default_rng(0)
     for _ in range(3000):
-        n_start, n_move, n_pause, n_gest = nb._demo_timeline(rng, nb.START_BEHAVIORS[1], 0.6)
+        n_start, n_move, n_pause, n_gest = nb._demo_timeline(rng, nb.START_BEHAVIORS[1], 0.6, False)
         assert n_start >= 0 and n_gest >= 14 and n_start + n_move + n_pause + n_gest <= 700
 
 
