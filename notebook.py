@@ -869,11 +869,13 @@ def mirror_sensors(x: np.ndarray) -> np.ndarray:
 def turn_upside_down(x: np.ndarray) -> np.ndarray:
     """A SENSOR_COLS matrix (n, 332) as the device worn upside down gives it (and back: an involution):
     turned 180 degrees about the axis normal to the watch face, so acc x and y change sign, the
-    orientation quaternion is composed with that turn and each 8x8 ToF grid is rotated by 180 degrees."""
+    orientation quaternion is composed with that turn (and given the sign the device stores) and each
+    8x8 ToF grid is rotated by 180 degrees."""
     x = x.copy()
     x[:, 0:2] *= -1
     w, qx, qy, qz = (x[:, 3 + i].copy() for i in range(4))  # q * (0, 0, 0, 1)
     x[:, 3], x[:, 4], x[:, 5], x[:, 6] = -qz, qy, -qx, w
+    x[:, 3:7] = as_stored(x[:, 3:7])
     tof = x[:, 12:].reshape(len(x), 5, 64)
     x[:, 12:] = tof[:, :, ::-1].reshape(len(x), 320)
     return x
@@ -1904,8 +1906,6 @@ def prepare_sequences(frame: pl.DataFrame, demographics: pl.DataFrame) -> Sequen
         sensors = sensors.copy()
         sensors[left] = mirror_sensors(sensors[left])
         sensors[turned] = turn_upside_down(sensors[turned])
-        rot = sensors[:, 3:7]
-        rot[turned] = as_stored(rot[turned])  # as the device would have stored the rows worn as usual
     return Sequences(meta, sensors, seqs.repairs)
 
 
@@ -1963,7 +1963,7 @@ class UpsideDownCheck:
         ids, subjects, g = cls.gravity(prepared)
         o = np.array(label_index([orientation.get(i, "") for i in ids], ORIENTATIONS))
         check = cls._fitted(g, o)
-        turned = np.isin(subjects, check.flagged(prepared))
+        turned = np.isin(subjects, cls._turned(subjects, check._capped(g)))
         return cls._fitted(g[~turned], o[~turned]) if turned.any() and not turned.all() else check
 
     def _log_density(self, g: np.ndarray) -> np.ndarray:
@@ -1974,10 +1974,13 @@ class UpsideDownCheck:
         component = np.log(self.weights) - 0.5 * (mahalanobis + np.linalg.slogdet(cov)[1] + 3 * np.log(2 * np.pi))
         return np.logaddexp.reduce(component, axis=1)
 
+    def _capped(self, g: np.ndarray) -> np.ndarray:
+        return np.clip(self._log_density(g * self.TURN) - self._log_density(g), -self.CAP, self.CAP)
+
     def evidence(self, prepared: Sequences) -> tuple[np.ndarray, np.ndarray]:
         """(subject, evidence) per sequence: the capped log-likelihood ratio, > 0 for upside down."""
         _, subjects, g = self.gravity(prepared)
-        return subjects, np.clip(self._log_density(g * self.TURN) - self._log_density(g), -self.CAP, self.CAP)
+        return subjects, self._capped(g)
 
     def is_valid(self) -> bool:
         """Finite parameters of the right shapes, positive weights, positive definite covariances
@@ -1995,11 +1998,14 @@ class UpsideDownCheck:
     def decide(cls, evidence: Iterable[float]) -> bool:
         return float(np.sum(list(evidence))) > cls.DECISIVE
 
+    @classmethod
+    def _turned(cls, subjects: np.ndarray, evidence: np.ndarray) -> list[str]:
+        sums = pl.DataFrame({"s": subjects, "score": evidence}).group_by("s").agg(pl.col("score").sum())
+        return sorted(s for s, total in sums.iter_rows() if cls.decide([total]))
+
     def flagged(self, prepared: Sequences) -> list[str]:
         """Subjects whose sequences, all together, say upside down."""
-        subjects, score = self.evidence(prepared)
-        sums = pl.DataFrame({"s": subjects, "score": score}).group_by("s").agg(pl.col("score").sum())
-        return sorted(s for s, total in sums.iter_rows() if self.decide([total]))
+        return self._turned(*self.evidence(prepared))
 
 
 def mark_upside_down(demographics: pl.DataFrame, subjects: Iterable[str]) -> pl.DataFrame:

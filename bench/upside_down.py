@@ -69,7 +69,11 @@ def xy_check(as_worn: nb.Sequences):
     per = pl.DataFrame({"s": subjects, "x": g[:, 0], "y": g[:, 1]}).group_by("s").mean()
     ref = np.array([per["x"].median(), per["y"].median()])
     ref /= np.linalg.norm(ref)
-    return lambda prepared: (nb.UpsideDownCheck.gravity(prepared)[1], nb.UpsideDownCheck.gravity(prepared)[2][:, :2] @ ref)
+
+    def score(prepared: nb.Sequences) -> tuple[np.ndarray, np.ndarray]:
+        _, subjects, g = nb.UpsideDownCheck.gravity(prepared)
+        return subjects, g[:, :2] @ ref
+    return score
 
 
 def main() -> None:
