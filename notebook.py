@@ -94,6 +94,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -118,6 +119,11 @@ LOG = logging.getLogger("cmi")
 # %%
 KAGGLE_DATA_DIR = Path("/kaggle/input/cmi-detect-behavior-with-sensor-data")
 KAGGLE_WORKING = Path("/kaggle/working")
+# A Kaggle notebook session is killed at 9 hours with its output lost. Training keeps 1 hour back:
+# the slot models, the plan replay, the bundle's proof, plots and serving the public test take
+# minutes on the full profile (docs/RESULTS.md, section 6), saving /kaggle/working a few more, and
+# the rest absorbs a fold that runs longer than projected.
+KAGGLE_TIME_BUDGET_HOURS = 9.0 - 1.0
 
 
 MODEL_FAMILIES = ("lgbm", "torch", "keras")
@@ -171,6 +177,18 @@ class Config:
     seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0, affects=ALL_MEMBERS)
     sample_rate_hz: float = _doc("sampling rate used as the time base of every derivative and "
                                  "of the Welch bands", 10.0, low=0.5, high=1000.0, affects=ALL_MEMBERS)
+    time_budget_hours: float | None = _doc("train no fold that would end past this many hours after the "
+                                           "start (projected from the folds and epochs already timed): the "
+                                           "members with every fold are blended, bundled and served, the rest "
+                                           "resume in the next session (--resume-from); default on Kaggle "
+                                           "8 (its 9-hour limit less 1 hour for what follows training and "
+                                           "for saving the output), elsewhere 0 = no limit", low=0.0)
+    stop_after_folds: int = _doc("if > 0, train at most this many new fold models in this session, "
+                                 "counted over all members (a fold's seeds count one each); the run "
+                                 "then ends as under the time budget", 0, low=0)
+    resume_from: str | None = _doc("an earlier run's output folder or bundle (on Kaggle, that notebook's "
+                                   "output attached under /kaggle/input): its finished folds are copied "
+                                   "into OUT/bundle and not trained again")
     # --- demo data
     demo_train_subjects: int | None = _doc("demo dataset: number of training subjects", low=2)
     demo_test_subjects: int | None = _doc("demo dataset: number of test subjects", low=1)
@@ -215,8 +233,6 @@ class Config:
     lgbm_imu_reference: bool | None = _doc("also train a LightGBM on IMU features alone, as the "
                                            "yardstick for the imu_only view (reported, not served; off in "
                                            "the quick profile to keep it under 5 minutes)")
-    stop_after_folds: int = _doc("if > 0, stop after training this many new folds (split a long "
-                                 "Kaggle session; a rerun resumes from the bundle)", 0, low=0)
     # --- the nets (both frameworks)
     net_conv: str | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
                                 "(each block halves the time axis)", items=("int", None), affects=("torch", "keras"))
@@ -325,7 +341,7 @@ def config_from(saved: dict[str, Any]) -> Config:
     return dataclasses.replace(Config(), **{k: v for k, v in saved.items() if k in names})
 
 
-PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path")
+PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path", "resume_from")
 
 
 def member_name(family: str, cfg: Config) -> str:
@@ -538,6 +554,9 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
             setattr(cfg, name, value)
             where[name] = f"profile {profile}: {name}={value!r}"
     cfg.profile = profile
+    if cfg.time_budget_hours is None:
+        cfg.time_budget_hours = KAGGLE_TIME_BUDGET_HOURS if on_kaggle() else 0.0
+        where["time_budget_hours"] = f"default {'on Kaggle' if on_kaggle() else 'here'}: {cfg.time_budget_hours:g}"
     for name, f in fields.items():
         setattr(cfg, name, checked_value(f, getattr(cfg, name), where.get(name, f"Config.{name} = {getattr(cfg, name)!r}")))
     if is_competition_rerun():
@@ -2391,7 +2410,74 @@ def make_folds(labels: pl.DataFrame, n_folds: int, seed: int) -> np.ndarray:
 
 
 class StopRequested(Exception):
-    """--stop-after-folds reached; the bundle holds every finished fold and a rerun resumes."""
+    """The session's training budget ran out before any member had all its folds: nothing to serve
+    yet; the bundle holds every finished fold and a rerun resumes from them."""
+
+
+class OutOfBudget(Exception):
+    """A fold that may not start, or go on, in this session; the message says why."""
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+class TrainingClock:
+    """This session's training budget, kept fold by fold over every member. --stop-after-folds counts
+    new fold models over all members; --time-budget-hours refuses a fold whose projected end lies
+    past the budget. A fold is projected from its member's folds timed before (in this session, or
+    by an earlier one, in the fold's meta file); a member's first fold from its own epochs, as they
+    pass. Once one fold is refused no other starts, so the session ends soon after."""
+
+    def __init__(self, cfg: Config, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now, self.max_folds = now, cfg.stop_after_folds
+        self.budget_s = cfg.time_budget_hours * 3600.0 if cfg.time_budget_hours else math.inf
+        self.start = self.fold_start = now()
+        self.trained = 0
+        self.refused: str | None = None  # why no new fold starts any more
+        self.fold_seconds: dict[str, list[float]] = {}
+
+    def left(self) -> float:
+        return self.budget_s - (self.now() - self.start)
+
+    def timed(self, member: str, seconds: float) -> None:
+        """A fold of `member` took `seconds` (trained now, or by an earlier session)."""
+        self.fold_seconds.setdefault(member, []).append(float(seconds))
+
+    def projected(self, member: str) -> float | None:
+        done = self.fold_seconds.get(member)
+        return float(np.mean(done)) if done else None
+
+    def _refuse(self, why: str) -> None:
+        self.refused = self.refused or why
+        raise OutOfBudget(self.refused)
+
+    def start_fold(self, member: str) -> None:
+        """Raise OutOfBudget unless a new fold model of `member` may start now."""
+        if self.refused:
+            self._refuse(self.refused)
+        if self.max_folds and self.trained >= self.max_folds:
+            self._refuse(f"--stop-after-folds {self.max_folds}: {self.trained} new fold models trained in this session")
+        need, left = self.projected(member), self.left()
+        if left <= 0 or (need is not None and need > left):
+            self._refuse(f"the time budget: {hours(max(left, 0))} of {hours(self.budget_s)} left, and a {member} "
+                         f"fold takes {hours(need) if need is not None else 'longer'}")
+        self.fold_start = self.now()
+
+    def epoch_done(self, member: str, epoch: int, epochs: int) -> None:
+        """After epoch `epoch` (0-based) of `epochs`: raise OutOfBudget when the fold's epochs so far
+        project its last one past the budget (early stopping may end it sooner; it is not counted on)."""
+        rest = (self.now() - self.fold_start) / (epoch + 1) * (epochs - epoch - 1)
+        if rest > self.left():
+            self._refuse(f"the time budget: {hours(max(self.left(), 0))} of {hours(self.budget_s)} left, and "
+                         f"this {member} fold needs {hours(rest)} more after epoch {epoch + 1} of {epochs}")
+
+    def end_fold(self, member: str) -> float:
+        """The fold model just trained is saved; returns its seconds."""
+        seconds = self.now() - self.fold_start
+        self.trained += 1
+        self.timed(member, seconds)
+        return seconds
 
 
 @dataclass
@@ -2558,7 +2644,8 @@ class Member:
     - `training_inputs(td, out)`: per CV view, what its models read of the training sequences
       (sets `names`, the input names the bundle records); `rows(inputs, mask)`: a subset of them;
     - `call_inputs(prepared, channels, cache)`: the same for one predict() call;
-    - `fit(k, s, inputs, td, train_mask, valid_mask, out)`: train fold k with its seed s -> Fitted;
+    - `fit(k, s, inputs, td, train_mask, valid_mask, log)`: train fold k with its seed s -> Fitted
+      (`log`: the per-epoch callback of the nets, epoch_logger);
     - `save(model, path)` / `load(path)`: a fold file in the bundle;
     - `predict(fold, inputs, exact=False)`: every head's output of one fold: "gesture" (n, 18)
       probabilities, and "orientation" (n, 4), "behavior" (n, 2) and "slot" (n, 102) where the
@@ -2609,7 +2696,7 @@ class Member:
         raise NotImplementedError
 
     def fit(self, k: int, s: int, inputs: dict[str, Any], td: "TrainingData", tr: np.ndarray, va: np.ndarray,
-            out: Path) -> Fitted:
+            log: Callable[[dict[str, Any]], None]) -> Fitted:
         raise NotImplementedError
 
     def save(self, model: Any, path: Path) -> None:
@@ -2622,20 +2709,40 @@ class Member:
         raise NotImplementedError
 
 
-def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path) -> dict[str, Any]:
+def epoch_logger(out: Path, family: str, k: int, s: int = 0,
+                 after: Callable[[int], None] | None = None) -> Callable[[dict[str, Any]], None]:
+    """Per-epoch record of a net: one JSON line in OUT/logs/<family>.jsonl and one printed line;
+    then `after(epoch)` (the time budget's check)."""
+    path = out / "logs" / f"{family}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fold = f"{k} seed {s}" if s else str(k)
+
+    def log(rec: dict[str, Any]) -> None:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"fold": k, "seed": s, **rec}) + "\n")
+        loss = rec["loss"] if rec["loss"] is not None else float("nan")
+        say(f"  {family} fold {fold} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
+            f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
+        if after is not None:
+            after(rec["epoch"])
+    return log
+
+
+def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: TrainingClock) -> dict[str, Any]:
     """The fold loop of every member: a fold file the bundle already holds for this data and these
-    settings is loaded, any other is trained, saved (its meta file last: a fold cut short has none
-    and is retrained) and loaded back, so OOF always comes from the saved files, exactly as a
-    resumed fold or predict() sees them, and never has holes. A fold's seeds are averaged. File
-    weights follow each fold's validation score (mean of the two views), shared by its seeds.
-    Returns the OOF gesture probabilities per view, every head's OOF per view ("heads"), the file
-    weights, the loaded models (one per file), and the member's manifest entry."""
+    settings is loaded, any other is trained (when the clock allows: else OutOfBudget), saved (its
+    meta file last: a fold cut short has none and is retrained) and loaded back, so OOF always
+    comes from the saved files, exactly as a resumed fold or predict() sees them, and never has
+    holes. A fold's seeds are averaged. File weights follow each fold's validation score (mean of
+    the two views), shared by its seeds. Returns the OOF gesture probabilities per view, every
+    head's OOF per view ("heads"), the file weights, the loaded models (one per file), and the
+    member's manifest entry."""
     cfg = member.cfg
     inputs = member.training_inputs(td, out)
     fp = member.fingerprint(td.fingerprint)
     bundle.mkdir(parents=True, exist_ok=True)
     heads: dict[str, dict[str, np.ndarray]] = {v: {} for v in VIEWS}
-    models, files, fold_scores, trained_now = [], [], [], 0
+    models, files, fold_scores = [], [], []
     y_names = td.labels["gesture"].to_numpy()
     for k, tr, va in progress(fold_splits(td.folds), desc=f"{member.name} folds", total=cfg.folds):
         outputs: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in VIEWS}
@@ -2643,13 +2750,19 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path) -> dict
         for s in range(member.seeds):
             path = bundle / member.file(k, s)
             how = "resumed from the bundle"
-            if not saved_fold_matches(path, fp):
-                if cfg.stop_after_folds and trained_now >= cfg.stop_after_folds:
-                    raise StopRequested(f"{member.name}: stopped after {trained_now} new fold(s); rerun to resume")
-                fitted = member.fit(k, s, inputs, td, tr, va, out)
+            if saved_fold_matches(path, fp):
+                seconds = json.loads(fold_meta_path(path).read_text()).get("seconds")
+                if isinstance(seconds, (int, float)):
+                    clock.timed(member.name, seconds)
+            else:
+                clock.start_fold(member.name)
+                fitted = member.fit(k, s, inputs, td, tr, va, epoch_logger(
+                    out, member.name, k, s, lambda epoch: clock.epoch_done(member.name, epoch, cfg.epochs)))
                 member.save(fitted.model, path)
-                write_json(fold_meta_path(path), {"fingerprint": fp, "seed": member.seed(k, s), **fitted.meta})
-                how, trained_now = fitted.how, trained_now + 1
+                seconds = clock.end_fold(member.name)
+                write_json(fold_meta_path(path), {"fingerprint": fp, "seed": member.seed(k, s), **fitted.meta,
+                                                  "seconds": round(seconds, 2)})
+                how = fitted.how
             model = member.load(path)
             for v in VIEWS:
                 outputs[v].append(member.predict(model, member.rows(inputs[v], va)))
@@ -2671,21 +2784,6 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path) -> dict
     entry = {"files": files, "fold_weights": weights.tolist(), member.names_key: member.names, "fingerprint": fp}
     return {"oof": {v: heads[v]["gesture"] for v in VIEWS}, "heads": heads, "fold_weights": weights.tolist(),
             "folds": models, "entry": entry}
-
-
-def epoch_logger(out: Path, family: str, k: int, s: int = 0) -> Callable[[dict[str, Any]], None]:
-    """Per-epoch record of a net: one JSON line in OUT/logs/<family>.jsonl and one printed line."""
-    path = out / "logs" / f"{family}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fold = f"{k} seed {s}" if s else str(k)
-
-    def log(rec: dict[str, Any]) -> None:
-        with open(path, "a") as fh:
-            fh.write(json.dumps({"fold": k, "seed": s, **rec}) + "\n")
-        loss = rec["loss"] if rec["loss"] is not None else float("nan")
-        say(f"  {family} fold {fold} epoch {rec['epoch']:>3}: loss {loss:.3f} full {rec['full']:.4f} "
-            f"imu_only {rec['imu_only']:.4f} lr {rec['lr']:.2e} ({rec['seconds']:.1f}s)")
-    return log
 
 
 # %% [markdown]
@@ -2833,7 +2931,7 @@ class LgbmMember(Member):
         return call_table(prepared, channels, cache, self.cfg.sample_rate_hz).matrix(self.names)
 
     def fit(self, k: int, s: int, inputs: dict[str, np.ndarray], td: TrainingData, tr: np.ndarray,
-            va: np.ndarray, out: Path) -> Fitted:
+            va: np.ndarray, log: Callable[[dict[str, Any]], None]) -> Fitted:
         t0 = time.perf_counter()
         x_va = np.vstack([inputs["full"][va], inputs["imu_only"][va]])
         booster = train_lgbm_fold(self.cfg, inputs["full"][tr], td.y[tr], x_va, np.concatenate([td.y[va], td.y[va]]),
@@ -3826,10 +3924,9 @@ class TorchMember(NetMember):
         return super().training_inputs(td, out)
 
     def fit(self, k: int, s: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray,
-            va: np.ndarray, out: Path) -> Fitted:
+            va: np.ndarray, log: Callable[[dict[str, Any]], None]) -> Fitted:
         res = train_torch_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
-                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s),
-                               epoch_logger(out, self.name, k, s))
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s), log)
         ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(self.cfg),
                 "channel_names": self.names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
         return Fitted(ckpt, {"best_epoch": res["epoch"], "best_score": res["score"], "bad_steps": res["bad_steps"],
@@ -4212,10 +4309,9 @@ class KerasMember(NetMember):
     family, suffix = "keras", ".weights.npz"
 
     def fit(self, k: int, s: int, inputs: dict[str, NetInputs], td: "TrainingData", tr: np.ndarray,
-            va: np.ndarray, out: Path) -> Fitted:
+            va: np.ndarray, log: Callable[[dict[str, Any]], None]) -> Fitted:
         res = train_keras_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
-                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s),
-                               epoch_logger(out, self.name, k, s))
+                               {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s), log)
         return Fitted((res["model"], res["scaler"]), {"best_epoch": res["epoch"], "best_score": res["score"]},
                       kept_epoch(self.cfg, res["epoch"]))
 
@@ -5159,15 +5255,22 @@ def ensemble_members(cfg: Config) -> list[Member]:
     return members
 
 
-def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every member's folds, its OOF files (oof/oof_<member>_<view>.npy) and its CV report."""
+def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, clock: TrainingClock,
+                  report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every member's folds, its OOF files (oof/oof_<member>_<view>.npy) and its CV report. A member
+    whose folds the clock does not allow to finish is left out, named in report["not_trained"]."""
     out = Path(cfg.out_dir)
     y_true = td.labels["gesture"].to_list()
     families: dict[str, dict[str, Any]] = {}
     for member in ensemble_members(cfg):
         name = member.name
-        with watch(f"train_{name}"):
-            fam = run_folds(member, td, out / "bundle", out)
+        try:
+            with watch(f"train_{name}"):
+                fam = run_folds(member, td, out / "bundle", out, clock)
+        except OutOfBudget as why:
+            report["not_trained"][name] = str(why)
+            say(f"{name}: not trained in this session ({why}); the folds it finished are in the bundle")
+            continue
         families[name] = fam
         for view in VIEWS:  # named by member and view (a "_imu" suffix alone would make torch's
             for head, arr in fam["heads"][view].items():  # IMU-only view and torch_imu's full view the same file)
@@ -5175,7 +5278,7 @@ def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, report: dict[
                 atomic_write(out / "oof" / f"oof_{name}_{view}{tail}.npy", lambda p, a=arr: np.save(p, a))
         report["models"][name] = model_report(y_true, fam["oof"], td.folds)
         print_fold_table(name, report["models"][name])
-    if "lgbm" in families and cfg.lgbm_imu_reference:
+    if "lgbm" in families and cfg.lgbm_imu_reference and not clock.refused:
         with watch("train_lgbm_imu_reference"):
             ref = train_lgbm_imu_reference(cfg, td)
         rep = view_scores(y_true, ref, td.folds)
@@ -5234,9 +5337,93 @@ def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray
     return check["plan"]
 
 
-def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
-    """Load, features, every member's folds, the ensemble, then the report, bundle and plots."""
+# The full profile's training speed on this project's 2-core CPU, measured by bench/kaggle_time.py at
+# the real volume (docs/RESULTS.md, section 6): seconds per training sequence of one fold, per epoch
+# for the nets. No GPU has timed them yet: on CUDA the nets' figures are divided by an assumed
+# speed-up, which the projection line says it is; LightGBM runs on the CPU either way.
+FULL_PROFILE_SECONDS_PER_SEQUENCE = {"lgbm": 0.0, "torch": 0.0, "torch_imu": 0.0, "keras": 0.0, "keras_imu": 0.0}
+GPU_SPEEDUP_ASSUMED = {"lgbm": 1.0, "torch": 3.0, "keras": 2.0}  # low, so the projection errs long
+
+
+def projected_training(cfg: Config, n_sequences: int, device: str) -> dict[str, float]:
+    """Seconds per member for every fold of this run on `device`, from the measured rates above (a
+    member they do not cover takes its family's rate). Meaningful for the full profile's sizes."""
+    n_train = n_sequences * (cfg.folds - 1) / cfg.folds
+    seconds = {}
+    for member in ensemble_members(cfg):
+        rate = FULL_PROFILE_SECONDS_PER_SEQUENCE.get(member.name, FULL_PROFILE_SECONDS_PER_SEQUENCE[member.family])
+        passes = 1 if member.family == "lgbm" else member.cfg.epochs
+        speedup = 1.0 if device == "cpu" else GPU_SPEEDUP_ASSUMED[member.family]
+        seconds[member.name] = rate * n_train * passes * cfg.folds * member.seeds / speedup
+    return seconds
+
+
+def say_projection(cfg: Config, n_sequences: int, device: str) -> None:
+    """The full profile's projected training time, before anything trains; without a GPU, or past
+    the time budget, what to change (the run itself then stops within the budget)."""
+    if cfg.profile != "full":
+        return
+    per = projected_training(cfg, n_sequences, device)
+    total = sum(per.values())
+    assumed = "" if device == "cpu" else " (nets: the CPU rate over an assumed GPU speed-up, not yet measured)"
+    say(f"projected training time on {device}: {hours(total)}{assumed}: "
+        + ", ".join(f"{name} {hours(t)}" for name, t in per.items()))
+    if device == "cpu":
+        say("no GPU: the nets train on the CPU. Fix on Kaggle: Settings -> Accelerator -> GPU T4 x2, then "
+            "Save Version again")
+    budget = cfg.time_budget_hours * 3600
+    if budget and total > budget:
+        fits = [e for e in range(cfg.epochs - 1, 0, -1) if sum(projected_training(
+            dataclasses.replace(cfg, epochs=e), n_sequences, device).values()) <= budget]
+        nets_off = per.get("lgbm", 0.0) <= budget and "lgbm" in cfg.models.split(",")
+        advice = (f"--epochs {fits[0]} (CMI_EPOCHS={fits[0]})" if fits else
+                  "--models lgbm (CMI_MODELS=lgbm)" if nets_off else "--profile quick (CMI_PROFILE=quick)")
+        say(f"the projection exceeds the time budget of {hours(budget)}: {advice} would fit. This run trains "
+            f"what fits in the budget and says how to resume the rest")
+
+
+def resume_advice(cfg: Config) -> str:
+    """The one setting that finishes a run stopped by its budget, in the next session."""
+    if on_kaggle():
+        return ("save this version, then in the next one attach its output (Add Input -> Notebook Output) and "
+                "add `%env CMI_RESUME_FROM=/kaggle/input/<this notebook>` to the settings cell, the rest unchanged")
+    return (f"rerun with the same settings: it resumes from {Path(cfg.out_dir) / 'bundle'} (into another "
+            f"output folder: add --resume-from {cfg.out_dir})")
+
+
+def copy_finished_folds(source: Path, bundle: Path) -> None:
+    """--resume-from: every fold file of an earlier run's bundle (a fold file with its meta file,
+    which names its fingerprint) that OUT/bundle lacks is copied there; run_folds then resumes the
+    ones whose fingerprint matches this run and retrains the rest."""
+    src = source / "bundle" if (source / "bundle").is_dir() else source
+    if not src.is_dir():
+        raise ConfigError(f"--resume-from {source}: no such folder. Fix: attach the earlier run's output and "
+                          f"give its folder (on Kaggle /kaggle/input/<notebook>), or leave the setting out.")
+    bundle.mkdir(parents=True, exist_ok=True)
+    copied = kept = 0
+    for meta in sorted(src.glob("*.json")):
+        folds = [f for f in src.iterdir() if f != meta and f.name.split(".")[0] == meta.stem]
+        try:
+            is_meta = "fingerprint" in json.loads(meta.read_text())
+        except (OSError, ValueError, TypeError):
+            is_meta = False
+        if len(folds) != 1 or not is_meta:
+            continue
+        for f in (folds[0], meta):  # the meta file last, as run_folds writes them
+            if (bundle / f.name).exists():
+                kept += 1
+            else:
+                atomic_write(bundle / f.name, lambda p, f=f: shutil.copyfile(f, p))
+                copied += 1
+    say(f"resume: {copied // 2} finished folds copied from {src} into {bundle}"
+        + (f" ({kept // 2} already there, kept)" if kept else ""))
+
+
+def train(cfg: Config, watch: Stopwatch | None = None, clock: TrainingClock | None = None) -> dict[str, Any]:
+    """Load, features, every member's folds (as far as the clock allows), the ensemble of the members
+    with every fold, then the report, bundle and plots."""
     watch = watch or Stopwatch()
+    clock = clock or TrainingClock(cfg)
     out = Path(cfg.out_dir)
     bundle = out / "bundle"
     set_seed(cfg.seed)
@@ -5244,13 +5431,25 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
         ds = load_training_data(resolve_data_dir(cfg))
     with watch("features"):
         td = prepare_training_data(ds, cfg, out)
+    say_projection(cfg, td.labels.height, torch_device())
     invalidate_stale_manifest(bundle, run_fingerprint(cfg, td.fingerprint))
+    if cfg.resume_from:
+        copy_finished_folds(Path(cfg.resume_from), bundle)
     write_sequences = td.labels.select("sequence_id", "subject", "gesture").with_columns(
         pl.Series("fold", td.folds))
     atomic_write(out / "oof" / "sequences.csv", lambda p: write_sequences.write_csv(p))
     report: dict[str, Any] = {"models": {}, "n_sequences": td.labels.height, "folds": cfg.folds,
-                              "profile": cfg.profile}
-    families = train_members(cfg, td, watch, report)
+                              "profile": cfg.profile, "not_trained": {}}
+    families = train_members(cfg, td, watch, clock, report)
+    if report["not_trained"]:
+        report["resume"] = resume_advice(cfg)
+        say(f"training stopped: {', '.join(report['not_trained'])} not complete ({clock.refused}). To finish, "
+            f"{report['resume']}")
+        if not families:
+            write_run_summary(out, cfg, watch, {"not_trained": report["not_trained"], "resume": report["resume"]},
+                              continues=False)
+            raise StopRequested("nothing to serve yet: no member has all its folds")
+        say(f"the bundle serves {', '.join(families)}, the members with every fold")
     blend_weights, target_scale, ens = fit_ensemble(cfg, td, families, report)
     with watch("serving_rule"):
         context = train_context_models(cfg, td, bundle)
@@ -5261,8 +5460,9 @@ def train(cfg: Config, watch: Stopwatch | None = None) -> dict[str, Any]:
     with watch("plots"):
         plots = make_plots(out, td.labels["gesture"].to_list(), ens, report)
     say(f"plots: {len(plots)} written to {out / 'plots'}")
-    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"]}, continues=False,
-                      show=cfg.stage == "train")  # stage all prints it after serving
+    write_run_summary(out, cfg, watch, {"expected_lb": report["expected_lb"], "not_trained": report["not_trained"],
+                                        **({"resume": report["resume"]} if report["not_trained"] else {})},
+                      continues=False, show=cfg.stage == "train")  # stage all prints it after serving
     return report
 
 

@@ -142,21 +142,113 @@ def test_cv_imu_view_is_the_predict_path(trained, family):
         np.testing.assert_allclose(probas[family][0], oof_imu[i], rtol=1e-4, atol=1e-5)
 
 
-def test_resumed_run_gives_the_same_oof(tmp_path):
+class SlowTorchClock(nb.TrainingClock):
+    """The session's clock, where each epoch of the PyTorch BiGRU takes 10,000 s and nothing else
+    takes any time: the budget's refusal, made deterministic."""
+
+    def epoch_done(self, member, epoch, epochs):
+        if member == "torch":
+            self.start -= 10_000
+            self.fold_start -= 10_000
+        super().epoch_done(member, epoch, epochs)
+
+
+def test_a_run_split_by_its_budget_serves_what_is_complete_and_resumes_to_the_same_oof(tmp_path):
+    """Session 1: the time budget stops training during the first BiGRU fold (its first epoch projects
+    past the budget): the bundle serves LightGBM, the one member with every fold, and the log and
+    run_summary.json name what was not trained and how to resume. Session 2: --stop-after-folds 2
+    counts over all members, so it trains the BiGRU's two folds and stops before the Squeezeformer's
+    first. Session 3, into another output folder with --resume-from: the rest. Its OOF is the OOF
+    of one uninterrupted run."""
     base = smoke_config(tmp_path / "a")
     nb.train(base)
-    cut = smoke_config(tmp_path / "b", stop_after_folds=1)
-    with pytest.raises(nb.StopRequested):
-        nb.train(cut)
-    assert (tmp_path / "b" / "out" / "bundle" / "lgbm_fold0.txt").exists()
-    assert not (tmp_path / "b" / "out" / "bundle" / "lgbm_fold1.txt").exists()
-    nb.train(smoke_config(tmp_path / "b"))
+    split = smoke_config(tmp_path / "b", time_budget_hours=1.0)
+    report = nb.train(split, clock=SlowTorchClock(split))
+    out = tmp_path / "b" / "out"
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert list(manifest["families"]) == ["lgbm"], "only a member with every fold is blended and served"
+    assert set(report["not_trained"]) == {"torch", "torch_sqz", "keras"}
+    assert "time budget" in report["not_trained"]["torch"] and "epoch 1 of 2" in report["not_trained"]["torch"]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["not_trained"] == report["not_trained"] and "rerun with the same settings" in summary["resume"]
+    assert not (out / "bundle" / "torch_fold0.pt").exists() and not (out / "bundle" / "torch_fold0.json").exists()
+    runtime = nb.Runtime(split)
+    test = pl.read_csv(tmp_path / "b" / "demo" / "test.csv", infer_schema_length=None)
+    demo = pl.read_csv(tmp_path / "b" / "demo" / "test_demographics.csv")
+    for sid in two_sequences(test):
+        seq = test.filter(pl.col("sequence_id") == sid)
+        assert runtime.predict(seq, demo.filter(pl.col("subject") == seq["subject"][0])) in nb.GESTURES
+    assert runtime.stats.fallbacks == 0 and set(runtime.bundle.models) == {"lgbm"}
+
+    counted = smoke_config(tmp_path / "b", stop_after_folds=2)
+    report = nb.train(counted)
+    assert set(report["not_trained"]) == {"torch_sqz", "keras"} and "--stop-after-folds 2" in report["not_trained"]["keras"]
+    assert (out / "bundle" / "torch_fold1.json").exists() and not (out / "bundle" / "torch_sqz_fold0.pt").exists()
+    assert list(json.loads((out / "bundle" / "manifest.json").read_text())["families"]) == ["lgbm", "torch"]
+
+    finish = smoke_config(tmp_path / "c", data_dir=str(tmp_path / "b" / "demo"), resume_from=str(out))
+    nb.train(finish)
+    log = json.loads((tmp_path / "c" / "out" / "bundle" / "torch_fold1.json").read_text())
+    assert log == json.loads((out / "bundle" / "torch_fold1.json").read_text()), "resumed, not retrained"
     # Determinism too: the nets of both runs trained from scratch with the same seed (on CPU they
     # are bit-exact for a fixed thread count; the tolerance only allows for float summation order).
     for name in ("lgbm", "torch", "torch_sqz", "keras"):
         for f in (f"oof_{name}_full.npy", f"oof_{name}_imu_only.npy"):
             np.testing.assert_allclose(np.load(tmp_path / "a" / "out" / "oof" / f),
-                                       np.load(tmp_path / "b" / "out" / "oof" / f), rtol=1e-5, atol=1e-6)
+                                       np.load(tmp_path / "c" / "out" / "oof" / f), rtol=1e-5, atol=1e-6)
+
+
+def test_the_clock_projects_folds_from_those_timed_and_counts_over_members():
+    t = [0.0]
+    clock = nb.TrainingClock(nb.Config(time_budget_hours=1.0), now=lambda: t[0])
+    clock.timed("torch", 1500.0)  # a fold an earlier session trained (its meta file's seconds)
+    clock.start_fold("torch")  # 1,500 s of 3,600 s left: fits
+    t[0] = 1500.0
+    assert clock.end_fold("torch") == 1500.0 and clock.projected("torch") == 1500.0
+    clock.start_fold("lgbm")  # nothing timed yet: it may start while time is left
+    t[0] = 2200.0
+    clock.end_fold("lgbm")
+    with pytest.raises(nb.OutOfBudget, match="time budget: 23.3 min of 1.00 h left, and a torch fold takes 25.0 min"):
+        clock.start_fold("torch")
+    with pytest.raises(nb.OutOfBudget, match="torch fold takes"):
+        clock.start_fold("keras")  # once refused, no fold starts any more
+
+    during = nb.TrainingClock(nb.Config(time_budget_hours=1.0), now=lambda: t[0])
+    during.start_fold("keras")
+    t[0] += 1000.0  # the first epoch of 5 took 1,000 s: 4,000 s more, 2,600 s left
+    with pytest.raises(nb.OutOfBudget, match="needs 1.11 h more after epoch 1 of 5"):
+        during.epoch_done("keras", 0, 5)
+
+    counted = nb.TrainingClock(nb.Config(stop_after_folds=2), now=lambda: t[0])
+    for member in ("lgbm", "torch"):
+        counted.start_fold(member)
+        counted.end_fold(member)
+    with pytest.raises(nb.OutOfBudget, match="--stop-after-folds 2: 2 new fold models"):
+        counted.start_fold("keras")
+    assert nb.TrainingClock(nb.Config(), now=lambda: t[0]).left() == float("inf")  # elsewhere: no limit
+
+
+def test_a_full_profile_without_a_gpu_says_so_and_what_would_fit(monkeypatch, capsys):
+    """Before anything trains: the projected time per member; without a GPU a line saying so and
+    the fix; past the budget, the settings that would fit (here the largest --epochs)."""
+    monkeypatch.setattr(nb, "FULL_PROFILE_SECONDS_PER_SEQUENCE",
+                        {"lgbm": 0.05, "torch": 0.004, "torch_imu": 0.003, "keras": 0.008, "keras_imu": 0.006})
+    cfg = nb.parse_config(["--profile", "full", "--time-budget-hours", "8"], environ={})
+    n = 8151
+    per = nb.projected_training(cfg, n, "cpu")
+    n_train = n * 4 / 5
+    assert per["torch"] == pytest.approx(0.004 * n_train * 60 * 5) and per["lgbm"] == pytest.approx(0.05 * n_train * 5)
+    nb.say_projection(cfg, n, "cpu")
+    said = capsys.readouterr().out
+    total = sum(per.values())
+    fits = max(e for e in range(1, 60) if sum(nb.projected_training(nb.dataclasses.replace(cfg, epochs=e), n, "cpu").values()) <= 8 * 3600)
+    assert f"projected training time on cpu: {nb.hours(total)}" in said and "no GPU" in said
+    assert f"--epochs {fits} (CMI_EPOCHS={fits}) would fit" in said
+    nb.say_projection(cfg, n, "cuda")
+    said = capsys.readouterr().out
+    assert "assumed GPU speed-up" in said and "no GPU" not in said and "would fit" not in said
+    nb.say_projection(nb.parse_config(["--profile", "quick"], environ={}), n, "cpu")
+    assert capsys.readouterr().out == "", "the rates are the full profile's: no projection for the others"
 
 
 def test_more_seeds_resume_the_first_and_average_into_one_member(tmp_path, capsys):

@@ -1,6 +1,9 @@
 """The README stays honest: its commands are the ones CI runs, every file it names is in the
 repository, and it carries no dated results or one machine's folders (those belong in docs/)."""
+import math
 import re
+
+import notebook as nb
 
 from conftest import ROOT
 
@@ -9,7 +12,7 @@ README = (ROOT / "README.md").read_text()
 NOT_IN_REPO = ("working/", "data/", "demo_data/", "/kaggle/", "bundle/", ".venv")
 COMPETITION_FILES = {"train.csv", "train_demographics.csv", "test.csv", "test_demographics.csv",
                      "train_sample.csv", "kaggle_evaluation/"}  # the competition's download (docs/DATA.md)
-RUN_FILES = {"manifest.json", "dataset-metadata.json", "demo_config.json"}  # a run writes them (bundle, demo data)
+RUN_FILES = {"manifest.json", "dataset-metadata.json", "demo_config.json", "run_summary.json"}  # a run writes them (bundle, demo data)
 
 
 def code_blocks(text: str) -> list[str]:
@@ -71,3 +74,14 @@ def test_the_first_screen_says_what_it_is_scores_costs_and_how_to_run():
     assert re.search(r"hours?", first) and "T4" in first
     blocks = code_blocks(README)
     assert all(b in first for b in blocks[:2]), "both set-up commands on the first screen"
+
+
+def test_the_readme_splits_the_full_profile_into_the_two_sessions_it_promises():
+    """CMI_STOP_AFTER_FOLDS counts fold models over all members, so the README's number takes the
+    full profile's 25 fold models (members x folds) in two sessions, neither of them empty."""
+    text = (ROOT / "README.md").read_text()
+    n = int(re.search(r"CMI_STOP_AFTER_FOLDS=(\d+)", text).group(1))
+    cfg = nb.parse_config(["--profile", "full"], environ={})
+    total = sum(m.seeds for m in nb.ensemble_members(cfg)) * cfg.folds
+    assert f"{total} fold models ({len(nb.ensemble_members(cfg))} members x {cfg.folds} folds)" in text
+    assert n < total <= 2 * n, f"{n} a session: {math.ceil(total / n)} sessions for {total} fold models"
