@@ -99,6 +99,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,18 @@ KAGGLE_WORKING = Path("/kaggle/working")
 KAGGLE_TIME_BUDGET_HOURS = 9.0 - 1.0
 
 
+# The 18 gestures, spelled exactly as the evaluation expects (here, since --fallback-gesture is one).
+TARGET_GESTURES = [
+    "Above ear - pull hair", "Cheek - pinch skin", "Eyebrow - pull hair", "Eyelash - pull hair",
+    "Forehead - pull hairline", "Forehead - scratch", "Neck - pinch skin", "Neck - scratch",
+]
+NON_TARGET_GESTURES = [
+    "Write name on leg", "Wave hello", "Glasses on/off", "Text on phone", "Write name in air",
+    "Feel around in tray and pull out an object", "Scratch knee/leg skin",
+    "Pull air toward your face", "Drink from bottle/cup", "Pinch knee/leg skin",
+]
+GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES
+
 MODEL_FAMILIES = ("lgbm", "torch", "keras")
 NET_VARIANTS = ("all", "imu")  # --net-variants: what each net reads (member name suffix "" / "_imu")
 TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
@@ -152,6 +165,19 @@ def _doc(text: str, default: Any = None, *, choices: Iterable[str] = (), many: b
                                             "high": high, "items": items, "affects": affects})
 
 
+def _edited_fields_kept(cls: type) -> type:
+    """A default edited in the Config cell as a plain `folds: int | None = 4` drops its _doc(): the
+    field keeps the value, without its range check, and counts as affecting every model (a change to
+    it retrains everything, never serves a stale fold)."""
+    for f in dataclasses.fields(cls):
+        if "doc" not in f.metadata:
+            f.metadata = types.MappingProxyType({
+                "doc": "(edited in the Config cell without _doc(): no range check)", "choices": (), "many": False,
+                "low": None, "high": None, "items": None, "affects": (*MEMBER_KINDS, *BUNDLE)})
+    return cls
+
+
+@_edited_fields_kept
 @dataclass
 class Config:
     # --- where things are
@@ -161,8 +187,8 @@ class Config:
     demo: bool = _doc("force the generated demo dataset even when real data exists", False)
     out_dir: str | None = _doc("output folder; default /kaggle/working on Kaggle, else ./working")
     model_path: str | None = _doc("bundle folder, or a folder containing one (a mounted Kaggle "
-                                  "dataset); default OUT/bundle, else (on Kaggle) the first bundle "
-                                  "found under /kaggle/input")
+                                  "dataset: the newest bundle there that can serve); default OUT/bundle, "
+                                  "else (on Kaggle) the newest valid bundle under /kaggle/input")
     # --- what to run
     profile: str | None = _doc("smoke (seconds, for tests) | quick (minutes on a 2-core CPU, the "
                                "local default) | full (competition settings, the Kaggle default)",
@@ -445,7 +471,8 @@ def checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
             parsed = [int(x) if typ == "int" else float(x) for x in str(value).split(",")]
         except ValueError:
             parsed = []
-        if not parsed or (count and len(parsed) != count) or min(parsed) < 0 or (typ == "int" and min(parsed) < 1):
+        if (not parsed or (count and len(parsed) != count) or not all(map(math.isfinite, parsed)) or min(parsed) < 0
+                or (typ == "int" and min(parsed) < 1)):
             raise _config_error(f.name, where, "not a list it can use", f)
         return value
     low, high = meta.get("low"), meta.get("high")
@@ -519,6 +546,10 @@ def given_settings(argv: list[str], environ: dict[str, str],
                               f"CMI_<FIELD> names that `python notebook.py --help` lists, or unset {key}.")
         where[name] = f"{key}={text!r}"
         explicit[name] = _parse_value(text, fields[name], where[name])
+    flags = [t.split("=", 1)[0] for t in argv if t.startswith("--")]
+    twice = sorted({f for f in flags if flags.count(f) > 1 and f[2:].replace("-", "_") in fields})
+    if twice:
+        raise ConfigError(f"{', '.join(twice)}: given more than once ({' '.join(argv)}). Fix: give each option once.")
     known, unknown = config_parser(fields).parse_known_args(argv)
     rest = list(unknown)
     while rest:
@@ -582,6 +613,17 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
                           f"{where.get('folds', 'folds')}: folds are grouped by subject, so the demo needs at "
                           f"least as many training subjects as folds. Fix: raise --demo-train-subjects or "
                           f"lower --folds.")
+    if ("torch" in cfg.models.split(",") and "squeezeformer" in cfg.torch_arch.split(",")
+            and cfg.torch_sqz_dim % cfg.torch_sqz_heads):
+        raise ConfigError(f"{where.get('torch_sqz_heads', 'torch_sqz_heads')} with {where.get('torch_sqz_dim', 'torch_sqz_dim')}: "
+                          f"the Squeezeformer splits its width of {cfg.torch_sqz_dim} into {cfg.torch_sqz_heads} "
+                          f"attention heads, which must divide it. Fix: choose --torch-sqz-heads among "
+                          f"{[h for h in range(1, cfg.torch_sqz_dim + 1) if cfg.torch_sqz_dim % h == 0][:8]}, or "
+                          f"another --torch-sqz-dim.")
+    if cfg.fallback_gesture not in GESTURES:
+        near = difflib.get_close_matches(cfg.fallback_gesture, GESTURES, n=1, cutoff=0.3)
+        raise ConfigError(f"{where.get('fallback_gesture', 'fallback_gesture')}: not one of the 18 gestures"
+                          f"{f'; did you mean {near[0]!r}?' if near else '.'} Fix: give one of {GESTURES}.")
     if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         raise ConfigError(f"--out-dir (or CMI_OUT_DIR) {cfg.out_dir!r}: a file, not a folder. Fix: name a folder "
                           f"(it is created if missing), or move the file away.")
@@ -602,19 +644,9 @@ def as_stored(q: np.ndarray) -> np.ndarray:
 # %% [markdown]
 # ## 2. Competition constants
 #
-# Gesture names are spelled exactly as the evaluation expects; column lists follow train.csv.
+# The gesture names are in section 1; column lists follow train.csv.
 
 # %%
-TARGET_GESTURES = [
-    "Above ear - pull hair", "Cheek - pinch skin", "Eyebrow - pull hair", "Eyelash - pull hair",
-    "Forehead - pull hairline", "Forehead - scratch", "Neck - pinch skin", "Neck - scratch",
-]
-NON_TARGET_GESTURES = [
-    "Write name on leg", "Wave hello", "Glasses on/off", "Text on phone", "Write name in air",
-    "Feel around in tray and pull out an object", "Scratch knee/leg skin",
-    "Pull air toward your face", "Drink from bottle/cup", "Pinch knee/leg skin",
-]
-GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES
 GESTURE_INDEX = {g: i for i, g in enumerate(GESTURES)}
 TARGET_MASK = np.array([g in TARGET_GESTURES for g in GESTURES])
 NON_TARGET_CLASS = "non_target"
@@ -1383,7 +1415,7 @@ def is_demo_folder(folder: Path) -> bool:
 def resolve_data_dir(cfg: Config) -> Path:
     """The data folder; (re)generates the demo dataset there when the config asks for demo data,
     only into an empty folder or one the generator wrote itself: real data is never overwritten."""
-    if not cfg.demo:
+    if not cfg.demo or cfg.stage == "infer":  # an inference-only run never generates: it serves what is there
         return Path(cfg.data_dir)
     demo_dir = Path(cfg.data_dir)
     stamp = demo_dir / DEMO_STAMP
@@ -5208,7 +5240,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
-def find_bundle(path: Path) -> Path:
+def find_bundle(path: Path, quiet: bool = False) -> Path:
     """A bundle folder; or, below `path` (a Kaggle dataset mount, /kaggle/input), the newest valid
     bundle by its manifest's creation time. A broken bundle never shadows a valid one, and a line
     names the one chosen and the others."""
@@ -5230,7 +5262,7 @@ def find_bundle(path: Path) -> Path:
     if not valid:
         raise BundleError(f"{path}: no bundle below it can serve: " + "; ".join(broken.values()))
     created, chosen = max(valid)
-    if len(found) > 1:
+    if len(found) > 1 and not quiet:
         others = [f"{f} (older)" for _, f in sorted(valid)[:-1]] + [f"{f} (cannot serve: {why})" for f, why in broken.items()]
         print(f"predict: {len(found)} bundles under {path}; serving the newest valid one, {chosen} (created "
               f"{created or 'unknown'}); not served: {'; '.join(others)}")
@@ -6079,7 +6111,7 @@ def config_line(cfg: Config) -> str:
         return (f"config: profile={cfg.profile} stage={cfg.stage} models={cfg.models} folds={cfg.folds} "
                 f"epochs={cfg.epochs} {where}")
     try:
-        path = find_bundle(bundle_path(cfg))
+        path = find_bundle(bundle_path(cfg), quiet=True)  # serving names the others, once
         manifest = json.loads((path / "manifest.json").read_text())
         trained, lb = manifest.get("config", {}), manifest.get("expected_lb")
         return (f"config: stage=infer, serving the bundle {path}: trained with profile={trained.get('profile')} "

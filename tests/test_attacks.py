@@ -329,3 +329,65 @@ def test_a_proof_file_that_does_not_match_the_manifest_stops_the_bundle(trained,
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
     assert runtime.error and "proof cannot be replayed" in runtime.error and "Fix:" in runtime.error
+
+
+# --- Training and options: every attack stops at parse time, naming the option and the fix.
+OPTION_ATTACKS = [
+    (["--net-aux-weights", "nan,0,0,0"], "--net-aux-weights 'nan,0,0,0': not a list it can use"),
+    (["--torch-head-weights", "inf,1,1"], "--torch-head-weights 'inf,1,1': not a list it can use"),
+    (["--fallback-gesture", "Wave"], "--fallback-gesture 'Wave': not one of the 18 gestures; did you mean 'Wave hello'?"),
+    (["--folds=5", "--folds", "6"], "--folds: given more than once"),
+    (["--models", "torch", "--torch-arch", "squeezeformer", "--torch-sqz-dim", "64", "--torch-sqz-heads", "3"],
+     "the Squeezeformer splits its width of 64 into 3 attention heads, which must divide it"),
+]
+
+
+@pytest.mark.parametrize("argv,message", OPTION_ATTACKS, ids=[a[0] for a, _ in OPTION_ATTACKS])
+def test_an_unusable_option_stops_at_parse_time(argv, message):
+    with pytest.raises(nb.ConfigError) as err:
+        nb.parse_config(argv, environ={})
+    assert message in str(err.value) and "Fix:" in str(err.value), str(err.value)
+
+
+def test_a_squeezeformer_width_check_applies_only_where_one_is_trained():
+    assert nb.parse_config(["--torch-sqz-heads", "3"], environ={}).torch_arch == "gru"  # quick: no Squeezeformer
+
+
+def test_a_plain_default_edit_in_the_config_cell_works(tmp_path):
+    """The natural notebook edit `folds: int | None = 4` (the _doc() call replaced) used to kill every
+    run, --help included, with KeyError 'doc'. Run as a user runs the edited notebook: its own file."""
+    import subprocess
+    import sys
+    source = nb.Path(nb.__file__).read_text()
+    old = next(line for line in source.splitlines() if line.startswith("    folds: int | None = _doc("))
+    start = source.index(old)
+    end = source.index("\n", source.index("affects=ALL_MEMBERS)", start))
+    (tmp_path / "edited.py").write_text(source[:start] + "    folds: int | None = 4" + source[end:])
+    code = ("import edited\n"
+            "c = edited.parse_config(['--profile', 'full'], environ={})\n"
+            "print(c.folds)\n"
+            "print('folds' in {f.name for f in edited.dataclasses.fields(edited.Config)"
+            " if 'lgbm' in f.metadata['affects']})\n"
+            "edited.parse_config(['--help'], environ={})\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[:2] == ["4", "True"] and "--folds" in res.stdout  # kept; retrains every model
+
+
+def test_an_inference_only_run_never_generates_demo_data(tmp_path):
+    cfg = nb.parse_config(["--stage", "infer", "--demo", "--data-dir", str(tmp_path / "none")], environ={})
+    assert nb.resolve_data_dir(cfg) == tmp_path / "none" and not (tmp_path / "none").exists()
+    with pytest.raises(nb.DataError, match="missing"):
+        nb.require_data_files(nb.resolve_data_dir(cfg), cfg.stage)
+
+
+def test_the_config_line_names_no_bundles_serving_will_name(trained, tmp_path, capsys):
+    """With several bundles attached, the "N bundles under ..." line is printed once, by serving."""
+    cfg, _ = trained
+    for name in ("a", "b"):
+        copy_bundle(cfg, tmp_path / "input" / name)
+    infer = nb.dataclasses.replace(cfg, stage="infer", model_path=str(tmp_path / "input"))
+    assert "serving the bundle" in nb.config_line(infer)
+    assert "bundles under" not in capsys.readouterr().out
+    nb.find_bundle(tmp_path / "input")
+    assert capsys.readouterr().out.count("2 bundles under") == 1

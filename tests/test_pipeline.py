@@ -52,9 +52,15 @@ def test_smoke_run_end_to_end_as_a_subprocess(tmp_path):
     assert {"load", "features", "train_lgbm", "serve"} <= set(summary["stage_seconds"])
     assert summary["peak_rss_mb"] > 0 and summary["device"] == "cpu" and summary["config"]["profile"] == "smoke"
     assert "run summary:" in res.stdout
-    # Running the script again reuses the generated demo data instead of regenerating it.
-    again = run_script("--profile", "smoke", "--lgbm-threads", "1", "--stage", "train", cwd=tmp_path)
+    # Running the script again reuses the generated demo data instead of regenerating it. With a
+    # budget spent before the first fold it stops cleanly, saying what is missing and how to resume.
+    again = run_script("--profile", "smoke", "--lgbm-threads", "1", "--stage", "train", "--out-dir", "cut",
+                       "--time-budget-hours", "0.00001", cwd=tmp_path)
     assert again.returncode == 0 and "demo data: generated" not in again.stdout
+    assert "lgbm: not trained in this session (the time budget: 0.0 min of 0.0 min left" in again.stdout
+    assert "nothing to serve yet" in again.stdout and "To finish, rerun with the same settings" in again.stdout
+    assert json.loads((tmp_path / "cut" / "run_summary.json").read_text())["not_trained"].keys() == {
+        "lgbm", "torch", "torch_sqz", "keras"}
 
 
 def test_infer_stage_serves_the_real_test_file(trained, sample_dir, tmp_path):
