@@ -662,6 +662,10 @@ ONLY_SEATED_STRAIGHT = {"Drink from bottle/cup", "Feel around in tray and pull o
 ONLY_SEATED_LEAN = {"Pinch knee/leg skin", "Scratch knee/leg skin", "Write name on leg"}
 NEVER_SEATED_LEAN = {"Pull air toward your face", "Wave hello", "Write name in air"}
 START_BEHAVIORS = ["Relaxes and moves hand to target location", "Moves hand to target location"]
+# Every value a training label column may hold (train.csv, per row); validate_train checks them.
+TRAIN_LABELS = {"gesture": GESTURES, "sequence_type": ["Target", "Non-Target"], "orientation": ORIENTATIONS,
+                "behavior": [*START_BEHAVIORS, "Hand at target location", "Performs gesture"],
+                "phase": ["Transition", "Gesture"]}
 
 ACC_COLS = ["acc_x", "acc_y", "acc_z"]
 ROT_COLS = ["rot_w", "rot_x", "rot_y", "rot_z"]
@@ -1538,14 +1542,19 @@ def load_demographics(path: Path) -> pl.DataFrame:
 
 def validate_train(train: pl.DataFrame, demographics: pl.DataFrame, path: Path) -> pl.DataFrame:
     """Stop early on data that would silently break training; returns the frame sorted."""
-    unknown = sorted(set(train["gesture"].unique().to_list()) - set(GESTURES) - {None})
-    if unknown:
-        raise DataError(f"{path}: column 'gesture' has {len(unknown)} unknown name(s), e.g. "
-                        f"{unknown[:3]}. Fix: gestures must be spelled exactly as in the "
-                        f"competition (one of the 18 names); correct or drop those rows.")
-    if train["gesture"].null_count():
-        raise DataError(f"{path}: column 'gesture' has {train['gesture'].null_count()} empty cells. "
-                        f"Fix: drop those rows.")
+    # A label outside the known values would be read as class 0 (a lower-cased orientation, an empty
+    # behaviour): the slot models then learn from wrong labels and still report a fine accuracy.
+    for column, known in TRAIN_LABELS.items():
+        unknown = sorted(set(train[column].drop_nulls().unique().to_list()) - set(known))
+        if unknown:
+            raise DataError(f"{path}: column {column!r} has {len(unknown)} unknown value(s), e.g. {unknown[:3]}. "
+                            f"Fix: spell them exactly as the competition does (one of {known}); correct or drop "
+                            f"those rows.")
+    for column in (*TRAIN_LABELS, "subject"):
+        if train[column].null_count():
+            sid = train.filter(pl.col(column).is_null())["sequence_id"][0]
+            raise DataError(f"{path}: column {column!r} has {train[column].null_count()} empty cells (e.g. in "
+                            f"sequence {sid!r}). Fix: fill them, or drop those rows.")
     dup = train["row_id"].is_duplicated()
     if dup.any():
         raise DataError(f"{path}: column 'row_id' has duplicates, e.g. "

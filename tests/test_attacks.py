@@ -391,3 +391,42 @@ def test_the_config_line_names_no_bundles_serving_will_name(trained, tmp_path, c
     assert "bundles under" not in capsys.readouterr().out
     nb.find_bundle(tmp_path / "input")
     assert capsys.readouterr().out.count("2 bundles under") == 1
+
+
+def _label_edit(column, value, rows_to_edit=(1,)):
+    def edit(rows):
+        for i in rows_to_edit:
+            rows[i][rows[0].index(column)] = value
+        return rows
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_label_edit("orientation", "seated straight"), "column 'orientation' has 1 unknown value(s), e.g. ['seated straight']"),
+    (_label_edit("behavior", ""), "column 'behavior' has 1 empty cells"),
+    (_label_edit("sequence_type", "target"), "column 'sequence_type' has 1 unknown value(s)"),
+    (_label_edit("phase", "gesture"), "column 'phase' has 1 unknown value(s)"),
+    (_label_edit("gesture", "Wave"), "column 'gesture' has 1 unknown value(s), e.g. ['Wave']"),
+], ids=["orientation lower-cased", "behavior empty", "sequence_type", "phase", "gesture"])
+def test_a_training_label_outside_the_known_values_stops_training(edit, message, tmp_path, sample_dir):
+    """Such a label used to be read as class 0: the slot models learnt from it and reported accuracy 1.000."""
+    from test_data import _write_train
+    path = _write_train(tmp_path, sample_dir, edit)
+    with pytest.raises(nb.DataError) as err:
+        nb.load_training_data(tmp_path)
+    assert message in str(err.value) and str(path) in str(err.value) and "Fix:" in str(err.value), str(err.value)
+
+
+def test_a_sequence_without_a_subject_stops_training(tmp_path, sample_dir):
+    """An empty subject for a whole sequence ended in a raw sklearn TypeError after the features."""
+    from test_data import _write_train
+
+    def no_subject(rows):
+        first = rows[1][rows[0].index("sequence_id")]
+        for r in rows[1:]:
+            if r[rows[0].index("sequence_id")] == first:
+                r[rows[0].index("subject")] = ""
+        return rows
+    _write_train(tmp_path, sample_dir, no_subject)
+    with pytest.raises(nb.DataError, match=r"column 'subject' has \d+ empty cells.*Fix:"):
+        nb.load_training_data(tmp_path)
