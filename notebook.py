@@ -5523,6 +5523,9 @@ def failure_reason(err: Exception) -> str:
 
 FALLBACK_STREAK_LIMIT = 20  # this many calls in a row answered by the fallback stop serving (BundleError)
 FALLBACK_SHARE_LIMIT = 0.1  # a local gateway run whose calls fell back more often than this exits non-zero
+# ...and in every gateway, the scoring rerun included, serving stops once this share of the calls so far
+# (from the 2 x FALLBACK_STREAK_LIMIT-th on) fell back: 19 bad calls and a good one, over and over, is no streak.
+FALLBACK_BREAKER_SHARE = 0.5
 
 
 def first_value(frames: Iterable[Any], column: str) -> str | None:
@@ -5580,6 +5583,15 @@ def check_counter(sequence: pl.DataFrame, stats: ServingStats) -> None:
         stats.note("sequence_counter does not run 0..n-1; rows ordered by it")
 
 
+def has_values(frame: pl.DataFrame, columns: list[str]) -> bool:
+    """Whether any of `columns` that the frame has holds a finite number."""
+    present = [c for c in columns if c in frame.columns]
+    if not present:
+        return False
+    values = frame.select(pl.col(present).cast(pl.Float64, strict=False))
+    return bool(values.select(pl.any_horizontal([pl.col(c).is_finite() for c in present]).any()).item())
+
+
 def checked_sequence(sequence: Any, stats: ServingStats) -> pl.DataFrame | None:
     """The call's rows as a polars frame keyed SEQ_CALL, each oddity counted; None when unusable."""
     if not isinstance(sequence, pl.DataFrame):
@@ -5591,9 +5603,25 @@ def checked_sequence(sequence: Any, stats: ServingStats) -> pl.DataFrame | None:
     if sequence.height == 0:
         stats.note("empty sequence")
         return None
+    other_case = {c: c.lower() for c in sequence.columns
+                  if c != c.lower() and c.lower() in TRAIN_COLS and c.lower() not in sequence.columns}
+    if other_case:
+        stats.note("column names in another case; renamed to the competition's")
+        sequence = sequence.rename(other_case)
     missing = [c for c in ACC_COLS + ROT_COLS if c not in sequence.columns]
     if missing:
         stats.note(f"IMU column(s) missing: {missing[:3]}")
+    if not has_values(sequence, ACC_COLS + ROT_COLS):
+        if not has_values(sequence, THM_COLS + TOF_COLS):
+            stats.note("no sensor values in the call")  # an answer from the demographics alone is no answer
+            return None
+        stats.note("IMU empty; answered from the thermopiles and ToF alone")
+    if sequence.height < 3:
+        stats.note("sequence of 1 or 2 rows")
+    if "subject" not in sequence.columns:
+        stats.note("no subject column; answered without the per-subject rule")
+    if "sequence_id" not in sequence.columns:
+        stats.note("no sequence_id column; the call is its own sequence")
     if set(sequence.columns) - set(TEST_COLS) - set(TRAIN_COLS):
         stats.note("unexpected extra columns (ignored)")
     if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
@@ -5895,9 +5923,13 @@ class Runtime:
                 return answer
             self.stats.fallbacks += 1
             self.stats.streak += 1
-            if self.stats.streak >= FALLBACK_STREAK_LIMIT:
-                self.error = (f"the last {self.stats.streak} calls were all answered by the fallback gesture "
-                              f"({', '.join(k for k, _ in self.stats.problems.most_common(3)) or 'no reason counted'}); "
+            st = self.stats
+            many = st.calls >= 2 * FALLBACK_STREAK_LIMIT and st.fallbacks > FALLBACK_BREAKER_SHARE * st.calls
+            if st.streak >= FALLBACK_STREAK_LIMIT or many:
+                what = (f"the last {st.streak} calls were all" if st.streak >= FALLBACK_STREAK_LIMIT else
+                        f"{st.fallbacks} of {st.calls} calls were")
+                self.error = (f"{what} answered by the fallback gesture "
+                              f"({', '.join(k for k, _ in st.problems.most_common(3)) or 'no reason counted'}); "
                               f"a submission of such answers scores near zero. Fix: read the problems logged above")
                 LOG.error("predict: %s", self.error)
                 raise BundleError(self.error)
@@ -5988,26 +6020,40 @@ class Runtime:
 
 
 _RUNTIME: Runtime | None = None
+_RUNTIME_LOCK = threading.Lock()
+
+
+def current_runtime() -> Runtime:
+    """The Runtime predict() serves from: the one main() set, else one made here, once (under a lock:
+    first calls from several threads load one bundle), from the CMI_* variables alone. This process's
+    argv is not read: it belongs to whatever program imported the notebook. A setting that cannot be
+    used raises (ConfigError), never answers a gesture."""
+    global _RUNTIME
+    with _RUNTIME_LOCK:
+        if _RUNTIME is None:
+            _RUNTIME = Runtime(parse_config([]))
+        return _RUNTIME
 
 
 def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
     """The evaluation API entry point: one sequence in, one of the 18 gesture names out."""
-    global _RUNTIME
+    runtime = current_runtime()
     try:
-        if _RUNTIME is None:
-            _RUNTIME = Runtime(parse_config())
-        return _RUNTIME.predict(sequence, demographics)
+        return runtime.predict(sequence, demographics)
     except BundleError:  # nothing can serve: a visible scoring error beats a silent all-fallback submission
         raise
-    except Exception as err:  # the last line of defence: a failed call fails the submission
+    except Exception as err:  # the last line of defence for one call: logged and counted, the fallback answers
         LOG.error("predict: unexpected %s: %s", type(err).__name__, err)
-        return GESTURES[0] if _RUNTIME is None else _RUNTIME.fallback
+        runtime.stats.fallbacks += 1
+        runtime.stats.note(f"unexpected {type(err).__name__}")
+        return runtime.fallback
 
 
 def set_runtime(cfg: Config) -> Runtime:
     global _RUNTIME
-    _RUNTIME = Runtime(cfg)
-    return _RUNTIME
+    with _RUNTIME_LOCK:
+        _RUNTIME = Runtime(cfg)
+        return _RUNTIME
 
 
 # %% [markdown]

@@ -186,7 +186,8 @@ def test_the_same_sequence_called_again_replaces_its_history_entry(trained):
 
 
 def _one_call(cfg):
-    return _calls(cfg)[0]
+    """The first call whose thermopiles and ToF are present."""
+    return next(c for c in _calls(cfg) if c[0]["thm_1"].null_count() == 0)
 
 
 BAD_INPUTS = {
@@ -204,7 +205,16 @@ BAD_INPUTS = {
     "acc +inf": (lambda s, d: (s.with_columns(pl.lit(float("inf")).alias("acc_x")), d), "infinite sensor values"),
     "acc -inf": (lambda s, d: (s.with_columns(pl.lit(float("-inf")).alias("acc_y")), d), "infinite sensor values"),
     "every sensor null": (lambda s, d: (s.with_columns(pl.lit(None, pl.Float32).alias(c) for c in nb.SENSOR_COLS), d),
-                          "every sensor cell empty"),
+                          "no sensor values in the call"),
+    "every sensor infinite": (lambda s, d: (s.with_columns(pl.lit(float("inf")).alias(c) for c in nb.SENSOR_COLS), d),
+                              "no sensor values in the call"),
+    "IMU null, thm and ToF present": (lambda s, d: (s.with_columns(pl.lit(None, pl.Float32).alias(c)
+                                                                  for c in nb.ACC_COLS + nb.ROT_COLS), d),
+                                      "IMU empty; answered from the thermopiles and ToF alone"),
+    "two rows": (lambda s, d: (s.head(2), d), "sequence of 1 or 2 rows"),
+    "one row": (lambda s, d: (s.head(1), d), "sequence of 1 or 2 rows"),
+    "no subject column": (lambda s, d: (s.drop("subject"), d), "no subject column"),
+    "no sequence_id column": (lambda s, d: (s.drop("sequence_id"), d), "no sequence_id column"),
     "two demographics rows, the other's first": (
         lambda s, d: (s, pl.concat([d.with_columns(pl.lit("SUBJ_OTHER").alias("subject"),
                                                    (1 - pl.col("handedness")).alias("handedness")), d])),
@@ -430,3 +440,68 @@ def test_a_sequence_without_a_subject_stops_training(tmp_path, sample_dir):
     _write_train(tmp_path, sample_dir, no_subject)
     with pytest.raises(nb.DataError, match=r"column 'subject' has \d+ empty cells.*Fix:"):
         nb.load_training_data(tmp_path)
+
+
+def test_upper_cased_sensor_columns_are_renamed_and_answer_as_intact(trained):
+    """Sensor columns named in another case used to be missing: the models answered from the
+    demographics alone, one gesture for all, and no fallback counted."""
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    calls = _calls(cfg)[:6]
+    intact = [runtime.predict(s, d) for s, d in calls]
+    shouting = nb.Runtime(cfg)
+    upper = [shouting.predict(s.rename({c: c.upper() for c in s.columns if c in nb.SENSOR_COLS}), d) for s, d in calls]
+    assert upper == intact and shouting.stats.fallbacks == 0
+    assert shouting.stats.problems["column names in another case; renamed to the competition's"] == len(calls)
+
+
+def test_the_breaker_counts_a_share_not_only_a_streak(trained):
+    """19 unusable calls and one good one, over and over: no streak reaches 20, but once more than half
+    of 40 calls or more fell back, serving stops loudly."""
+    cfg, _ = trained
+    runtime = nb.Runtime(cfg)
+    seq, demo = _one_call(cfg)
+    blank = seq.with_columns(pl.lit(None, pl.Float32).alias(c) for c in nb.SENSOR_COLS)
+    with pytest.raises(nb.BundleError, match=r"\d+ of \d+ calls were answered by the fallback gesture"):
+        for _ in range(10):
+            for _ in range(nb.FALLBACK_STREAK_LIMIT - 1):
+                runtime.predict(blank, demo)
+            runtime.predict(seq, demo)
+    assert runtime.stats.calls == 2 * nb.FALLBACK_STREAK_LIMIT + 1  # the first call past the share
+
+
+def test_predict_imported_by_another_program_reads_no_argv_and_raises_on_a_bad_setting(trained, monkeypatch):
+    """`import notebook` in a process with flags of its own, then notebook.predict(): the Runtime made
+    lazily used to parse that argv, fail, and answer GESTURES[0] for every call without a word."""
+    cfg, _ = trained
+    seq, demo = _one_call(cfg)
+    monkeypatch.setattr(nb, "_RUNTIME", None)
+    monkeypatch.setattr(nb.sys, "argv", ["host.py", "--host-flag", "1", "-x"])
+    monkeypatch.setenv("CMI_MODEL_PATH", str(nb.Path(cfg.out_dir) / "bundle"))
+    monkeypatch.setenv("CMI_DATA_DIR", cfg.data_dir)
+    assert nb.predict(seq, demo) in nb.GESTURES and nb._RUNTIME.stats.fallbacks == 0
+    monkeypatch.setattr(nb, "_RUNTIME", None)
+    monkeypatch.setenv("CMI_FOLDS", "abc")
+    with pytest.raises(nb.ConfigError, match="CMI_FOLDS='abc'"):
+        nb.predict(seq, demo)
+
+
+def test_first_calls_from_several_threads_make_one_runtime(trained, monkeypatch):
+    cfg, _ = trained
+    seq, demo = _one_call(cfg)
+    monkeypatch.setattr(nb, "_RUNTIME", None)
+    monkeypatch.setattr(nb.sys, "argv", ["host.py"])
+    monkeypatch.setenv("CMI_MODEL_PATH", str(nb.Path(cfg.out_dir) / "bundle"))
+    made = []
+    real = nb.Runtime.__init__
+
+    def counted(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+    monkeypatch.setattr(nb.Runtime, "__init__", counted)
+    threads = [threading.Thread(target=nb.predict, args=(seq, demo)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and nb._RUNTIME.stats.calls == 8
