@@ -5709,9 +5709,9 @@ def prove_bundle(path: Path, manifest: dict[str, Any], models: dict[str, LoadedM
     difference and the versions; blend answers that differ from the stored ones mean the bundle
     cannot serve (BundleError)."""
     spec = manifest.get("proof")
-    if spec is None:
-        LOG.warning("predict: %s carries no proof (trained by an older version); it serves unproven", path)
-        return
+    if not isinstance(spec, dict):  # every bundle of this format carries one: an edit cannot switch it off
+        raise BundleError(f"{path}/manifest.json: 'proof' is missing or not an entry ({_short(spec)}), though every "
+                          f"bundle of format {BUNDLE_FORMAT} carries one. {FIX_RETRAIN}")
     try:
         verify_bundle_files(path, [spec["calls"], spec["outputs"]], manifest["files"])
         calls = pl.read_parquet(path / spec["calls"])
@@ -5724,11 +5724,11 @@ def prove_bundle(path: Path, manifest: dict[str, Any], models: dict[str, LoadedM
     for name in list(models):
         want = stored.get(name)
         diff = float(np.abs(got[name] - want).max()) if want is not None and want.shape == got[name].shape else np.inf
-        if not diff <= spec["tolerance"]:
+        if not diff <= PROOF_TOLERANCE:  # the code's tolerance: the manifest's copy is for reading only
             fold = int(np.abs(got[name] - want).reshape(len(want), -1).max(1).argmax()) if np.isfinite(diff) else -1
             left_out[name] = (f"{path}: the load-time proof: {name}'s probabilities on the bundle's {len(views)} "
                               f"reference calls differ from those stored at training by up to {diff:.3g} (fold "
-                              f"{fold}; tolerance {spec['tolerance']}) under {library_versions()}, trained under "
+                              f"{fold}; tolerance {PROOF_TOLERANCE:g}) under {library_versions()}, trained under "
                               f"{spec.get('versions')}. Fix: retrain the bundle, or restore its files")
             LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
             del models[name]
@@ -5750,8 +5750,8 @@ def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], 
     spec = manifest["serving"]
     rule = spec.get("rule")
     if rule not in SERVING_RULES:
-        LOG.warning("predict: %s/manifest.json: unknown serving rule %r; serving argmax", path, rule)
-        return serving_plan("argmax"), {}, []
+        raise BundleError(f"{path}/manifest.json: serving.rule = {_short(rule)}, not one of {list(SERVING_RULES)}. "
+                          f"{FIX_RETRAIN}")
     if rule in ("gesture_capacity", "slots") and not cfg.subject_assignment:
         return serving_plan("argmax"), {}, []
     if rule != "slots":

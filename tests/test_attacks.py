@@ -39,8 +39,10 @@ def _drop(key, view=None):
     (lambda m: m["blend_weights"].__setitem__("full", [0.5] * len(m["families"])), ["summing to 1"]),
     (_drop("config"), ["'config' is missing"]),
     (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [float("inf"), 1.0]), ["fold_weights"]),
+    (_drop("proof"), ["'proof' is missing", f"format {nb.BUNDLE_FORMAT} carries one"]),
+    (lambda m: m["serving"].__setitem__("rule", "majority"), ["serving.rule", '"majority"', "not one of"]),
 ], ids=["no-blend-weights", "no-imu-weights", "nan-weight", "nan-scale", "negative-scale", "weights-short",
-        "weights-sum", "no-config", "inf-fold-weight"])
+        "weights-sum", "no-config", "inf-fold-weight", "no-proof", "unknown-rule"])
 def test_a_manifest_that_cannot_be_served_as_written_stops_loudly(trained, tmp_path, edit, words):
     cfg, _ = trained
     refused(loaded_after_edit(cfg, tmp_path / "bundle", edit), *words)
@@ -505,3 +507,21 @@ def test_first_calls_from_several_threads_make_one_runtime(trained, monkeypatch)
     for t in threads:
         t.join()
     assert len(made) == 1 and nb._RUNTIME.stats.calls == 8
+
+
+def test_the_proofs_tolerance_is_the_codes_not_the_manifests(trained, tmp_path):
+    """proof.tolerance edited to 1e9 used to let a swapped fold pass the proof."""
+    cfg, _ = trained
+
+    def edit(m):
+        m["proof"]["tolerance"] = 1e9
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    first, second = manifest["families"]["torch"]["files"][:2]
+    shutil.copy(bundle / second, bundle / first)
+    manifest["files"][first] = nb.file_digest(bundle / first)
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert "torch" not in runtime.bundle.models and f"tolerance {nb.PROOF_TOLERANCE:g}" in runtime.bundle.left_out["torch"]
