@@ -25,7 +25,8 @@
 #    `bundle/dataset-metadata.json` if the training log asked you to).
 # 3. **Submit inference-only.** A new notebook from this same file, with the competition **and**
 #    your bundle as inputs; in the settings cell below, uncomment `%env CMI_STAGE=infer` (and
-#    `CMI_MODEL_PATH` if more than one bundle is attached). Nothing trains. Submit from the Output tab.
+#    `CMI_MODEL_PATH` only to pick another than the newest bundle that can serve). Nothing trains.
+#    Submit from the Output tab.
 #
 # **Settings** go in the next cell as `%env CMI_<FIELD>=value` lines, one per Config field (section
 # 1; `python notebook.py --help` lists them). A value set there, by a command-line flag, or by
@@ -38,8 +39,10 @@
 # Training:
 # # %env CMI_FOLDS=5
 # # %env CMI_EPOCHS=60
-# # %env CMI_STOP_AFTER_FOLDS=3
-# Inference-only, with your bundle attached:
+# # %env CMI_STOP_AFTER_FOLDS=13
+# A second session finishing what the first one's time budget left (its output attached):
+# # %env CMI_RESUME_FROM=/kaggle/input/<your training notebook>
+# Inference-only, with your bundle attached (the newest that can serve is taken; CMI_MODEL_PATH picks another):
 # # %env CMI_STAGE=infer
 # # %env CMI_MODEL_PATH=/kaggle/input/cmi-bfrb-bundle
 
@@ -5249,33 +5252,46 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
-def find_bundle(path: Path, quiet: bool = False) -> Path:
-    """A bundle folder; or, below `path` (a Kaggle dataset mount, /kaggle/input), the newest valid
-    bundle by its manifest's creation time. A broken bundle never shadows a valid one, and a line
-    names the one chosen and the others."""
+def created_rank(manifest: dict[str, Any]) -> tuple[int, ...]:
+    """A manifest's `created` time as a sortable tuple; one that is no such time ranks oldest."""
+    try:
+        return tuple(time.strptime(str(manifest.get("created")), "%Y-%m-%dT%H:%M:%SZ"))[:6]
+    except ValueError:
+        return (0,) * 6
+
+
+def bundle_candidates(path: Path) -> tuple[list[Path], dict[Path, str]]:
+    """A bundle folder; or the bundles below `path` (a Kaggle dataset mount, /kaggle/input) whose
+    manifests are valid, newest first by their creation time, and those that are not, with why.
+    load_bundle serves the first that can serve whole (files, proof and plan)."""
     path = Path(path)
     if (path / "manifest.json").exists():
-        return path
+        return [path], {}
     found = sorted(m.parent for m in path.rglob("manifest.json") if len(m.relative_to(path).parts) <= 4) \
         if path.exists() else []
     if not found:
+        attached = sorted(str(p) for p in path.iterdir())[:8] if path.is_dir() else []
         raise FileNotFoundError(f"no model bundle at {path}: expected {path}/manifest.json (format "
-                                f"version {BUNDLE_FORMAT}) or a folder containing one. Fix: train first "
-                                f"(--stage train) or pass --model-path to the bundle (a mounted Kaggle dataset).")
-    valid, broken = [], {}
+                                f"version {BUNDLE_FORMAT}) or a folder containing one"
+                                + (f"; it holds {attached}" if attached else "; there is no such folder")
+                                + ". Fix: train first (--stage train), or point --model-path (CMI_MODEL_PATH in a "
+                                f"notebook) at the bundle's folder, e.g. the attached training notebook's output under "
+                                f"/kaggle/input.")
+    ranked, broken = [], {}
     for folder in found:
         try:
-            valid.append((str(read_manifest(folder).get("created", "")), str(folder)))
+            ranked.append((created_rank(read_manifest(folder)), str(folder)))
         except BundleError as err:
             broken[folder] = str(err)
-    if not valid:
+    return [Path(f) for _, f in sorted(ranked, reverse=True)], broken
+
+
+def find_bundle(path: Path) -> Path:
+    """The bundle load_bundle tries first (the newest with a valid manifest)."""
+    candidates, broken = bundle_candidates(path)
+    if not candidates:
         raise BundleError(f"{path}: no bundle below it can serve: " + "; ".join(broken.values()))
-    created, chosen = max(valid)
-    if len(found) > 1 and not quiet:
-        others = [f"{f} (older)" for _, f in sorted(valid)[:-1]] + [f"{f} (cannot serve: {why})" for f, why in broken.items()]
-        print(f"predict: {len(found)} bundles under {path}; serving the newest valid one, {chosen} (created "
-              f"{created or 'unknown'}); not served: {'; '.join(others)}")
-    return Path(chosen)
+    return candidates[0]
 
 
 # %% [markdown]
@@ -5790,11 +5806,9 @@ def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], 
         return serving_plan("gesture_capacity"), {}, []
 
 
-def load_bundle(cfg: Config) -> ServedBundle:
-    """Find, check, load and prove the bundle serving `cfg` asks for; BundleError (or FileNotFoundError)
-    naming the path and the fix when nothing can serve."""
+def load_one_bundle(path: Path, cfg: Config) -> ServedBundle:
+    """One bundle folder checked, loaded and proven as `cfg` asks; BundleError when it cannot serve."""
     t0 = time.perf_counter()
-    path = find_bundle(bundle_path(cfg))
     manifest = read_manifest(path)
     trained = manifest["config"]
     on_other = bool(trained.get("demo") and cfg.data_dir and not is_demo_folder(Path(cfg.data_dir)))
@@ -5820,6 +5834,32 @@ def load_bundle(cfg: Config) -> ServedBundle:
           f"serving {', '.join(models)} with the {plan_name(plan)} rule"
           + (f"; left out: {', '.join(left_out)} (reason logged above)" if left_out else ""))
     return ServedBundle(path, manifest, cfg, models, plan, context, context_names, fallback, left_out, on_other)
+
+
+def load_bundle(cfg: Config) -> ServedBundle:
+    """The newest bundle under the path `cfg` asks for that can serve whole: found, checked, loaded and
+    proven. A broken one never shadows a valid one, and one line names the bundle served and why each
+    other was not. BundleError (or FileNotFoundError) naming the path and the fix when none can."""
+    where = bundle_path(cfg)
+    candidates, broken = bundle_candidates(where)
+    total = len(set(candidates) | set(broken))
+    for path in candidates:
+        try:
+            served = load_one_bundle(path, cfg)
+        except BundleError as err:
+            if total == 1:
+                raise
+            broken[path] = str(err)
+            LOG.error("predict: the bundle %s cannot serve: %s", path, err)
+            continue
+        if total > 1:
+            others = [f"{p} (older)" for p in candidates if p != path and p not in broken]
+            others += [f"{p} (cannot serve: {why})" for p, why in broken.items()]
+            print(f"predict: {total} bundles under {where}; serving the newest that can serve, {path} (created "
+                  f"{served.manifest.get('created', 'unknown')}); not served: {'; '.join(others)}")
+        return served
+    raise BundleError(f"{where}: no bundle below it can serve: " + "; ".join(f"{p}: {why}" for p, why in broken.items()))
+
 
 
 def blend_answers(bundle: ServedBundle, probas: dict[str, np.ndarray], view: str, stats: ServingStats) -> np.ndarray | None:
@@ -6166,7 +6206,7 @@ def config_line(cfg: Config) -> str:
         return (f"config: profile={cfg.profile} stage={cfg.stage} models={cfg.models} folds={cfg.folds} "
                 f"epochs={cfg.epochs} {where}")
     try:
-        path = find_bundle(bundle_path(cfg), quiet=True)  # serving names the others, once
+        path = find_bundle(bundle_path(cfg))  # the first serving tries; serving names the others
         manifest = json.loads((path / "manifest.json").read_text())
         trained, lb = manifest.get("config", {}), manifest.get("expected_lb")
         return (f"config: stage=infer, serving the bundle {path}: trained with profile={trained.get('profile')} "

@@ -149,27 +149,72 @@ def test_four_threads_making_the_first_calls_get_the_serial_answers(trained):
     assert answers == expected and runtime.stats.fallbacks == 0 and runtime.stats.calls == len(calls)
 
 
-def test_several_bundles_under_one_folder_the_newest_valid_one_serves(trained, tmp_path, capsys):
-    cfg, _ = trained
-    parent = tmp_path / "input"
-    for name, created in (("a-old", "2000-01-01T00:00:00Z"), ("b-new", "2001-01-01T00:00:00Z"),
-                          ("c-broken", "2002-01-01T00:00:00Z")):
+def _bundles(cfg, parent, specs):
+    """Copies of the smoke bundle under `parent`: name -> (created, edit of the copy's folder or None)."""
+    for name, (created, edit) in specs.items():
         bundle = copy_bundle(cfg, parent / name)
         manifest = json.loads((bundle / "manifest.json").read_text())
         manifest["created"] = created
-        if name == "c-broken":
-            manifest.pop("blend_weights")
         (bundle / "manifest.json").write_text(json.dumps(manifest))
-    assert nb.find_bundle(parent) == parent / "b-new"
-    line = capsys.readouterr().out
-    assert "3 bundles" in line and "b-new" in line and "a-old (older)" in line and "c-broken (cannot serve" in line
+        if edit:
+            edit(bundle)
+
+
+def _drop_blend_weights(bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    m.pop("blend_weights")
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _lose_every_fold_file(bundle):
+    for f in json.loads((bundle / "manifest.json").read_text())["files"]:
+        if "_fold" in f:
+            (bundle / f).unlink()
+
+
+def _fail_the_proof(bundle):
+    (bundle / nb.PROOF_OUTPUTS).write_bytes(b"not an archive")
+
+
+def test_several_bundles_under_one_folder_the_newest_that_can_serve_serves(trained, tmp_path, capsys):
+    """A newer bundle with a valid manifest but lost files, or a proof that fails, used to be chosen
+    and stop serving, though an older one beside it serves; so did a `created` that is no date."""
+    cfg, _ = trained
+    parent = tmp_path / "input"
+    _bundles(cfg, parent, {"a-old": ("2000-01-01T00:00:00Z", None), "b-new": ("2001-01-01T00:00:00Z", None),
+                           "c-no-weights": ("2002-01-01T00:00:00Z", _drop_blend_weights),
+                           "d-lost-files": ("2003-01-01T00:00:00Z", _lose_every_fold_file),
+                           "e-bad-proof": ("2004-01-01T00:00:00Z", _fail_the_proof),
+                           "f-no-date": ("not a date", None)})
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(parent)))
+    runtime.load()
+    assert runtime.error is None and runtime.bundle.path == parent / "b-new"
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "bundles under" in ln)
+    assert line.count("bundles under") == 1 and "6 bundles" in line and "serving the newest that can serve" in line
+    for name, why in (("a-old", "older"), ("f-no-date", "older"), ("c-no-weights", "cannot serve"),
+                      ("d-lost-files", "cannot serve"), ("e-bad-proof", "cannot serve: ")):
+        assert f"{parent / name} ({why}" in line, (name, line)
+    assert "proof cannot be replayed" in line and "blend_weights" in line
     # A broken alphabetically-first bundle never shadows a valid one.
-    shutil.rmtree(parent / "a-old")
-    shutil.rmtree(parent / "b-new")
+    for name in ("a-old", "b-new", "f-no-date"):
+        shutil.rmtree(parent / name)
     copy_bundle(cfg, parent / "z-good")
     (parent / "a-broken").mkdir()
     (parent / "a-broken" / "manifest.json").write_text("{not json")
-    assert nb.find_bundle(parent) == parent / "z-good"
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(parent)))
+    runtime.load()
+    assert runtime.error is None and runtime.bundle.path == parent / "z-good"
+
+
+def test_a_missing_bundle_lists_what_is_attached(trained, tmp_path):
+    """README step 3 after the simplest publishing route: CMI_MODEL_PATH names a dataset that is not
+    attached; the error lists what is, and its fix names the notebook's setting."""
+    (tmp_path / "input" / "my-training-notebook").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as err:
+        nb.find_bundle(tmp_path / "input" / "cmi-bfrb-bundle")
+    assert "there is no such folder" in str(err.value) and "CMI_MODEL_PATH" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="my-training-notebook"):
+        nb.find_bundle(tmp_path / "input")
 
 
 def test_the_same_sequence_called_again_replaces_its_history_entry(trained):
@@ -401,7 +446,7 @@ def test_the_config_line_names_no_bundles_serving_will_name(trained, tmp_path, c
     infer = nb.dataclasses.replace(cfg, stage="infer", model_path=str(tmp_path / "input"))
     assert "serving the bundle" in nb.config_line(infer)
     assert "bundles under" not in capsys.readouterr().out
-    nb.find_bundle(tmp_path / "input")
+    nb.Runtime(infer).load()
     assert capsys.readouterr().out.count("2 bundles under") == 1
 
 
