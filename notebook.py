@@ -4943,6 +4943,9 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
     return settings_fingerprint(cfg, None, data_fingerprint, FEATURE_VERSION, BUNDLE_FORMAT)
 
 
+UNFINISHED = "training_unfinished.json"  # in a bundle folder whose manifest a run removed and has not rewritten
+
+
 def invalidate_stale_manifest(bundle: Path, fingerprint: str) -> None:
     """Remove a manifest written by a run with other settings or data, before any fold changes."""
     path = bundle / "manifest.json"
@@ -4953,6 +4956,8 @@ def invalidate_stale_manifest(bundle: Path, fingerprint: str) -> None:
     except (OSError, ValueError, AttributeError):
         old = None
     if old != fingerprint:
+        write_json(bundle / UNFINISHED, {"manifest_removed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                         "why": "a training run with other settings or data started here"})
         path.unlink()
         say(f"bundle: removed {path}: this run's settings or data differ from the bundle's, so it cannot "
             f"serve until this run writes its own manifest at the end")
@@ -5140,6 +5145,7 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
     manifest["proof"] = record_proof(bundle, manifest)
     manifest["files"].update({f: file_digest(bundle / f) for f in (PROOF_CALLS, PROOF_OUTPUTS)})
     write_json(bundle / "manifest.json", manifest)
+    (bundle / UNFINISHED).unlink(missing_ok=True)
     username = kaggle_username()
     write_json(bundle / "dataset-metadata.json", {
         "title": "CMI BFRB model bundle", "id": f"{username}/cmi-bfrb-bundle", "licenses": [{"name": "CC0-1.0"}]})
@@ -5269,6 +5275,12 @@ def bundle_candidates(path: Path) -> tuple[list[Path], dict[Path, str]]:
         return [path], {}
     found = sorted(m.parent for m in path.rglob("manifest.json") if len(m.relative_to(path).parts) <= 4) \
         if path.exists() else []
+    if not found and (path / UNFINISHED).exists():
+        removed = json.loads((path / UNFINISHED).read_text()).get("manifest_removed", "?")
+        raise FileNotFoundError(f"no model bundle at {path}: a training run with other settings or data removed "
+                                f"its manifest.json at {removed} and has not finished (interrupted?). Fix: rerun "
+                                f"that training to the end (its finished folds resume), or train again with the "
+                                f"bundle's own settings.")
     if not found:
         attached = sorted(str(p) for p in path.iterdir())[:8] if path.is_dir() else []
         raise FileNotFoundError(f"no model bundle at {path}: expected {path}/manifest.json (format "

@@ -244,13 +244,13 @@ def test_killed_retrain_with_other_settings_leaves_no_bundle_that_loads(trained,
     assert (out / "bundle" / "lgbm_fold0.txt").read_bytes() != before  # a fold of the new run
     assert not (out / "bundle" / "manifest.json").exists()
     runtime = nb.Runtime(nb.dataclasses.replace(retrain, stop_after_folds=0))
-    with pytest.raises(nb.BundleError, match="manifest.json"):
-        runtime.require()
+    with pytest.raises(nb.BundleError, match="removed its manifest.json at .* and has not finished"):
+        runtime.require()  # says what happened, not "train first"
     # The run finished (resumed): its manifest serves, and a rerun with the same settings keeps it.
     resumed = nb.dataclasses.replace(retrain, stop_after_folds=0, models="lgbm", lgbm_imu_reference=False)
     nb.train(resumed)
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
-    assert set(manifest["families"]) == {"lgbm"}
+    assert set(manifest["families"]) == {"lgbm"} and not (out / "bundle" / nb.UNFINISHED).exists()
     nb.invalidate_stale_manifest(out / "bundle", nb.run_fingerprint(resumed, manifest["data_fingerprint"]))
     assert (out / "bundle" / "manifest.json").exists()
     nb.invalidate_stale_manifest(out / "bundle", nb.run_fingerprint(retrain, manifest["data_fingerprint"]))
