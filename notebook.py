@@ -6176,6 +6176,9 @@ def serve(cfg: Config) -> None:
         return
     runtime.require()
     test_csv, demo_csv = data_dir / "test.csv", data_dir / "test_demographics.csv"
+    if pl.scan_csv(test_csv, infer_schema_length=0).head(1).collect().height == 0:  # the gateways fail inside on it
+        raise DataError(f"{test_csv}: a header and no rows, so there is nothing to serve. Fix: point --data-dir at "
+                        f"the folder holding the competition's test.csv (or copy it back).")
     t0 = time.perf_counter()
     if server_module is not None:
         print("gateway: kaggle_evaluation")
@@ -6256,5 +6259,5 @@ if __name__ == "__main__":
     if CFG.stage in ("all", "infer"):
         try:
             serve(CFG)
-        except BundleError as err:  # nothing served, or mostly the fallback: a non-zero exit, never a quiet one
-            sys.exit(f"BundleError: {err}")
+        except (BundleError, DataError) as err:  # nothing served, or mostly the fallback: never a quiet exit
+            sys.exit(f"{type(err).__name__}: {err}")

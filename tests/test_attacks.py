@@ -570,3 +570,17 @@ def test_the_proofs_tolerance_is_the_codes_not_the_manifests(trained, tmp_path):
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
     assert "torch" not in runtime.bundle.models and f"tolerance {nb.PROOF_TOLERANCE:g}" in runtime.bundle.left_out["torch"]
+
+
+def test_a_header_only_test_file_stops_before_any_gateway(trained, tmp_path):
+    """It used to end in an IndexError from inside the gateway."""
+    cfg, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data_dir, data)
+    header = (data / "test.csv").read_text().splitlines()[0]
+    (data / "test.csv").write_text(header + "\n")
+    serving = nb.dataclasses.replace(cfg, stage="infer", data_dir=str(data), demo=False, out_dir=str(tmp_path / "out"),
+                                     model_path=str(nb.Path(cfg.out_dir) / "bundle"))
+    with pytest.raises(nb.DataError, match="a header and no rows.*Fix:"):
+        nb.serve(serving)
+    assert not (tmp_path / "out" / "submission.parquet").exists()
