@@ -5230,6 +5230,21 @@ def validate_manifest(bundle: Path, manifest: Any) -> dict[str, Any]:
         check_bundle_name(bundle, f, "files")
         if not (isinstance(digest, dict) and isinstance(digest.get("bytes"), int) and isinstance(digest.get("sha256"), str)):
             raise BundleError(f"{where}: files.{f} = {_short(digest)}; it takes its bytes and sha256. {FIX_RETRAIN}")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in manifest["config"].items():  # the training settings serving reads (config_from)
+        f = fields.get(name)
+        if f is None or value is None:
+            continue  # a field this code no longer has is ignored
+        kind = str(f.type)
+        typed = (isinstance(value, bool) if "bool" in kind else isinstance(value, bool) is False and (
+            isinstance(value, int) if "int" in kind else isinstance(value, (int, float)) if "float" in kind
+            else isinstance(value, str)))
+        try:
+            usable = typed and checked_value(f, value, f"config.{name}") is not None
+        except ConfigError:
+            usable = False
+        if not usable:
+            raise BundleError(f"{where}: config.{name} = {_short(value)}; it takes {allowed_values(f)}. {FIX_RETRAIN}")
     return manifest
 
 

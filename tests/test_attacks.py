@@ -41,8 +41,12 @@ def _drop(key, view=None):
     (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [float("inf"), 1.0]), ["fold_weights"]),
     (_drop("proof"), ["'proof' is missing", f"format {nb.BUNDLE_FORMAT} carries one"]),
     (lambda m: m["serving"].__setitem__("rule", "majority"), ["serving.rule", '"majority"', "not one of"]),
+    (lambda m: m["config"].__setitem__("sample_rate_hz", "abc"), ["config.sample_rate_hz", '"abc"', "a number from"]),
+    (lambda m: m["config"].__setitem__("tof_grid", "yes"), ["config.tof_grid", "true or false"]),
+    (lambda m: m["config"].__setitem__("net_hidden", -3), ["config.net_hidden", "-3", "an integer >= 1"]),
 ], ids=["no-blend-weights", "no-imu-weights", "nan-weight", "nan-scale", "negative-scale", "weights-short",
-        "weights-sum", "no-config", "inf-fold-weight", "no-proof", "unknown-rule"])
+        "weights-sum", "no-config", "inf-fold-weight", "no-proof", "unknown-rule", "config-rate-text",
+        "config-bool-text", "config-negative"])
 def test_a_manifest_that_cannot_be_served_as_written_stops_loudly(trained, tmp_path, edit, words):
     cfg, _ = trained
     refused(loaded_after_edit(cfg, tmp_path / "bundle", edit), *words)
