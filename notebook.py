@@ -2621,11 +2621,13 @@ def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
     return keep
 
 
-def fold_meta_matches(meta_path: Path, fingerprint: str) -> bool:
+def read_fold_meta(meta_path: Path) -> dict[str, Any]:
+    """A fold's meta file (its fingerprint, seed, seconds...), or {} when missing or unreadable."""
     try:
-        return json.loads(meta_path.read_text()).get("fingerprint") == fingerprint
+        meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def bundle_file(member: str, k: int, suffix: str) -> str:
@@ -2640,9 +2642,11 @@ def fold_meta_path(path: Path) -> Path:
     return path.parent / f"{path.name.split('.')[0]}.json"
 
 
-def saved_fold_matches(path: Path, fingerprint: str) -> bool:
-    """A net's fold file is in the bundle with its meta file, written last, naming this fingerprint."""
-    return path.exists() and fold_meta_matches(fold_meta_path(path), fingerprint)
+def saved_fold_meta(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The meta file of a fold file in the bundle, when both are there and the meta file (written
+    last) names this fingerprint; else None."""
+    meta = read_fold_meta(fold_meta_path(path)) if path.exists() else {}
+    return meta if meta.get("fingerprint") == fingerprint else None
 
 
 def fold_splits(folds: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -2794,10 +2798,10 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
         for s in range(member.seeds):
             path = bundle / member.file(k, s)
             how = "resumed from the bundle"
-            if saved_fold_matches(path, fp):
-                seconds = json.loads(fold_meta_path(path).read_text()).get("seconds")
-                if isinstance(seconds, (int, float)):
-                    clock.timed(member.name, seconds)
+            saved = saved_fold_meta(path, fp)
+            if saved is not None:
+                if isinstance(saved.get("seconds"), (int, float)):
+                    clock.timed(member.name, saved["seconds"])
             else:
                 clock.start_fold(member.name)
                 fitted = member.fit(k, s, inputs, td, tr, va, epoch_logger(
@@ -5486,13 +5490,10 @@ def copy_finished_folds(source: Path, bundle: Path) -> None:
                           f"give its folder (on Kaggle /kaggle/input/<notebook>), or leave the setting out.")
     bundle.mkdir(parents=True, exist_ok=True)
     copied = kept = 0
-    for meta in sorted(src.glob("*.json")):
-        folds = [f for f in src.iterdir() if f != meta and f.name.split(".")[0] == meta.stem]
-        try:
-            is_meta = "fingerprint" in json.loads(meta.read_text())
-        except (OSError, ValueError, TypeError):
-            is_meta = False
-        if len(folds) != 1 or not is_meta:
+    files = sorted(src.iterdir())
+    for meta in (f for f in files if f.suffix == ".json"):
+        folds = [f for f in files if f != meta and f.name.split(".")[0] == meta.stem]
+        if len(folds) != 1 or "fingerprint" not in read_fold_meta(meta):
             continue
         for f in (folds[0], meta):  # the meta file last, as run_folds writes them
             if (bundle / f.name).exists():
