@@ -98,6 +98,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -215,6 +216,12 @@ class Config:
     stop_after_folds: int = _doc("if > 0, train at most this many new fold models in this session, "
                                  "counted over all members (a fold's seeds count one each); the run "
                                  "then ends as under the time budget", 0, low=0)
+    workers: int | None = _doc("fold-training processes, each taking (member, fold) tasks as they come "
+                               "on a GPU of its own (CUDA_VISIBLE_DEVICES), else on a 1/N share of the CPU "
+                               "threads; the run then reads every fold back from the bundle, so OOF and "
+                               "bundle are the one-process run's; default: the GPUs on Kaggle (2 on GPU "
+                               "T4 x2), 1 elsewhere", low=1)
+    worker_of: str = _doc("(internal) the task file a --workers process trains from, set by the run", "")
     resume_from: str | None = _doc("an earlier run's output folder or bundle (on Kaggle, that notebook's "
                                    "output attached under /kaggle/input): its finished folds are copied "
                                    "into OUT/bundle and not trained again")
@@ -371,6 +378,8 @@ def config_from(saved: dict[str, Any]) -> Config:
 
 
 PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path", "resume_from")
+# Where and how a run is scheduled, never what a model is: left out of what a model file records.
+RUN_FIELDS = (*PATH_FIELDS, "stage", "time_budget_hours", "stop_after_folds", "workers", "worker_of")
 
 
 def member_name(family: str, cfg: Config) -> str:
@@ -2776,12 +2785,25 @@ def epoch_logger(out: Path, family: str, k: int, s: int = 0,
     return log
 
 
+def train_fold(member: Member, k: int, s: int, inputs: dict[str, Any], td: TrainingData, tr: np.ndarray,
+               va: np.ndarray, path: Path, fp: str, out: Path, clock: TrainingClock) -> str:
+    """Train seed `s` of fold k (when the clock allows: else OutOfBudget) and save it at `path`, its meta
+    file last (a fold cut short has none and is retrained); returns how it was fitted."""
+    clock.start_fold(member.name)
+    fitted = member.fit(k, s, inputs, td, tr, va, epoch_logger(
+        out, member.name, k, s, lambda epoch: clock.epoch_done(member.name, epoch, member.cfg.epochs)))
+    member.save(fitted.model, path)
+    seconds = clock.end_fold(member.name)
+    write_json(fold_meta_path(path), {"fingerprint": fp, "seed": member.seed(k, s), **fitted.meta,
+                                      "seconds": round(seconds, 2)})
+    return fitted.how
+
+
 def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: TrainingClock) -> dict[str, Any]:
     """The fold loop of every member: a fold file the bundle already holds for this data and these
-    settings is loaded, any other is trained (when the clock allows: else OutOfBudget), saved (its
-    meta file last: a fold cut short has none and is retrained) and loaded back, so OOF always
-    comes from the saved files, exactly as a resumed fold or predict() sees them, and never has
-    holes. A fold's seeds are averaged. File weights follow each fold's validation score (mean of
+    settings (trained earlier, or by a --workers process) is loaded, any other is trained
+    (train_fold) and loaded back, so OOF always comes from the saved files, exactly as a resumed fold
+    or predict() sees them, and never has holes. A fold's seeds are averaged. File weights follow each fold's validation score (mean of
     the two views), shared by its seeds. Returns the OOF gesture probabilities per view, every
     head's OOF per view ("heads"), the file weights, the loaded models (one per file), and the
     member's manifest entry."""
@@ -2803,14 +2825,7 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
                 if isinstance(saved.get("seconds"), (int, float)):
                     clock.timed(member.name, saved["seconds"])
             else:
-                clock.start_fold(member.name)
-                fitted = member.fit(k, s, inputs, td, tr, va, epoch_logger(
-                    out, member.name, k, s, lambda epoch: clock.epoch_done(member.name, epoch, cfg.epochs)))
-                member.save(fitted.model, path)
-                seconds = clock.end_fold(member.name)
-                write_json(fold_meta_path(path), {"fingerprint": fp, "seed": member.seed(k, s), **fitted.meta,
-                                                  "seconds": round(seconds, 2)})
-                how = fitted.how
+                how = train_fold(member, k, s, inputs, td, tr, va, path, fp, out, clock)
             model = member.load(path)
             for v in VIEWS:
                 outputs[v].append(member.predict(model, member.rows(inputs[v], va)))
@@ -2924,7 +2939,7 @@ def class_weights(y: np.ndarray, mode: str) -> np.ndarray:
 
 
 def lgbm_params(cfg: Config, seed: int, n_rows: int, n_classes: int = len(GESTURES)) -> dict[str, Any]:
-    threads = cfg.lgbm_threads or (1 if n_rows < 10_000 else (os.cpu_count() or 1))
+    threads = cfg.lgbm_threads or (1 if n_rows < 10_000 else int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return dict(objective="multiclass", num_class=n_classes, learning_rate=cfg.lgbm_learning_rate,
                 num_leaves=cfg.lgbm_num_leaves, min_data_in_leaf=cfg.lgbm_min_data_in_leaf,
                 feature_fraction=cfg.lgbm_feature_fraction, bagging_fraction=cfg.lgbm_bagging_fraction,
@@ -3975,13 +3990,19 @@ class TorchMember(NetMember):
             va: np.ndarray, log: Callable[[dict[str, Any]], None]) -> Fitted:
         res = train_torch_fold(self.cfg, inputs["full"].subset(tr), td.net_targets().subset(tr),
                                {v: inputs[v].subset(va) for v in VIEWS}, td.y[va], self.seed(k, s), log)
-        ckpt = {"in_ch": len(res["scaler"].columns), "config": dataclasses.asdict(self.cfg),
+        # The settings that shape the net, not where or how the run was scheduled: a fold trained by a
+        # --workers process, or into another folder, is the same file.
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RUN_FIELDS}
+        ckpt = {"in_ch": len(res["scaler"].columns), "config": settings,
                 "channel_names": self.names, "scaler": res["scaler"].state(), "state_dict": res["state"]}
         return Fitted(ckpt, {"best_epoch": res["epoch"], "best_score": res["score"], "bad_steps": res["bad_steps"],
                              "uncertainty_s": res["uncertainty_s"]}, kept_epoch(self.cfg, res["epoch"]))
 
     def save(self, model: dict[str, Any], path: Path) -> None:
-        atomic_write(path, lambda p: torch.save(model, p))
+        def save(tmp: Path) -> None:  # through a file object: the archive is named "archive", not after the
+            with open(tmp, "wb") as f:  # temporary file, so one model's file has the same bytes in every run
+                torch.save(model, f)
+        atomic_write(path, save)
 
     def load(self, path: Path) -> NetFold:
         return NetFold(*load_torch_checkpoint(path, torch_device())[:2])
@@ -4908,7 +4929,7 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 7  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
+BUNDLE_FORMAT = 8  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
 def file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -5054,12 +5075,147 @@ def blend_of(probas: dict[str, np.ndarray], manifest: dict[str, Any], view: str)
     return target_scaled(blend(list(probas.values()), w), manifest["target_scale"][view])
 
 
+# How a call is answered, in serving and in the bundle's proof alike: what serving counts, what it
+# remembers per subject, and the decision from the members' probabilities.
+class ServingStats:
+    """What serving did, for the summary line and run_summary.json: calls, which members served each
+    view, reduced blends, fallbacks, turned wearers, and each input problem counted (logged once)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.problems: Counter[str] = Counter()
+        self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> member -> calls
+        self.reduced = 0  # calls blended from fewer members than the bundle's blend weights name
+        self.fallbacks = 0  # calls answered with the fallback gesture
+        self.streak = 0  # consecutive calls answered by the fallback
+        self.turned = 0  # calls whose rows were turned back (an upside-down wearer)
+
+    def note(self, problem: str, detail: str = "") -> None:
+        if not self.problems[problem]:
+            LOG.warning("predict: %s%s (logged once; counted in the summary)", problem, f": {detail}" if detail else "")
+        self.problems[problem] += 1
+
+
+class SubjectState:
+    """What serving remembers per subject across calls: each sequence's gesture and slot
+    probabilities (the per-subject rules), and each sequence's upside-down score. A sequence seen
+    again replaces its entry."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.wear_scores: dict[str, dict[str, float]] = {}
+
+    def upside_down(self, bundle: ServedBundle, fix: bool, prepared: Sequences, subject: str | None,
+                    sequence_id: str) -> bool:
+        """Whether this subject wears the device upside down, judged on their sequences so far (this
+        one included) as in training; never when the bundle was trained without the check or `fix`
+        (--upside-down-fix) is off."""
+        spec = bundle.manifest.get("upside_down") or {}
+        if not (spec.get("enabled") and fix):
+            return False
+        _, score = UpsideDownCheck(**spec["check"]).evidence(prepared)
+        seen = self.wear_scores.setdefault(subject, {}) if subject else {}
+        seen.pop(sequence_id, None)
+        seen[sequence_id] = float(score[0])
+        return UpsideDownCheck.decide(list(seen.values()))
+
+    def choose(self, rule: str, p: np.ndarray, subject: str | None, slot_p: np.ndarray | None, sequence_id: str) -> int:
+        """The gesture index under `rule` (15.1) from this call's gesture probabilities `p` (18,) and
+        slot probabilities `slot_p` (102,; the slots rule); a per-subject rule runs over this
+        subject's sequences so far, each once (a call without a subject gets the per-sequence argmax)."""
+        if rule in ("gesture_capacity", "slots") and subject:
+            rows = self.history.setdefault(subject, {})
+            rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
+            rows[sequence_id] = (p, slot_p if slot_p is not None else UNIFORM_PARTS["slot"][0])
+            return int(serve_labels(rule, np.vstack([r[0] for r in rows.values()]),
+                                    np.vstack([r[1] for r in rows.values()]))[-1])
+        return int(serve_labels(rule if rule == "argmax9" else "argmax", p[None, :])[0])
+
+
+def blend_answers(manifest: dict[str, Any], probas: dict[str, np.ndarray], view: str,
+                  stats: ServingStats) -> np.ndarray | None:
+    """The bundle's blend for `view` over the members that answered, weights renormalised."""
+    if not probas:
+        return None
+    weights = dict(zip(manifest["families"], manifest["blend_weights"][view]))
+    if any(weights[n] > 0 and n not in probas for n in weights):
+        stats.reduced += 1
+    stats.served[view].update([n for n in probas if weights.get(n, 0.0) > 0] or list(probas))
+    p = blend_of(probas, manifest, view)[0]
+    if not np.isfinite(p).all():
+        stats.note("non-finite blend; the answering families averaged with equal weights")
+        p = blend(list(probas.values()), np.ones(len(probas)))[0]
+    return p
+
+
+def decide(manifest: dict[str, Any], plan: dict[str, Any], subjects: SubjectState, stats: ServingStats,
+           probas: dict[str, np.ndarray], view: str, parts: dict[str, np.ndarray], subject: str | None,
+           sequence_id: str) -> str | None:
+    """One call's answer from its members' (1, 18) probabilities and what the slot sources read
+    (`parts`): the bundle's blend, then the serving plan over this subject's sequences so far. None when
+    no member answered. predict() and the bundle's proof both decide here."""
+    p = blend_answers(manifest, probas, view, stats)
+    if p is None:
+        stats.note("no model family gave finite probabilities")
+        return None
+    slot_p = None
+    if plan["rule"] == "slots":
+        source = plan["slot_source"]
+        if any(k not in parts for k in SLOT_PARTS[source]):
+            stats.note(f"the {source} slot source has no answer for this call; uniform slot context")
+        slot_p = slot_probabilities(source, p[None, :], {**UNIFORM_PARTS, **parts}, plan["gesture_weight"][view])[0]
+    return str(GESTURES[subjects.choose(plan["rule"], p, subject, slot_p, sequence_id)])
+
+
 # The bundle's proof: reference calls made by the demo generator (never competition rows: bundles are
-# published as datasets), every family's per-fold outputs on them and the blend's answers, stored at
-# training and replayed at load through the steps predict() runs.
+# published as datasets), every member's per-fold heads on them (and the slot models' outputs when the
+# plan reads them), the answers served from those, and a copy of the plan, stored at training and
+# replayed at load through the steps predict() runs.
 PROOF_SEED = 4242
 PROOF_CALLS, PROOF_OUTPUTS = "proof_calls.parquet", "proof_outputs.npz"
-PROOF_TOLERANCE = 1e-3  # largest probability difference a family may show (library versions, devices)
+PROOF_TOLERANCE = 1e-3  # largest probability difference a member may show (library versions, devices)
+SLOT_OUTPUT = "slot_models"  # the proof's outputs key of the slot models' (calls, 6) probabilities
+# What serving decides by besides the model files. The proof keeps a copy: an edit of one of them (a rule
+# tried by hand, a weight) would change answers that no replay of 8 calls need show, so it is refused.
+PLAN_FIELDS = ("serving", "blend_weights", "target_scale", "fallback_gesture", "upside_down")
+
+
+def plan_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's plan fields and each member's fold weights, as the proof copies them."""
+    return {**{k: manifest[k] for k in PLAN_FIELDS},
+            "families": {n: {"fold_weights": f["fold_weights"]} for n, f in manifest["families"].items()}}
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """The path (e.g. `serving.rule`, `blend_weights.full[2]`) of the first value where two JSON values
+    differ; None when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := first_difference(x, y, f"{where}[{i}]"))), None)
+    return None if a == b else where
+
+
+def load_slot_models(path: Path, manifest: dict[str, Any], made: dict[str, list[str]]) -> tuple[dict[str, list[Any]], list[str]]:
+    """The slot models (orientation / behaviour -> fold boosters) and their feature names; BundleError
+    when they cannot load."""
+    spec = manifest["context"]
+    missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
+    if missing:
+        raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
+    verify_bundle_files(path, spec["files"], manifest.get("files", {}))
+    context = {}
+    for target in CONTEXT_TARGETS:
+        names = {bundle_file(f"context_{target}", k, ".txt") for k in range(len(spec["files"]))}
+        context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"] if f in names]
+        if not context[target]:
+            raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
+                              f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
+    return context, spec["feature_names"]
 
 
 def proof_calls(cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -5076,31 +5232,45 @@ def proof_calls(cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
     return rows, _demo_demographics(subjects)
 
 
-def replay_proof(models: dict[str, LoadedMember], calls: pl.DataFrame, demographics: pl.DataFrame,
-                 cfg: Config) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Each family's per-fold probabilities (folds, calls, 18) on the reference calls, one call at a time
-    as predict() prepares it (no per-subject state: no history, no upside-down turn), and each call's view."""
-    out: dict[str, list[np.ndarray]] = {name: [] for name in models}
-    views = []
+def replay_proof(models: dict[str, LoadedMember], calls: pl.DataFrame, demographics: pl.DataFrame, cfg: Config,
+                 slot_models: dict[str, list[Any]] | None = None, slot_names: list[str] = ()
+                 ) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
+    """The reference calls, one at a time as predict() prepares them (no upside-down turn): each
+    member's per-fold heads, "<member>.<head>" (folds, calls, k), and with `slot_models` their
+    (calls, 6) probabilities under SLOT_OUTPUT; each call's view and its (subject, sequence_id)."""
+    out: dict[str, list[np.ndarray]] = {}
+    views, keys = [], []
     for _, seq in calls.group_by("sequence_id", maintain_order=True):
+        subject = str(seq["subject"][0])
         prepared = tie_call(seq.with_columns(pl.lit("SEQ_CALL").alias("sequence_id")),
-                            demographics.filter(pl.col("subject") == seq["subject"][0]))
+                            demographics.filter(pl.col("subject") == subject))
         channels = sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
         views.append("imu_only" if is_imu_only(prepared.sensors) else "full")
+        keys.append((subject, str(seq["sequence_id"][0])))
         cache: dict[str, Any] = {}
         for name, loaded in models.items():
             folds = loaded.fold_outputs(prepared, channels, cache, exact=True)
-            out[name].append(np.stack([o["gesture"] for o in folds]).astype(np.float32))
-    return {name: np.concatenate(parts, axis=1) for name, parts in out.items()}, views
+            for head in folds[0]:
+                out.setdefault(f"{name}.{head}", []).append(np.stack([o[head] for o in folds]).astype(np.float32))
+        if slot_models:
+            table = call_table(prepared, channels, cache, cfg.sample_rate_hz)
+            out.setdefault(SLOT_OUTPUT, []).append(context_proba(slot_models, table.matrix(slot_names)).astype(np.float32))
+    return {k: np.concatenate(v, axis=-2) for k, v in out.items()}, views, keys
 
 
-def proof_answers(outputs: dict[str, np.ndarray], manifest: dict[str, Any], views: list[str]) -> list[str]:
-    """The blend's answer (argmax) per reference call from the families' per-fold outputs."""
-    answers = []
-    for i, view in enumerate(views):
-        probas = {n: blend(list(o[:, i:i + 1]), np.asarray(manifest["families"][n]["fold_weights"], np.float64))
-                  for n, o in outputs.items()}
-        answers.append(GESTURES[int(np.argmax(blend_of(probas, manifest, view)[0]))])
+def proof_answers(outputs: dict[str, np.ndarray], manifest: dict[str, Any], plan: dict[str, Any], views: list[str],
+                  keys: list[tuple[str, str]], members: list[str]) -> list[str]:
+    """What predict() answers the reference calls, in their order, from these outputs of `members`:
+    each member's heads fold-weighted, then decide() under `plan` over each subject's calls so far."""
+    subjects, stats, answers = SubjectState(), ServingStats(), []
+    for i, (view, (subject, sequence_id)) in enumerate(zip(views, keys)):
+        heads = [{k.split(".", 1)[1]: blend(list(v[:, i:i + 1]), np.asarray(manifest["families"][n]["fold_weights"]))
+                  for k, v in outputs.items() if k.startswith(f"{n}.")} for n in members]
+        parts = net_context(heads)
+        if SLOT_OUTPUT in outputs:
+            parts["lgbm"] = outputs[SLOT_OUTPUT][i:i + 1]
+        answers.append(decide(manifest, plan, subjects, stats, {n: h["gesture"] for n, h in zip(members, heads)},
+                              view, parts, subject, sequence_id) or manifest["fallback_gesture"])
     return answers
 
 
@@ -5110,13 +5280,16 @@ def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     cfg = config_from(manifest["config"])
     made = produced_names(cfg)
     models = {name: load_member(bundle, name, fam, manifest, made) for name, fam in manifest["families"].items()}
+    plan = manifest["serving"]
+    slot_models, slot_names = (load_slot_models(bundle, manifest, made) if "lgbm" in SLOT_PARTS.get(plan["slot_source"], ())
+                               else ({}, []))
     calls, demographics = proof_calls(cfg)
-    outputs, views = replay_proof(models, calls, demographics, cfg)
+    outputs, views, keys = replay_proof(models, calls, demographics, cfg, slot_models, slot_names)
     atomic_write(bundle / PROOF_CALLS, lambda p: calls.write_parquet(p))
     atomic_write(bundle / PROOF_OUTPUTS, lambda p: np.savez(p, **outputs))
     return {"calls": PROOF_CALLS, "outputs": PROOF_OUTPUTS, "demographics": demographics.to_dicts(),
-            "views": views, "answers": proof_answers(outputs, manifest, views), "tolerance": PROOF_TOLERANCE,
-            "versions": library_versions()}
+            "views": views, "answers": proof_answers(outputs, manifest, plan, views, keys, list(models)),
+            "plan": plan_of(manifest), "tolerance": PROOF_TOLERANCE, "versions": library_versions()}
 
 
 def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
@@ -5196,6 +5369,22 @@ def validate_manifest(bundle: Path, manifest: Any) -> dict[str, Any]:
         if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
             raise BundleError(f"{where}: {key} = {_short(manifest[key])} is not a {getattr(kind, '__name__', 'number')}. "
                               f"{FIX_RETRAIN}")
+    if manifest["fallback_gesture"] not in GESTURES:
+        raise BundleError(f"{where}: fallback_gesture = {_short(manifest['fallback_gesture'])}, not one of the 18 "
+                          f"gestures. {FIX_RETRAIN}")
+    serving = manifest["serving"]
+    if serving.get("rule") not in SERVING_RULES:
+        raise BundleError(f"{where}: serving.rule = {_short(serving.get('rule'))}, not one of {list(SERVING_RULES)}. "
+                          f"{FIX_RETRAIN}")
+    if serving["rule"] == "slots":
+        source, weights = serving.get("slot_source"), serving.get("gesture_weight")
+        if source not in SLOT_SOURCES:
+            raise BundleError(f"{where}: serving.slot_source = {_short(source)}, not one of {list(SLOT_SOURCES)}. "
+                              f"{FIX_RETRAIN}")
+        values = [weights.get(v) for v in VIEWS] if isinstance(weights, dict) else None
+        if not (_number_list(values) and max(values) <= 10):
+            raise BundleError(f"{where}: serving.gesture_weight = {_short(weights)}; it takes a number from 0 to 10 "
+                              f"per view {list(VIEWS)}. {FIX_RETRAIN}")
     families = manifest["families"]
     if not families:
         raise BundleError(f"{where}: lists no model family. {FIX_RETRAIN}")
@@ -5447,23 +5636,25 @@ def projected_training(cfg: Config, n_sequences: int, device: str) -> dict[str, 
     return seconds
 
 
-def say_projection(cfg: Config, n_sequences: int, device: str) -> None:
-    """The full profile's projected training time, before anything trains; without a GPU, or past
-    the time budget, what to change (the run itself then stops within the budget)."""
+def say_projection(cfg: Config, n_sequences: int, device: str, workers: int = 1) -> None:
+    """The full profile's projected training time, before anything trains (on GPUs, shared by the
+    --workers, one GPU each); without a GPU, or past the time budget, what to change (the run itself
+    then stops within the budget)."""
     if cfg.profile != "full":
         return
     per = projected_training(cfg, n_sequences, device)
-    total = sum(per.values())
+    share = workers if device != "cpu" else 1  # CPU workers share the same cores
+    total = sum(per.values()) / share
     assumed = "" if device == "cpu" else " (nets: the CPU rate over an assumed GPU speed-up, not yet measured)"
-    say(f"projected training time on {device}: {hours(total)}{assumed}: "
-        + ", ".join(f"{name} {hours(t)}" for name, t in per.items()))
+    say(f"projected training time on {device}{f' with {share} workers' if share > 1 else ''}: {hours(total)}"
+        f"{assumed}: " + ", ".join(f"{name} {hours(t)}" for name, t in per.items()))
     if device == "cpu":
         say("no GPU: the nets train on the CPU. Fix on Kaggle: Settings -> Accelerator -> GPU T4 x2, then "
             "Save Version again")
     budget = cfg.time_budget_hours * 3600
     if budget and total > budget:
         fits = [e for e in range(cfg.epochs - 1, 0, -1) if sum(projected_training(
-            dataclasses.replace(cfg, epochs=e), n_sequences, device).values()) <= budget]
+            dataclasses.replace(cfg, epochs=e), n_sequences, device).values()) / share <= budget]
         nets_off = per.get("lgbm", 0.0) <= budget and "lgbm" in cfg.models.split(",")
         advice = (f"--epochs {fits[0]} (CMI_EPOCHS={fits[0]})" if fits else
                   "--models lgbm (CMI_MODELS=lgbm)" if nets_off else "--profile quick (CMI_PROFILE=quick)")
@@ -5505,6 +5696,153 @@ def copy_finished_folds(source: Path, bundle: Path) -> None:
         + (f" ({kept // 2} already there, kept)" if kept else ""))
 
 
+# Fold workers (--workers N): N processes of this same code train the missing (member, fold) tasks into
+# the bundle, each claiming the next free one, on a GPU of its own or a share of the CPU. The run then
+# goes on as one process would: run_folds finds every fold in the bundle and reads it back, so the
+# OOF, the blend and the bundle are those of one process trained with the same threads.
+WORKERS_DIR = "workers"
+
+
+def worker_count(cfg: Config) -> int:
+    """--workers, or by default the GPUs on Kaggle (2 on GPU T4 x2), else 1."""
+    if cfg.workers:
+        return cfg.workers
+    return max(1, torch.cuda.device_count()) if on_kaggle() and torch_device() == "cuda" else 1
+
+
+def script_from_cells(cells: list[str]) -> str:
+    """The code cells a Jupyter kernel ran (its `In`) as a script: IPython magics and shell lines left out
+    (%env values reach the workers through the environment), and the cell that runs main() and serves
+    replaced by a plain main() call."""
+    keep = [c for c in cells if c.strip() and "CFG = main()" not in c]
+    lines = [line for c in keep for line in c.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    return "\n".join(lines) + '\n\n\nif __name__ == "__main__":\n    main()\n'
+
+
+def worker_script(out: Path) -> Path | None:
+    """This code as a script the workers run: the .py file it was loaded from, or in a Jupyter kernel
+    (no file) the cells it ran, written to OUT/workers/notebook_cells.py. None when neither exists."""
+    own = globals().get("__file__")
+    if own and str(own).endswith(".py") and Path(own).exists():
+        return Path(own)
+    shell = globals().get("get_ipython")
+    cells = list(shell().user_ns.get("In", [])) if callable(shell) and shell() is not None else []
+    if not cells:
+        return None
+    path = out / WORKERS_DIR / "notebook_cells.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script_from_cells(cells))
+    return path
+
+
+def missing_fold_models(cfg: Config, td: TrainingData, bundle: Path) -> list[tuple[str, int, int]]:
+    """Per (member, fold) that lacks a seed in the bundle: (member, fold, seeds missing), in the order
+    one process trains them."""
+    found = []
+    for member in ensemble_members(cfg):
+        member.training_inputs(td, Path(cfg.out_dir))  # its input names, which the fingerprint covers
+        fp = member.fingerprint(td.fingerprint)
+        for k in range(cfg.folds):
+            missing = sum(saved_fold_meta(bundle / member.file(k, s), fp) is None for s in range(member.seeds))
+            if missing:
+                found.append((member.name, k, missing))
+    return found
+
+
+def claim(path: Path) -> bool:
+    """Take a task for this process: True for the one process that creates `path` first."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def train_fold_tasks(cfg: Config, td: TrainingData, tasks_file: Path) -> None:
+    """A worker's run: the task file's (member, fold) tasks, each claimed first, trained into the bundle
+    until none is left or the remaining budget refuses one. `cfg` is the run's own, so every saved
+    model is the one-process run's."""
+    spec = json.loads(tasks_file.read_text())
+    clock = TrainingClock(dataclasses.replace(cfg, time_budget_hours=spec["budget_hours"], stop_after_folds=0))
+    out = Path(cfg.out_dir)
+    members = {m.name: m for m in ensemble_members(cfg)}
+    inputs: dict[str, dict[str, Any]] = {}
+    for name, k in spec["tasks"]:
+        if not claim(Path(spec["claims"]) / f"{name}_fold{k}"):
+            continue
+        member = members[name]
+        inputs.setdefault(name, member.training_inputs(td, out))
+        fp = member.fingerprint(td.fingerprint)
+        for s in range(member.seeds):
+            path = out / "bundle" / member.file(k, s)
+            if saved_fold_meta(path, fp) is not None:
+                continue
+            try:
+                how = train_fold(member, k, s, inputs[name], td, td.folds != k, td.folds == k, path, fp, out, clock)
+            except OutOfBudget as why:
+                say(f"{name} fold {k}: not trained by this worker ({why})")
+                return
+            say(f"{name} fold {k} seed {s}: {how}")
+
+
+def run_workers(cfg: Config, td: TrainingData, clock: TrainingClock, n: int) -> None:
+    """Train the missing fold models in `n` worker processes (the remaining budget, at most
+    --stop-after-folds fold models, whole folds), relaying their output line by line. A worker that
+    fails is named with its log; what it left is trained by this process afterwards, as on a resume."""
+    out, bundle = Path(cfg.out_dir), Path(cfg.out_dir) / "bundle"
+    missing = missing_fold_models(cfg, td, bundle)
+    if cfg.stop_after_folds:
+        allowed = cfg.stop_after_folds - clock.trained
+        missing = [t for i, t in enumerate(missing) if sum(m for *_, m in missing[:i + 1]) <= allowed]
+    script = worker_script(out)
+    if not missing or script is None:
+        if script is None:
+            say("workers: this code has no file and no Jupyter cells to start workers from; one process trains")
+        return
+    n = min(n, len(missing))
+    folder = out / WORKERS_DIR
+    shutil.rmtree(folder / "claims", ignore_errors=True)
+    (folder / "claims").mkdir(parents=True)
+    gpus = torch.cuda.device_count() if torch_device() == "cuda" else 0
+    # The CPU threads this process may use (OMP_NUM_THREADS when set), shared out: torch, LightGBM and
+    # TensorFlow read them from the environment, so the models' saved settings stay the run's own.
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // n)
+    left = clock.left()
+    tasks = folder / "tasks.json"
+    write_json(tasks, {"config": dataclasses.asdict(cfg), "claims": str(folder / "claims"),
+                       "budget_hours": left / 3600.0 if math.isfinite(left) else 0.0,
+                       "tasks": [[name, k] for name, k, _ in missing]})
+    say(f"workers: {n} processes train {sum(m for *_, m in missing)} fold models of {len(missing)} folds "
+        f"({f'one GPU each of {gpus}' if gpus else f'{threads} CPU threads each'}); logs in {folder}")
+    procs, relays = [], []
+    for i in range(n):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TF_NUM_INTRAOP_THREADS": str(threads),
+               "TF_NUM_INTEROP_THREADS": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true", "PYTHONUNBUFFERED": "1"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        log = open(folder / f"worker{i}.log", "w")
+        proc = subprocess.Popen([sys.executable, str(script), "--worker-of", str(tasks)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd())
+
+        def relay(proc: Any = proc, log: Any = log, i: int = i) -> None:
+            for line in proc.stdout:
+                log.write(line)
+                if not line.startswith(("WARNING", "I0000", "W0000", "E0000", "To enable")):
+                    print(f"[worker {i}] {line}", end="", flush=True)
+            log.close()
+        procs.append(proc)
+        relays.append(threading.Thread(target=relay, daemon=True))
+        relays[-1].start()
+    for i, (proc, relay_thread) in enumerate(zip(procs, relays)):
+        proc.wait()
+        relay_thread.join()
+        if proc.returncode:
+            say(f"workers: worker {i} exited with status {proc.returncode} (log: {folder / f'worker{i}.log'}); "
+                f"the folds it left are trained by this process")
+    left_now = {(name, k): m for name, k, m in missing_fold_models(cfg, td, bundle)}
+    clock.trained += sum(m - left_now.get((name, k), 0) for name, k, m in missing)  # this session's, for --stop-after-folds
+
+
 def train(cfg: Config, watch: Stopwatch | None = None, clock: TrainingClock | None = None) -> dict[str, Any]:
     """Load, features, every member's folds (as far as the clock allows), the ensemble of the members
     with every fold, then the report, bundle and plots."""
@@ -5517,10 +5855,16 @@ def train(cfg: Config, watch: Stopwatch | None = None, clock: TrainingClock | No
         ds = load_training_data(resolve_data_dir(cfg))
     with watch("features"):
         td = prepare_training_data(ds, cfg, out)
-    say_projection(cfg, td.labels.height, torch_device())
+    if cfg.worker_of:  # a --workers process: its fold tasks, nothing else
+        train_fold_tasks(dataclasses.replace(cfg, worker_of=""), td, Path(cfg.worker_of))
+        return {}
+    say_projection(cfg, td.labels.height, torch_device(), worker_count(cfg))
     invalidate_stale_manifest(bundle, run_fingerprint(cfg, td.fingerprint))
     if cfg.resume_from:
         copy_finished_folds(Path(cfg.resume_from), bundle)
+    if worker_count(cfg) > 1:
+        with watch("workers"):
+            run_workers(cfg, td, clock, worker_count(cfg))
     write_sequences = td.labels.select("sequence_id", "subject", "gesture").with_columns(
         pl.Series("fold", td.folds))
     atomic_write(out / "oof" / "sequences.csv", lambda p: write_sequences.write_csv(p))
@@ -5592,25 +5936,6 @@ def subject_of(sequence: Any, demographics: Any) -> str | None:
 def call_sequence_id(sequence: Any, call: int) -> str:
     """The call's sequence_id (the key of the per-subject history), or one of its own when it has none."""
     return first_value((sequence,), "sequence_id") or f"CALL_{call}"
-
-
-class ServingStats:
-    """What serving did, for the summary line and run_summary.json: calls, which members served each
-    view, reduced blends, fallbacks, turned wearers, and each input problem counted (logged once)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.problems: Counter[str] = Counter()
-        self.served: dict[str, Counter[str]] = {v: Counter() for v in VIEWS}  # view -> member -> calls
-        self.reduced = 0  # calls blended from fewer members than the bundle's blend weights name
-        self.fallbacks = 0  # calls answered with the fallback gesture
-        self.streak = 0  # consecutive calls answered by the fallback
-        self.turned = 0  # calls whose rows were turned back (an upside-down wearer)
-
-    def note(self, problem: str, detail: str = "") -> None:
-        if not self.problems[problem]:
-            LOG.warning("predict: %s%s (logged once; counted in the summary)", problem, f": {detail}" if detail else "")
-        self.problems[problem] += 1
 
 
 def check_counter(sequence: pl.DataFrame, stats: ServingStats) -> None:
@@ -5746,30 +6071,95 @@ def load_members(path: Path, manifest: dict[str, Any], made: dict[str, list[str]
     return models
 
 
-def prove_bundle(path: Path, manifest: dict[str, Any], models: dict[str, LoadedMember], cfg: Config,
-                 left_out: dict[str, str]) -> None:
-    """Replay the bundle's reference calls (stored at training) under the libraries installed here:
-    a member whose probabilities moved beyond the tolerance is taken out of `models`, naming the
-    difference and the versions; blend answers that differ from the stored ones mean the bundle
-    cannot serve (BundleError)."""
+def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
+              models: dict[str, LoadedMember], left_out: dict[str, str]) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
+    """The bundle's serving plan (15.1, checked by validate_manifest) with the slot models when its slot
+    source needs them: (plan, slot models, their feature names). A per-subject rule turned off by
+    --subject-assignment false means argmax; a slot source that cannot serve (its slot models do not
+    load, no net with the auxiliary heads loaded) means gesture_capacity, named in `left_out`."""
+    spec = manifest["serving"]
+    rule, source = spec["rule"], spec.get("slot_source")
+    if rule in ("gesture_capacity", "slots") and not cfg.subject_assignment:
+        return serving_plan("argmax"), {}, []
+    if rule != "slots":
+        return serving_plan(rule), {}, []
+    plan = serving_plan(rule, source, spec["gesture_weight"])
+    try:
+        if set(SLOT_PARTS[source]) - {"lgbm"} and not any(
+                m.member.cfg.net_aux_heads for m in models.values() if isinstance(m.member, NetMember)):
+            raise BundleError(f"{path}: the {source} slot source reads the nets' auxiliary heads, and no net "
+                              f"member with them serves (left out: {list(left_out) or 'none'})")
+        if "lgbm" not in SLOT_PARTS[source]:
+            return plan, {}, []
+        return (plan, *load_slot_models(path, manifest, made))
+    except Exception as err:
+        left_out["slot models"] = failure_reason(err)
+        LOG.error("predict: slot source left out (serving gesture_capacity instead): %s", left_out["slot models"])
+        return serving_plan("gesture_capacity"), {}, []
+
+
+def read_proof(path: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], pl.DataFrame, dict[str, np.ndarray]]:
+    """The bundle's proof entry, its reference calls and the outputs stored at training; BundleError
+    when there is none, when the manifest's plan is not the one the proof was recorded with, or when
+    its files do not match the manifest."""
     spec = manifest.get("proof")
     if not isinstance(spec, dict):  # every bundle of this format carries one: an edit cannot switch it off
         raise BundleError(f"{path}/manifest.json: 'proof' is missing or not an entry ({_short(spec)}), though every "
                           f"bundle of format {BUNDLE_FORMAT} carries one. {FIX_RETRAIN}")
+    where = first_difference(plan_of(manifest), spec.get("plan")) if isinstance(spec.get("plan"), dict) else "proof.plan"
+    if where is not None:
+        raise BundleError(f"{path}/manifest.json: {where or 'the plan'} is not what the bundle's proof was recorded "
+                          f"with (an edited manifest?): serving it would answer otherwise than the bundle was proven "
+                          f"to. Fix: restore manifest.json as training wrote it, or retrain the bundle")
     try:
         verify_bundle_files(path, [spec["calls"], spec["outputs"]], manifest["files"])
         calls = pl.read_parquet(path / spec["calls"])
         with np.load(path / spec["outputs"], allow_pickle=False) as z:
             stored = {n: z[n] for n in z.files}
-        got, views = replay_proof(models, calls, pl.DataFrame(spec["demographics"]), cfg)
     except Exception as err:
         raise BundleError(f"{path}: the bundle's proof cannot be replayed ({failure_reason(err)}). "
                           f"Fix: copy or upload the bundle again") from err
+    return spec, calls, stored
+
+
+def replayed(path: Path, *args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], list[str], list[tuple[str, str]]]:
+    """replay_proof, with a failure as the BundleError that names the bundle."""
+    try:
+        return replay_proof(*args, **kwargs)
+    except Exception as err:
+        raise BundleError(f"{path}: the bundle's proof cannot be replayed ({failure_reason(err)}). "
+                          f"Fix: copy or upload the bundle again") from err
+
+
+def proof_difference(got: dict[str, np.ndarray], stored: dict[str, np.ndarray], prefix: str) -> tuple[float, int]:
+    """The largest difference between the replayed and the stored outputs under `prefix`, and where it is
+    on their first axis (a member's fold); inf when an output is missing or of another shape."""
+    worst, fold = 0.0, -1
+    for key in (k for k in got if k.startswith(prefix)):
+        want = stored.get(key)
+        if want is None or want.shape != got[key].shape:
+            return np.inf, -1
+        per_fold = np.abs(got[key] - want).reshape(len(want), -1).max(1)
+        if not per_fold.max() <= worst:
+            worst, fold = float(per_fold.max()), int(np.nan_to_num(per_fold, nan=np.inf).argmax())
+    return worst, fold
+
+
+def prove_bundle(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
+                 models: dict[str, LoadedMember], left_out: dict[str, str]
+                 ) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
+    """Replay the bundle's reference calls under the libraries installed here. A member (or the slot
+    models) whose outputs moved beyond the code's tolerance is taken out (of `models`; the slot models
+    fall back to gesture_capacity), named in `left_out` with the difference and the versions. Then the
+    answers served by what is left, under the plan that serves, must be those the stored outputs give
+    (the stored answers when nothing is left out): else the bundle cannot serve (BundleError).
+    Returns the serving plan, its slot models and their feature names."""
+    spec, calls, stored = read_proof(path, manifest)
+    demographics = pl.DataFrame(spec["demographics"])
+    got, views, keys = replayed(path, models, calls, demographics, cfg)
     for name in list(models):
-        want = stored.get(name)
-        diff = float(np.abs(got[name] - want).max()) if want is not None and want.shape == got[name].shape else np.inf
+        diff, fold = proof_difference(got, stored, f"{name}.")
         if not diff <= PROOF_TOLERANCE:  # the code's tolerance: the manifest's copy is for reading only
-            fold = int(np.abs(got[name] - want).reshape(len(want), -1).max(1).argmax()) if np.isfinite(diff) else -1
             left_out[name] = (f"{path}: the load-time proof: {name}'s probabilities on the bundle's {len(views)} "
                               f"reference calls differ from those stored at training by up to {diff:.3g} (fold "
                               f"{fold}; tolerance {PROOF_TOLERANCE:g}) under {library_versions()}, trained under "
@@ -5778,60 +6168,23 @@ def prove_bundle(path: Path, manifest: dict[str, Any], models: dict[str, LoadedM
             del models[name]
     if not models:
         raise BundleError(f"no model family of the bundle {path} passes its proof (" + "; ".join(left_out.values()) + ")")
-    answers = proof_answers({n: got[n] for n in models}, manifest, views)
-    if set(models) == set(manifest["families"]) and answers != spec["answers"]:
-        raise BundleError(f"{path}/manifest.json: the blend answers {answers} on the bundle's reference calls, "
-                          f"where training stored {spec['answers']} (blend weights or target scale edited?). Fix: "
-                          f"retrain the bundle, or restore manifest.json as training wrote it")
-
-
-def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
-              models: dict[str, LoadedMember], left_out: dict[str, str]) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
-    """The bundle's serving plan (15.1) with the slot models when its slot source needs them: (plan,
-    slot models, their feature names). A per-subject rule turned off by --subject-assignment false
-    means argmax; a slot source that cannot serve (its slot models do not load, no net with the
-    auxiliary heads loaded, an edited entry) means gesture_capacity, named in `left_out`."""
-    spec = manifest["serving"]
-    rule = spec.get("rule")
-    if rule not in SERVING_RULES:
-        raise BundleError(f"{path}/manifest.json: serving.rule = {_short(rule)}, not one of {list(SERVING_RULES)}. "
-                          f"{FIX_RETRAIN}")
-    if rule in ("gesture_capacity", "slots") and not cfg.subject_assignment:
-        return serving_plan("argmax"), {}, []
-    if rule != "slots":
-        return serving_plan(rule), {}, []
-    try:
-        source, weights = spec.get("slot_source"), spec.get("gesture_weight")
-        if source not in SLOT_SOURCES:
-            raise BundleError(f"{path}/manifest.json: serving.slot_source = {_short(source)}, not one of {list(SLOT_SOURCES)}")
-        values = [weights.get(v) for v in VIEWS] if isinstance(weights, dict) else None
-        if not (_number_list(values) and max(values) <= 10):
-            raise BundleError(f"{path}/manifest.json: serving.gesture_weight = {_short(weights)}; it takes a number "
-                              f"from 0 to 10 per view {list(VIEWS)}")
-        plan = serving_plan(rule, source, weights)
-        if set(SLOT_PARTS[source]) - {"lgbm"} and not any(
-                m.member.cfg.net_aux_heads for m in models.values() if isinstance(m.member, NetMember)):
-            raise BundleError(f"{path}: the {source} slot source reads the nets' auxiliary heads, and no net "
-                              f"member with them serves (left out: {list(left_out) or 'none'})")
-        if "lgbm" not in SLOT_PARTS[source]:
-            return plan, {}, []
-        spec = manifest["context"]
-        missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
-        if missing:
-            raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
-        verify_bundle_files(path, spec["files"], manifest.get("files", {}))
-        context = {}
-        for target in CONTEXT_TARGETS:
-            names = {bundle_file(f"context_{target}", k, ".txt") for k in range(len(spec["files"]))}
-            context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"] if f in names]
-            if not context[target]:
-                raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
-                                  f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
-        return plan, context, spec["feature_names"]
-    except Exception as err:
-        left_out["slot models"] = failure_reason(err)
-        LOG.error("predict: slot source left out (serving gesture_capacity instead): %s", left_out["slot models"])
-        return serving_plan("gesture_capacity"), {}, []
+    plan, context, context_names = slot_rule(path, manifest, made, cfg, models, left_out)
+    if context:
+        got.update(replayed(path, {}, calls, demographics, cfg, context, context_names)[0])
+        diff, _ = proof_difference(got, stored, SLOT_OUTPUT)
+        if not diff <= PROOF_TOLERANCE:
+            left_out["slot models"] = (f"{path}: the load-time proof: the slot models' probabilities differ from those "
+                                       f"stored at training by up to {diff:.3g} (tolerance {PROOF_TOLERANCE:g})")
+            LOG.error("predict: slot source left out (serving gesture_capacity instead): %s", left_out["slot models"])
+            plan, context, context_names = serving_plan("gesture_capacity"), {}, []
+    whole = set(models) == set(manifest["families"]) and plan == manifest["serving"]
+    want = spec["answers"] if whole else proof_answers(stored, manifest, plan, views, keys, list(models))
+    answers = proof_answers(got, manifest, plan, views, keys, list(models))
+    if answers != want:
+        raise BundleError(f"{path}: on the bundle's reference calls, {', '.join(models)} under the {plan_name(plan)} "
+                          f"rule answer {answers}, where the outputs stored at training give {want}. Fix: retrain the "
+                          f"bundle, or restore its files and manifest.json as training wrote them")
+    return plan, context, context_names
 
 
 def load_one_bundle(path: Path, cfg: Config) -> ServedBundle:
@@ -5850,14 +6203,9 @@ def load_one_bundle(path: Path, cfg: Config) -> ServedBundle:
     left_out: dict[str, str] = {}
     models = load_members(path, manifest, made, left_out)
     t_proof = time.perf_counter()
-    prove_bundle(path, manifest, models, cfg, left_out)
+    plan, context, context_names = prove_bundle(path, manifest, made, cfg, models, left_out)
     t_proof = time.perf_counter() - t_proof
-    plan, context, context_names = slot_rule(path, manifest, made, cfg, models, left_out)
     fallback = manifest["fallback_gesture"]
-    if fallback not in GESTURES:
-        LOG.warning("predict: %s/manifest.json: fallback_gesture %r is not one of the 18 gestures; using %r",
-                    path, fallback, cfg.fallback_gesture)
-        fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
     print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
           f"serving {', '.join(models)} with the {plan_name(plan)} rule"
           + (f"; left out: {', '.join(left_out)} (reason logged above)" if left_out else ""))
@@ -5888,57 +6236,6 @@ def load_bundle(cfg: Config) -> ServedBundle:
         return served
     raise BundleError(f"{where}: no bundle below it can serve: " + "; ".join(f"{p}: {why}" for p, why in broken.items()))
 
-
-
-def blend_answers(bundle: ServedBundle, probas: dict[str, np.ndarray], view: str, stats: ServingStats) -> np.ndarray | None:
-    """The bundle's blend for `view` over the members that answered, weights renormalised."""
-    if not probas:
-        return None
-    weights = dict(zip(bundle.manifest["families"], bundle.manifest["blend_weights"][view]))
-    if any(weights[n] > 0 and n not in probas for n in weights):
-        stats.reduced += 1
-    stats.served[view].update([n for n in probas if weights.get(n, 0.0) > 0] or list(probas))
-    p = blend_of(probas, bundle.manifest, view)[0]
-    if not np.isfinite(p).all():
-        stats.note("non-finite blend; the answering families averaged with equal weights")
-        p = blend(list(probas.values()), np.ones(len(probas)))[0]
-    return p
-
-
-class SubjectState:
-    """What serving remembers per subject across calls: each sequence's gesture and slot
-    probabilities (the per-subject rules), and each sequence's upside-down score. A sequence seen
-    again replaces its entry."""
-
-    def __init__(self) -> None:
-        self.history: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self.wear_scores: dict[str, dict[str, float]] = {}
-
-    def upside_down(self, bundle: ServedBundle, fix: bool, prepared: Sequences, subject: str | None,
-                    sequence_id: str) -> bool:
-        """Whether this subject wears the device upside down, judged on their sequences so far (this
-        one included) as in training; never when the bundle was trained without the check or `fix`
-        (--upside-down-fix) is off."""
-        spec = bundle.manifest.get("upside_down") or {}
-        if not (spec.get("enabled") and fix):
-            return False
-        _, score = UpsideDownCheck(**spec["check"]).evidence(prepared)
-        seen = self.wear_scores.setdefault(subject, {}) if subject else {}
-        seen.pop(sequence_id, None)
-        seen[sequence_id] = float(score[0])
-        return UpsideDownCheck.decide(list(seen.values()))
-
-    def choose(self, rule: str, p: np.ndarray, subject: str | None, slot_p: np.ndarray | None, sequence_id: str) -> int:
-        """The gesture index under `rule` (15.1) from this call's gesture probabilities `p` (18,) and
-        slot probabilities `slot_p` (102,; the slots rule); a per-subject rule runs over this
-        subject's sequences so far, each once (a call without a subject gets the per-sequence argmax)."""
-        if rule in ("gesture_capacity", "slots") and subject:
-            rows = self.history.setdefault(subject, {})
-            rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
-            rows[sequence_id] = (p, slot_p if slot_p is not None else UNIFORM_PARTS["slot"][0])
-            return int(serve_labels(rule, np.vstack([r[0] for r in rows.values()]),
-                                    np.vstack([r[1] for r in rows.values()]))[-1])
-        return int(serve_labels(rule if rule == "argmax9" else "argmax", p[None, :])[0])
 
 
 class Runtime:
@@ -6014,18 +6311,8 @@ class Runtime:
             sequence_id = call_sequence_id(sequence, self.stats.calls)
             probas, view, parts = self.proba(seq, demo, subject, sequence_id)
             bundle = self.require()
-            p = blend_answers(bundle, probas, view, self.stats)
-            if p is None:
-                self.stats.note("no model family gave finite probabilities")
-                return None
-            slot_p = None
-            if bundle.rule == "slots":
-                source = bundle.plan["slot_source"]
-                if any(k not in parts for k in SLOT_PARTS[source]):
-                    self.stats.note(f"the {source} slot source has no answer for this call; uniform slot context")
-                slot_p = slot_probabilities(source, p[None, :], {**UNIFORM_PARTS, **parts},
-                                            bundle.plan["gesture_weight"][view])[0]
-            return str(GESTURES[self.subjects.choose(bundle.rule, p, subject, slot_p, sequence_id)])
+            return decide(bundle.manifest, bundle.plan, self.subjects, self.stats, probas, view, parts, subject,
+                          sequence_id)
         except Exception as err:
             self.stats.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
             return None
@@ -6251,6 +6538,9 @@ def config_line(cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> Config:
     """Train (unless --stage infer or the scoring rerun); returns the config that serving uses."""
     cfg = parse_config(argv)
+    if cfg.worker_of:  # a --workers process: the run's own settings, from its task file
+        cfg = dataclasses.replace(config_from(json.loads(Path(cfg.worker_of).read_text())["config"]),
+                                  worker_of=cfg.worker_of)
     configure_logging(cfg)
     print(config_line(cfg))
     require_data_files(resolve_data_dir(cfg), cfg.stage)
@@ -6262,6 +6552,8 @@ def main(argv: list[str] | None = None) -> Config:
             print(str(stop))
             cfg.stage = "train"  # nothing complete to serve yet
         print(f"training: done in {time.perf_counter() - t0:.1f}s")
+    if cfg.worker_of:
+        cfg.stage = "train"  # a worker serves nothing
     set_runtime(cfg)
     return cfg
 

@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -41,11 +42,18 @@ def _drop(key, view=None):
     (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [float("inf"), 1.0]), ["fold_weights"]),
     (_drop("proof"), ["'proof' is missing", f"format {nb.BUNDLE_FORMAT} carries one"]),
     (lambda m: m["serving"].__setitem__("rule", "majority"), ["serving.rule", '"majority"', "not one of"]),
+    (lambda m: m["serving"].update(rule="slots", slot_source="tea_leaves"), ["serving.slot_source", "not one of"]),
+    (lambda m: m["serving"].update(rule="slots", slot_source="heads", gesture_weight={"full": 1.0}),
+     ["serving.gesture_weight", "per view"]),
+    (lambda m: m["serving"].update(rule="slots", slot_source="joint", gesture_weight={"full": -1, "imu_only": 1}),
+     ["serving.gesture_weight", "0 to 10"]),
+    (lambda m: m.update(fallback_gesture="Wave"), ["fallback_gesture", '"Wave"', "not one of the 18"]),
     (lambda m: m["config"].__setitem__("sample_rate_hz", "abc"), ["config.sample_rate_hz", '"abc"', "a number from"]),
     (lambda m: m["config"].__setitem__("tof_grid", "yes"), ["config.tof_grid", "true or false"]),
     (lambda m: m["config"].__setitem__("net_hidden", -3), ["config.net_hidden", "-3", "an integer >= 1"]),
 ], ids=["no-blend-weights", "no-imu-weights", "nan-weight", "nan-scale", "negative-scale", "weights-short",
-        "weights-sum", "no-config", "inf-fold-weight", "no-proof", "unknown-rule", "config-rate-text",
+        "weights-sum", "no-config", "inf-fold-weight", "no-proof", "unknown-rule", "unknown-slot-source",
+        "weights-one-view", "negative-gesture-weight", "fallback-not-a-gesture", "config-rate-text",
         "config-bool-text", "config-negative"])
 def test_a_manifest_that_cannot_be_served_as_written_stops_loudly(trained, tmp_path, edit, words):
     cfg, _ = trained
@@ -588,3 +596,108 @@ def test_a_header_only_test_file_stops_before_any_gateway(trained, tmp_path):
     with pytest.raises(nb.DataError, match="a header and no rows.*Fix:"):
         nb.serve(serving)
     assert not (tmp_path / "out" / "submission.parquet").exists()
+
+
+def _other_rule(m):
+    m["serving"] = nb.serving_plan("argmax" if m["serving"]["rule"] != "argmax" else "gesture_capacity")
+
+
+def _other_weights(m):
+    m["blend_weights"]["full"] = [1.0] + [0.0] * (len(m["families"]) - 1)
+
+
+def _other_fallback(m):
+    m["fallback_gesture"] = next(g for g in nb.GESTURES if g != m["fallback_gesture"])
+
+
+@pytest.mark.parametrize("edit,where", [
+    (_other_rule, "serving.rule"),
+    (lambda m: m["serving"].update(nb.serving_plan("slots", "heads", {"full": 1.0, "imu_only": 1.0})), "serving.rule"),
+    (_other_weights, "blend_weights.full["),
+    (lambda m: m["target_scale"].__setitem__("imu_only", m["target_scale"]["imu_only"] * 1.5), "target_scale.imu_only"),
+    (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [1.0] + [0.0] * (len(m["families"]["lgbm"]["files"]) - 1)),
+     "families.lgbm.fold_weights["),
+    (_other_fallback, "fallback_gesture"),
+    (lambda m: m["upside_down"].__setitem__("enabled", not m["upside_down"]["enabled"]), "upside_down.enabled"),
+], ids=["rule", "slots-rule", "blend-weight", "target-scale", "fold-weight", "fallback", "upside-down-check"])
+def test_a_plan_edited_to_valid_values_is_refused_by_the_proof(trained, tmp_path, edit, where):
+    """Each value serving decides by, edited to one that validates (a rule tried by hand, weights that
+    still sum to 1): the answers could change where no replay of 8 calls shows it, so the proof's copy
+    of the plan refuses the bundle, naming the field."""
+    cfg, _ = trained
+    refused(loaded_after_edit(cfg, tmp_path / "bundle", edit), where, "proof was recorded with")
+
+
+def _reference_calls(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    calls = pl.read_parquet(bundle / nb.PROOF_CALLS)
+    demo = pl.DataFrame(manifest["proof"]["demographics"])
+    return manifest, [(seq, demo.filter(pl.col("subject") == seq["subject"][0]))
+                      for _, seq in calls.group_by("sequence_id", maintain_order=True)]
+
+
+@pytest.mark.parametrize("plan", [None, ("slots", "lgbm"), ("slots", "heads"), ("slots", "joint")],
+                         ids=["as-trained", "slots-lgbm", "slots-heads", "slots-joint"])
+def test_the_proofs_answers_are_what_predict_serves_the_reference_calls(trained, tmp_path, plan):
+    """The answers the proof stores are predict()'s, in call order, under the plan training chose and
+    under each slot plan (its proof recorded for it): the served plan, the slot models and the
+    per-subject rule are inside the proof. (The proof never turns a wearer: the check is off here.)"""
+    cfg, _ = trained
+    edit = (lambda m: m.update(serving=nb.serving_plan(*plan, {"full": 1.0, "imu_only": 2.0}))) if plan else (lambda m: None)
+    runtime = loaded_after_edit(cfg, tmp_path / "bundle", edit, reprove=bool(plan))
+    assert runtime.error is None and not runtime.bundle.left_out, runtime.bundle.left_out
+    manifest, calls = _reference_calls(tmp_path / "bundle")
+    served = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(tmp_path / "bundle"), upside_down_fix=False))
+    assert [served.predict(seq, demo) for seq, demo in calls] == manifest["proof"]["answers"]
+    assert served.stats.fallbacks == 0 and not served.stats.problems, served.stats.problems
+    if plan == ("slots", "lgbm"):
+        assert nb.SLOT_OUTPUT in np.load(tmp_path / "bundle" / nb.PROOF_OUTPUTS).files
+
+
+def test_slot_models_that_compute_something_else_are_left_out_and_the_reduced_plan_is_proven(trained, tmp_path):
+    """Under a slots/lgbm plan, the orientation slot models of two folds swapped (sizes and SHA-256
+    updated): every file check passes; the replay of the slot models shows it, they are left out, and
+    what serves (gesture_capacity over the members) is proven on the stored outputs."""
+    cfg, _ = trained
+    bundle = tmp_path / "bundle"
+    loaded_after_edit(cfg, bundle, lambda m: m.update(serving=nb.serving_plan("slots", "lgbm", {"full": 1.0, "imu_only": 1.0})),
+                      reprove=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    first, second = [f for f in manifest["context"]["files"] if f.startswith("context_orientation")][:2]
+    (bundle / first).write_bytes((bundle / second).read_bytes())
+    manifest["files"][first] = nb.file_digest(bundle / first)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
+    runtime.load()
+    assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES, runtime.error
+    assert runtime.bundle.rule == "gesture_capacity" and "load-time proof" in runtime.bundle.left_out["slot models"]
+
+
+def test_a_reduced_blend_is_proven_on_the_stored_outputs(trained, tmp_path, monkeypatch):
+    """A member left out (another fold's file under its name): the blend of the others must answer
+    the reference calls as their stored outputs do under the plan that serves; a decision that
+    differs there (here: every class moved in the replay, past the members' own checks) stops the bundle."""
+    cfg, _ = trained
+    bundle = copy_bundle(cfg, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    first, second = manifest["families"]["torch"]["files"][:2]
+    (bundle / first).write_bytes((bundle / second).read_bytes())
+    manifest["files"][first] = nb.file_digest(bundle / first)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    served = nb.dataclasses.replace(cfg, model_path=str(bundle))
+    runtime = nb.Runtime(served)
+    runtime.load()
+    assert runtime.error is None and set(runtime.bundle.models) == ALL_FAMILIES - {"torch"}
+
+    real_replay, real_difference = nb.replay_proof, nb.proof_difference
+
+    def replay_with_the_classes_moved(*args, **kwargs):  # every call's gesture probabilities shifted by one class
+        out, views, keys = real_replay(*args, **kwargs)
+        return {k: np.roll(v, 1, axis=-1) if k.endswith(".gesture") else v for k, v in out.items()}, views, keys
+    monkeypatch.setattr(nb, "replay_proof", replay_with_the_classes_moved)
+    monkeypatch.setattr(nb, "proof_difference",  # ... where each member's own check does not look
+                        lambda got, stored, prefix: real_difference(got, stored, prefix) if prefix == "torch." else (0.0, -1))
+    runtime = nb.Runtime(served)
+    runtime.load()
+    assert runtime.error and "reference calls" in runtime.error and "stored at training give" in runtime.error
+    assert "lgbm, torch_sqz, keras under the" in runtime.error

@@ -544,3 +544,51 @@ def test_top_k_features_restricts_lightgbm_and_keeps_the_folds(trained, tmp_path
     before = pl.read_csv(nb.Path(cfg.out_dir) / "oof" / "sequences.csv")
     after = pl.read_csv(tmp_path / "out" / "oof" / "sequences.csv")
     assert before.equals(after)
+
+
+def test_workers_train_the_bundle_one_process_trains(tmp_path):
+    """--workers 2: two processes of notebook.py claim the folds and train them into the bundle, and the
+    run reads them back. With the same threads (one each: OMP_NUM_THREADS=1), the OOF, cv_report.json
+    and every bundle file (its SHA-256 in the manifest) are those of --workers 1. A --stop-after-folds
+    session hands out whole folds up to the count, and the run stops as one process does."""
+    env = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    common = ["--profile", "smoke", "--demo", "--data-dir", str(tmp_path / "demo"), "--stage", "train"]
+    runs = {}
+    for n in (1, 2):
+        runs[n] = run_script(*common, "--out-dir", str(tmp_path / f"w{n}"), "--workers", str(n), cwd=tmp_path,
+                             env_extra=env)
+        assert runs[n].returncode == 0, runs[n].stderr[-3000:]
+    log = runs[2].stdout
+    assert "workers: 2 processes train 8 fold models of 8 folds (1 CPU threads each)" in log, log[:3000]
+    assert "[worker 0]" in log and "[worker 1]" in log
+    assert "lgbm fold 1: resumed from the bundle" in log and "keras fold 1: resumed from the bundle" in log
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    oof = sorted(p.name for p in (one / "oof").glob("*.npy"))
+    assert oof and oof == sorted(p.name for p in (two / "oof").glob("*.npy"))
+    assert all((one / "oof" / f).read_bytes() == (two / "oof" / f).read_bytes() for f in oof)
+    assert (one / "cv_report.json").read_bytes() == (two / "cv_report.json").read_bytes()
+    files = [json.loads((d / "bundle" / "manifest.json").read_text())["files"] for d in (one, two)]
+    assert files[0] == files[1] and any(f.endswith(".pt") for f in files[0])
+
+    split = run_script(*common, "--out-dir", str(tmp_path / "split"), "--workers", "2", "--stop-after-folds", "3",
+                       cwd=tmp_path, env_extra=env)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "workers: 2 processes train 3 fold models of 3 folds" in split.stdout
+    summary = json.loads((tmp_path / "split" / "run_summary.json").read_text())
+    assert set(summary["not_trained"]) == {"torch", "torch_sqz", "keras"}, summary
+    assert "--stop-after-folds 3: 3 new fold models" in summary["not_trained"]["torch"], summary
+
+
+def test_workers_start_from_the_cells_a_kernel_ran(tmp_path):
+    """In a Jupyter kernel there is no notebook.py: the workers run the code cells the kernel ran (its
+    `In`), magics and shell lines left out, and main() in place of the cell that trains and serves.
+    From notebook.ipynb's own code cells, with the settings cell's lines uncommented, that script runs."""
+    cells = ["".join(c["source"]) for c in json.loads((ROOT / "notebook.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code"]
+    cells.insert(1, "%env CMI_FOLDS=3\n!ls")
+    script = tmp_path / "notebook_cells.py"
+    script.write_text(nb.script_from_cells(cells))
+    res = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CMI_FOLDS": "3"})
+    assert res.returncode == 0 and "--workers" in res.stdout and "--worker-of" in res.stdout, res.stderr[-2000:]
+    assert nb.worker_script(tmp_path) == ROOT / "notebook.py"  # imported from its file: that file
