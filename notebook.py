@@ -49,7 +49,11 @@
 # %% [markdown]
 # ## What this notebook does, top to bottom
 #
-# 1. **Config**: one dataclass; every field can be set as `--flag` or `CMI_<FIELD>` env var.
+# The model comes first (sections 1-15), the harness after it (16-21: command line, bundle, training
+# in order, inference, serving, main).
+#
+# 1. **Config**: one dataclass; every field can be set as `--flag` or `CMI_<FIELD>` env var. The fixed
+#    recipe (LightGBM parameters, the nets' optimiser and augmentations) sits right below it.
 # 2. **Data**: the competition CSVs (or a generated demo dataset in the exact same schema),
 #    loaded with polars as Float32 and validated with messages that name file, column and fix.
 # 3. **Metric**: the competition score (binary F1 target/non-target + macro F1 over 8 targets and
@@ -58,11 +62,11 @@
 #    wearers detected per subject and turned back, cleaned quaternions, gravity-free world-frame
 #    acceleration, angular velocity, thermopile and time-of-flight summaries, Welch band powers.
 # 5. **Models**: LightGBM on per-sequence aggregates; a PyTorch CNN-BiGRU-attention net (packed
-#    sequences, orientation, starting-behaviour, joint 102-slot and per-step phase heads,
-#    phase-weighted pooling, `--net-seeds` models per fold averaged; optionally also a
-#    Squeezeformer + [CLS] encoder) and its Keras 3 twin on the per-timestep channels (optionally
-#    also the raw 8x8 ToF grids, through a per-frame 2D CNN). All are trained with modality
-#    dropout, so the IMU-only half of the test set is served by the same models.
+#    sequences, orientation, starting-behaviour and per-step phase heads,
+#    phase-weighted pooling, `--net-seeds` models per fold averaged) and its Keras 3 twin on the
+#    per-timestep channels (optionally also the raw 8x8 ToF grids, through a per-frame 2D CNN), each
+#    also as an IMU-only variant in the full profile. All are trained with modality dropout, so the
+#    IMU-only half of the test set is served by the same models.
 # 6. **Evaluation**: every model is scored twice on its out-of-fold predictions: as recorded, and
 #    with the raw thermopile/ToF cells nulled exactly as in the IMU-only test sequences, through
 #    the very code path `predict()` runs. Their mean is the expected leaderboard figure.
@@ -131,7 +135,7 @@ KAGGLE_WORKING = Path("/kaggle/working")
 KAGGLE_TIME_BUDGET_HOURS = 9.0 - 1.0
 
 
-# The 18 gestures, spelled exactly as the evaluation expects (here, since --fallback-gesture is one).
+# The 18 gestures, spelled exactly as the evaluation expects.
 TARGET_GESTURES = [
     "Above ear - pull hair", "Cheek - pinch skin", "Eyebrow - pull hair", "Eyelash - pull hair",
     "Forehead - pull hairline", "Forehead - scratch", "Neck - pinch skin", "Neck - scratch",
@@ -145,39 +149,48 @@ GESTURES = TARGET_GESTURES + NON_TARGET_GESTURES
 
 MODEL_FAMILIES = ("lgbm", "torch", "keras")
 NET_VARIANTS = ("all", "imu")  # --net-variants: what each net reads (member name suffix "" / "_imu")
-TORCH_ARCHS = {"gru": "torch", "squeezeformer": "torch_sqz"}  # --torch-arch -> ensemble member name
 
 
 # What a field's value changes (`affects`): the saved folds of these member kinds (a change retrains
-# just them), or "bundle", which members there are. A field that affects nothing (paths, threads,
-# serving and demo settings: the data fingerprint covers the data) never retrains anything.
-MEMBER_KINDS = ("lgbm", "torch", "torch_sqz", "keras")
-ALL_MEMBERS = MEMBER_KINDS
-NETS = ("torch", "torch_sqz", "keras")
-TORCH_NETS = ("torch", "torch_sqz")
+# just them), or "bundle", which members there are. A field says nothing by default and is then read
+# by its name: `lgbm_*` affects LightGBM, `torch_*` the PyTorch net, `net_*` both nets,
+# and any other field every member and the bundle, so a new setting can never resume a stale fold.
+# A field that changes no trained model (paths, threads, logging, serving and demo settings: the
+# data fingerprint covers the data) opts out with `affects=NOTHING_TRAINED`.
+MEMBER_KINDS = ("lgbm", "torch", "keras")
+NETS = ("torch", "keras")
 BUNDLE = ("bundle",)
-NETS_AND_BUNDLE = (*NETS, "bundle")
+NOTHING_TRAINED: tuple[str, ...] = ()
+AFFECTED_BY_PREFIX = {"lgbm_": ("lgbm",), "torch_": ("torch",), "net_": NETS}
 
 
 def _doc(text: str, default: Any = None, *, choices: Iterable[str] = (), many: bool = False,
          low: float | None = None, high: float | None = None, items: tuple[str, int | None] | None = None,
-         affects: tuple[str, ...] = ()) -> Any:
+         affects: tuple[str, ...] | None = None) -> Any:
     """A Config field: its doc, what values it allows (checked by parse_config before anything runs):
     `choices` (`many`: comma-separated, several of them), a number in [`low`, `high`], or `items`, a
-    comma-separated list of (type, count); and what it `affects` (above)."""
+    comma-separated list of (type, count); and what it `affects` (above: None reads the name)."""
     return field(default=default, metadata={"doc": text, "choices": tuple(choices), "many": many, "low": low,
                                             "high": high, "items": items, "affects": affects})
 
 
+def affected(f: dataclasses.Field) -> tuple[str, ...]:
+    """The member kinds (and "bundle") whose saved folds a field's value changes: its `affects`, else
+    what its name's prefix says, else everything."""
+    if f.metadata.get("affects") is not None:
+        return f.metadata["affects"]
+    prefix = next((p for p in AFFECTED_BY_PREFIX if f.name.startswith(p)), None)
+    return AFFECTED_BY_PREFIX[prefix] if prefix else (*MEMBER_KINDS, *BUNDLE)
+
+
 def _edited_fields_kept(cls: type) -> type:
     """A default edited in the Config cell as a plain `folds: int | None = 4` drops its _doc(): the
-    field keeps the value, without its range check, and counts as affecting every model (a change to
-    it retrains everything, never serves a stale fold)."""
+    field keeps the value, without its range check, and retrains what its name says (affected())."""
     for f in dataclasses.fields(cls):
         if "doc" not in f.metadata:
             f.metadata = types.MappingProxyType({
                 "doc": "(edited in the Config cell without _doc(): no range check)", "choices": (), "many": False,
-                "low": None, "high": None, "items": None, "affects": (*MEMBER_KINDS, *BUNDLE)})
+                "low": None, "high": None, "items": None, "affects": None})
     return cls
 
 
@@ -187,211 +200,167 @@ class Config:
     # --- where things are
     data_dir: str | None = _doc("folder with train.csv, train_demographics.csv, test.csv, "
                                 "test_demographics.csv; default: the Kaggle competition folder "
-                                "when it exists, else a demo dataset generated into ./demo_data")
-    demo: bool = _doc("force the generated demo dataset even when real data exists", False)
-    out_dir: str | None = _doc("output folder; default /kaggle/working on Kaggle, else ./working")
+                                "when it exists, else a demo dataset generated into ./demo_data",
+                                affects=NOTHING_TRAINED)
+    demo: bool = _doc("force the generated demo dataset even when real data exists", False,
+                      affects=NOTHING_TRAINED)
+    out_dir: str | None = _doc("output folder; default /kaggle/working on Kaggle, else ./working",
+                               affects=NOTHING_TRAINED)
     model_path: str | None = _doc("bundle folder, or a folder containing one (a mounted Kaggle "
                                   "dataset: the newest bundle there that can serve); default OUT/bundle, "
-                                  "else (on Kaggle) the newest valid bundle under /kaggle/input")
+                                  "else (on Kaggle) the newest valid bundle under /kaggle/input",
+                                  affects=NOTHING_TRAINED)
     # --- what to run
     profile: str | None = _doc("smoke (seconds, for tests) | quick (minutes on a 2-core CPU, the "
                                "local default) | full (competition settings, the Kaggle default)",
-                               choices=("smoke", "quick", "full"))
+                               choices=("smoke", "quick", "full"), affects=NOTHING_TRAINED)
     stage: str = _doc("all = train then serve; train = train only; infer = load a bundle and serve",
-                      "all", choices=("all", "train", "infer"))
-    models: str | None = _doc("comma-separated model families to train: lgbm, torch, keras",
+                      "all", choices=("all", "train", "infer"), affects=NOTHING_TRAINED)
+    models: tuple[str, ...] | None = _doc("comma-separated model families to train: lgbm, torch, keras",
                               choices=MODEL_FAMILIES, many=True, affects=BUNDLE)
-    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2,
-                             affects=ALL_MEMBERS)
+    folds: int | None = _doc("number of CV folds (grouped by subject, stratified by gesture)", low=2)
     epochs: int | None = _doc("training epochs for the neural nets", low=1, affects=NETS)
-    seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0, affects=ALL_MEMBERS)
+    seed: int = _doc("global random seed (folds, demo data, models, augmentation)", 42, low=0)
     sample_rate_hz: float = _doc("sampling rate used as the time base of every derivative and "
-                                 "of the Welch bands", 10.0, low=0.5, high=1000.0, affects=ALL_MEMBERS)
+                                 "of the Welch bands", 10.0, low=0.5, high=1000.0)
     time_budget_hours: float | None = _doc("train no fold that would end past this many hours after the "
                                            "start (projected from the folds and epochs already timed): the "
                                            "members with every fold are blended, bundled and served, the rest "
                                            "resume in the next session (--resume-from); default on Kaggle "
                                            "8 (its 9-hour limit less 1 hour for what follows training and "
-                                           "for saving the output), elsewhere 0 = no limit", low=0.0)
+                                           "for saving the output), elsewhere 0 = no limit", low=0.0,
+                                           affects=NOTHING_TRAINED)
     stop_after_folds: int = _doc("if > 0, train at most this many new fold models in this session, "
                                  "counted over all members (a fold's seeds count one each); the run "
-                                 "then ends as under the time budget", 0, low=0)
+                                 "then ends as under the time budget", 0, low=0, affects=NOTHING_TRAINED)
     workers: int | None = _doc("fold-training processes, each taking (member, fold) tasks as they come "
                                "on a GPU of its own (CUDA_VISIBLE_DEVICES), else on a 1/N share of the CPU "
                                "threads; the run then reads every fold back from the bundle, so OOF and "
                                "bundle are the one-process run's; default: the GPUs on Kaggle (2 on GPU "
-                               "T4 x2), 1 elsewhere", low=1)
-    worker_of: str = _doc("(internal) the task file a --workers process trains from, set by the run", "")
+                               "T4 x2), 1 elsewhere", low=1, affects=NOTHING_TRAINED)
+    worker_of: str = _doc("(internal) the task file a --workers process trains from, set by the run", "",
+                          affects=NOTHING_TRAINED)
     resume_from: str | None = _doc("an earlier run's output folder or bundle (on Kaggle, that notebook's "
                                    "output attached under /kaggle/input): its finished folds are copied "
-                                   "into OUT/bundle and not trained again")
+                                   "into OUT/bundle and not trained again", affects=NOTHING_TRAINED)
     # --- demo data
-    demo_train_subjects: int | None = _doc("demo dataset: number of training subjects", low=2)
-    demo_test_subjects: int | None = _doc("demo dataset: number of test subjects", low=1)
+    demo_train_subjects: int | None = _doc("demo dataset: number of training subjects", low=2,
+                                           affects=NOTHING_TRAINED)
+    demo_test_subjects: int | None = _doc("demo dataset: number of test subjects", low=1, affects=NOTHING_TRAINED)
     demo_pairs_per_subject: int | None = _doc("demo dataset: (orientation, gesture) pairs per "
-                                              "subject, at most 51 (x2 starting behaviours)", low=1, high=51)
-    demo_noise: float = _doc("demo dataset: scale of subject and sequence variation (higher = harder)",
-                             1.0, low=0.0)
-    demo_imu_only_share: float = _doc("demo dataset: share of test sequences with empty thm/tof",
-                                      0.5, low=0.0, high=1.0)
+                                              "subject, at most 51 (x2 starting behaviours)", low=1, high=51,
+                                              affects=NOTHING_TRAINED)
     # --- features
-    feature_cache: bool = _doc("reuse per-sequence features across runs (keyed by sequence_id "
-                               "and a content hash, so changed data is recomputed)", True)
-    tof_pooling: bool = _doc("add 2x2 coarse spatial pooling of each 8x8 ToF grid", True, affects=ALL_MEMBERS)
-    top_k_features: int = _doc("if > 0, LightGBM uses only the top-K features of "
-                               "feature_importance.csv from a previous run", 0, low=0, affects=("lgbm",))
-    importance_path: str | None = _doc("feature_importance.csv to select from; default "
-                                       "OUT/feature_importance.csv")
-    # --- LightGBM
-    lgbm_learning_rate: float | None = _doc("LightGBM learning rate", low=1e-5, high=1.0, affects=("lgbm",))
-    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1,
-                                   affects=("lgbm",))
-    lgbm_early_stopping: int = _doc("LightGBM early stopping patience, rounds", 50, low=1, affects=("lgbm",))
-    lgbm_num_leaves: int = _doc("LightGBM num_leaves", 31, low=2, affects=("lgbm",))
-    lgbm_min_data_in_leaf: int = _doc("LightGBM min_data_in_leaf", 10, low=1, affects=("lgbm",))
-    lgbm_feature_fraction: float = _doc("LightGBM feature_fraction (column subsampling per tree)",
-                                        0.5, low=0.01, high=1.0, affects=("lgbm",))
-    lgbm_bagging_fraction: float = _doc("LightGBM bagging_fraction, with subsample_freq=1", 0.8,
-                                        low=0.01, high=1.0, affects=("lgbm",))
-    lgbm_lambda_l2: float = _doc("LightGBM L2 regularisation", 1.0, low=0.0, affects=("lgbm",))
-    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)", low=2, affects=("lgbm",))
-    lgbm_class_weight: str = _doc("none | balanced: per-class sample weights (docs/DECISIONS.md)", "none",
-                                  choices=("none", "balanced"), affects=("lgbm",))
-    lgbm_threads: int = _doc("LightGBM threads; 0 = auto (1 below 10k training rows, where "
-                             "thread overhead outweighs the work; else all cores)", 0, low=0)
-    lgbm_modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
-                                   "thm/tof blanked as in the IMU-only test sequences", 1.0,
-                                   low=0.0, high=1.0, affects=("lgbm",))
     upside_down_fix: bool = _doc("detect subjects who wear the device upside down (their sequences' "
                                  "gravity, weighed against the four postures, decisively says turned; at "
                                  "inference from the subject's calls so far, so answers depend on the call "
-                                 "order) and turn their rows back before every model", True, affects=ALL_MEMBERS)
-    lgbm_imu_reference: bool | None = _doc("also train a LightGBM on IMU features alone, as the "
-                                           "yardstick for the imu_only view (reported, not served; off in "
-                                           "the quick profile to keep it under 5 minutes)")
+                                 "order) and turn their rows back before every model", True)
+    # --- LightGBM
+    lgbm_learning_rate: float | None = _doc("LightGBM learning rate", low=1e-5, high=1.0)
+    lgbm_rounds: int | None = _doc("LightGBM maximum boosting rounds (early stopping picks fewer)", low=1)
+    lgbm_max_bin: int | None = _doc("LightGBM histogram bins per feature (fewer = faster)", low=2)
+    lgbm_class_weight: str = _doc("none | balanced: per-class sample weights (docs/DECISIONS.md)", "none",
+                                  choices=("none", "balanced"))
+    lgbm_threads: int = _doc("LightGBM threads; 0 = auto (1 below 10k training rows, where "
+                             "thread overhead outweighs the work; else all cores)", 0, low=0,
+                             affects=NOTHING_TRAINED)
+    lgbm_modality_dropout: float = _doc("probability that a training sequence gets an extra copy with "
+                                        "thm/tof blanked as in the IMU-only test sequences", 1.0,
+                                        low=0.0, high=1.0)
     # --- the nets (both frameworks)
-    net_conv: str | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
-                                "(each block halves the time axis)", items=("int", None), affects=("torch", "keras"))
-    net_hidden: int | None = _doc("BiGRU hidden size per direction", low=1, affects=("torch", "keras"))
-    net_dropout: float = _doc("dropout in conv blocks and the dense trunk", 0.3, low=0.0, high=0.95, affects=NETS)
-    net_demographics: bool = _doc("join a demographics embedding before the heads", True, affects=NETS)
-    net_aux_heads: bool = _doc("train the auxiliary heads: per sequence the body orientation (4), the "
-                               "starting behaviour (2) and the joint study slot (102: orientation x "
-                               "gesture x behaviour), per step the gesture phase (BiGRU nets only)",
-                               True, affects=NETS)
-    net_aux_weights: str = _doc("fixed weights of the orientation, behaviour, slot and phase losses, "
-                                "added to the gesture heads' loss (never uncertainty-weighted: a learned "
-                                "weight favours the easy per-step phase task over the gesture)",
-                                "0.2,0.2,0.2,0.2", items=("float", 4), affects=NETS)
-    net_lr: float = _doc("AdamW peak learning rate (linear warmup, then cosine to zero)", 2e-3,
-                         low=1e-7, high=1.0, affects=NETS)
-    net_warmup_epochs: int = _doc("epochs of linear learning-rate warmup", 1, low=0, affects=NETS)
-    net_weight_decay: float = _doc("AdamW weight decay (not applied to the loss weights)", 1e-2, low=0.0, affects=NETS)
-    net_batch_size: int = _doc("sequences per batch (length-bucketed)", 64, low=1, affects=NETS)
-    net_label_smoothing: float = _doc("label smoothing of the 18-class targets", 0.1, low=0.0, high=0.5, affects=NETS)
+    net_conv: tuple[int, ...] | None = _doc("output channels of the residual Conv1D blocks, comma-separated "
+                                "(each block halves the time axis)", items=("int", None))
+    net_hidden: int | None = _doc("BiGRU hidden size per direction", low=1)
+    net_aux_heads: bool = _doc("train the auxiliary heads: per sequence the body orientation (4) and the "
+                               "starting behaviour (2), per step the gesture phase", True)
+    net_aux_weights: tuple[float, ...] = _doc("fixed weights of the orientation, behaviour and phase losses, "
+                                              "added to the gesture heads' loss (never uncertainty-weighted: a "
+                                              "learned weight favours the easy per-step phase task over the "
+                                              "gesture)", (0.2, 0.2, 0.2), items=("float", 3))
     net_patience: int = _doc("early stopping patience, epochs, on the validation metric; 0 = train "
                              "every epoch and keep the last (EMA) weights, so the fold that produces "
-                             "the OOF never picks its own epoch", 0, low=0, affects=NETS)
-    net_modality_dropout: float = _doc("probability that a training sequence loses its thm/tof "
-                                       "channels (as an IMU-only test sequence)", 0.5, low=0.0, high=1.0, affects=NETS)
+                             "the OOF never picks its own epoch", 0, low=0)
     net_seeds: int | None = _doc("models per fold of every net member, each with its own seed, averaged "
                                  "(one member in the blend, a file per seed in the bundle; more seeds "
                                  "resume from the ones already trained)", low=1, affects=BUNDLE)
+    net_variants: tuple[str, ...] | None = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
+                                    "(IMU channels only); comma-separated, each its own ensemble member "
+                                    "(<member>, <member>_imu) whose blend weight per CV view decides",
+                                    choices=NET_VARIANTS, many=True, affects=(*NETS, *BUNDLE))
     max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0,
                         low=0, affects=NETS)
     tof_grid: bool = _doc("nets also read the five raw 8x8 ToF grids per step through a small per-frame "
                           "2D convolution (beside the per-sensor ToF statistics; the IMU-only variant "
                           "never reads them)", False, affects=NETS)
-    net_variants: str | None = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
-                             "(IMU channels only); comma-separated, each its own ensemble member "
-                             "(<member>, <member>_imu) whose blend weight per CV view decides",
-                             choices=NET_VARIANTS, many=True, affects=NETS_AND_BUNDLE)
-    aug_jitter: float = _doc("probability of gaussian jitter (0.05 sd on scaled channels)", 0.5,
-                             low=0.0, high=1.0, affects=NETS)
-    aug_time_mask: float = _doc("probability of masking 10% of a sequence's time steps", 0.3,
-                                low=0.0, high=1.0, affects=NETS)
-    aug_feature_mask: float = _doc("probability of masking 10% of the channels", 0.3, low=0.0, high=1.0, affects=NETS)
-    aug_time_stretch: float = _doc("probability of resampling a sequence by 0.8-1.2x", 0.3, low=0.0, high=1.0,
-                                   affects=NETS)
-    aug_rotation: float = _doc("probability of a small IMU frame rotation plus accelerometer drift", 0.5,
-                               low=0.0, high=1.0, affects=NETS)
-    aug_mixup: float = _doc("probability that a batch is mixed up (Beta(0.4, 0.4))", 0.3, low=0.0, high=1.0,
-                            affects=NETS)
     # --- PyTorch only
-    torch_arch: str | None = _doc("PyTorch encoder(s): gru (CNN-BiGRU-attention), squeezeformer "
-                                  "(Squeezeformer blocks + CLS transformer pooling), or both comma-separated; "
-                                  "each is its own ensemble member (torch, torch_sqz) with the same recipe",
-                                  choices=tuple(TORCH_ARCHS), many=True, affects=BUNDLE)
-    torch_ema: float = _doc("EMA decay of the weights used for evaluation; 0 = off", 0.99,
-                            low=0.0, high=0.9999, affects=TORCH_NETS)
-    torch_loss_weighting: str = _doc("uncertainty (learnable, Kendall & Gal) | fixed", "uncertainty",
-                                     choices=("uncertainty", "fixed"), affects=TORCH_NETS)
-    torch_head_weights: str = _doc("fixed weights of the 18/9/binary head losses", "1.0,0.5,0.5",
-                                   items=("float", 3), affects=TORCH_NETS)
-    torch_phase_pool: bool = _doc("BiGRU net: pool the sequence also weighted by the phase head "
-                                  "(gesture steps and transition steps apart) beside the attention pool",
-                                  True, affects=("torch",))
+    torch_phase_pool: bool = _doc("pool the sequence also weighted by the phase head (gesture steps and "
+                                  "transition steps apart) beside the attention pool", True)
     torch_precision: str = _doc("auto (fp16 autocast + GradScaler on CUDA, fp32 on CPU) | fp32 | "
-                                "bf16 | fp16", "auto", choices=("auto", "fp32", "bf16", "fp16"), affects=TORCH_NETS)
-    torch_max_bad_steps: int = _doc("non-finite losses tolerated before a fold falls back to fp32", 3, low=0,
-                                    affects=TORCH_NETS)
-    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0, low=0)
-    torch_sqz_dim: int | None = _doc("Squeezeformer model width (d_model)", low=8, affects=("torch_sqz",))
-    torch_sqz_layers: int | None = _doc("number of Squeezeformer blocks", low=1, affects=("torch_sqz",))
-    torch_sqz_heads: int = _doc("attention heads in the Squeezeformer and CLS encoder", 4, low=1,
-                                affects=("torch_sqz",))
-    torch_sqz_kernel: int = _doc("depthwise convolution kernel of the Squeezeformer conv module", 31, low=1,
-                                 affects=("torch_sqz",))
-    torch_sqz_cls_layers: int = _doc("layers of the small transformer encoder over [CLS] + sequence", 1,
-                                     low=1, affects=("torch_sqz",))
-    torch_sqz_reduction: int = _doc("time steps averaged into one after the input projection "
-                                    "(attention cost falls with its square); 1 = off", 2, low=1, affects=("torch_sqz",))
+                                "bf16 | fp16", "auto", choices=("auto", "fp32", "bf16", "fp16"))
+    torch_threads: int = _doc("torch CPU threads; 0 = torch's default", 0, low=0, affects=NOTHING_TRAINED)
     # --- inference
     subject_assignment: bool = _doc("allow the serving rules that assign a subject's sequences so far to "
                                     "gestures or to the study's slots (served only when their replayed OOF "
-                                    "wins); false = a per-sequence decision", True)
-    fallback_gesture: str = _doc("gesture returned when nothing else can be predicted",
-                                 "Text on phone")
-    log_level: str = _doc("logging level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+                                    "wins); false = a per-sequence decision", True, affects=NOTHING_TRAINED)
+    log_level: str = _doc("logging level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                          affects=NOTHING_TRAINED)
 
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(models="lgbm,torch,keras", net_variants="all", net_seeds=1, folds=2, epochs=2,
-                  lgbm_imu_reference=True, net_conv="16,32", net_hidden=16,
-                  torch_arch="gru,squeezeformer", torch_sqz_dim=32, torch_sqz_layers=1, demo_train_subjects=6, demo_test_subjects=2,
-                  demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
-    "quick": dict(models="lgbm,torch,keras", net_variants="all", net_seeds=1, folds=3, epochs=8,
-                  lgbm_imu_reference=False, torch_arch="gru", net_conv="32,64", net_hidden=48,
-                  torch_sqz_dim=64, torch_sqz_layers=2, demo_train_subjects=16, demo_test_subjects=4,
-                  demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
-    "full": dict(models="lgbm,torch,keras", net_variants="all,imu", net_seeds=1, folds=5, epochs=60,
-                 lgbm_imu_reference=True, torch_arch="gru", net_conv="64,128", net_hidden=128,
-                 torch_sqz_dim=128, torch_sqz_layers=3, demo_train_subjects=40, demo_test_subjects=8,
-                 demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
-}
+# The fixed recipe: the public LightGBM and CNN-BiGRU baselines' values, not options, because no run here
+# ever measured another (docs/DECISIONS.md, "The fixed recipe"). Each is part of the fingerprint of the
+# folds that read it (RECIPES), so an edit here retrains them.
+LGBM_PARAMS = dict(num_leaves=31, min_data_in_leaf=10, feature_fraction=0.5, bagging_fraction=0.8, bagging_freq=1,
+                   lambda_l2=1.0)
+LGBM_EARLY_STOPPING = 50  # rounds without a better validation loss (both views)
+NET_RECIPE = dict(dropout=0.3,           # conv blocks and the dense trunk
+                  lr=2e-3,               # AdamW peak, after linear warmup, then cosine to zero
+                  warmup_epochs=1,
+                  weight_decay=1e-2,     # AdamW (not on the torch net's loss weights)
+                  batch_size=64,         # sequences, length-bucketed
+                  label_smoothing=0.1,   # of the 18-class targets
+                  modality_dropout=0.5,  # a training sequence loses thm/tof, as an IMU-only test sequence
+                  ema=0.99,              # torch: EMA decay of the weights evaluated and saved
+                  max_bad_steps=3)       # torch: non-finite losses before a fold falls back to fp32
+# How often each augmentation is applied (per sequence; mixup per batch).
+AUGMENTATIONS = {"time_stretch": 0.3, "rotation": 0.5, "jitter": 0.5, "time_mask": 0.3, "feature_mask": 0.3,
+                 "mixup": 0.3}
+
+
+def recipe_of(kind: str | None) -> dict[str, Any]:
+    """The fixed recipe a member kind reads (None: every kind's), for its fingerprint."""
+    recipes = {"lgbm": {**LGBM_PARAMS, "early_stopping": LGBM_EARLY_STOPPING},
+               "torch": {**NET_RECIPE, **AUGMENTATIONS}, "keras": {**NET_RECIPE, **AUGMENTATIONS}}
+    return recipes.get(kind, {}) if kind else recipes
+
 
 def config_from(saved: dict[str, Any]) -> Config:
     """The Config a model was trained with, from its saved dict (fields this code no longer has
     are ignored; fields it added since keep their defaults)."""
     names = {f.name for f in dataclasses.fields(Config)}
-    return dataclasses.replace(Config(), **{k: v for k, v in saved.items() if k in names})
+    return dataclasses.replace(Config(), **{k: tuple(v) if isinstance(v, list) else v  # JSON keeps a tuple as a list
+                                            for k, v in saved.items() if k in names})
 
 
-PATH_FIELDS = ("data_dir", "out_dir", "model_path", "importance_path", "resume_from")
+def net_variant(cfg: Config) -> str:
+    """The one --net-variants choice a net member's config names (all or imu)."""
+    if len(cfg.net_variants) != 1:
+        raise ValueError(f"a net member reads one variant, not {cfg.net_variants}")
+    return cfg.net_variants[0]
+
+
+PATH_FIELDS = ("data_dir", "out_dir", "model_path", "resume_from")
 # Where and how a run is scheduled, never what a model is: left out of what a model file records.
 RUN_FIELDS = (*PATH_FIELDS, "stage", "time_budget_hours", "stop_after_folds", "workers", "worker_of")
 
 
 def member_name(family: str, cfg: Config) -> str:
-    """The ensemble member a net family trains under `cfg` (one --torch-arch, one --net-variants)."""
-    base = TORCH_ARCHS[cfg.torch_arch] if family == "torch" else family
-    return base + ("_imu" if cfg.net_variants == "imu" else "")
+    """The ensemble member a net family trains under `cfg` (one --net-variants)."""
+    return family + ("_imu" if net_variant(cfg) == "imu" else "")
 
 
 def member_family(member: str) -> str:
     """lgbm, torch or keras: the family an ensemble member belongs to."""
-    base = member.removesuffix("_imu")
-    return "torch" if base in TORCH_ARCHS.values() else base
+    return member.removesuffix("_imu")
 
 
 def member_variant(member: str) -> str:
@@ -405,241 +374,6 @@ def on_kaggle() -> bool:
 
 def is_competition_rerun() -> bool:
     return bool(os.environ.get("KAGGLE_IS_COMPETITION_RERUN"))
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the option, the value given, what is allowed
-    and the fix. Raised while parsing, before any data is read."""
-
-
-# The Config's sections (the `# ---` comments in the class), each from its first field on: --help groups.
-CONFIG_SECTIONS = {"where things are": "data_dir", "what to run": "profile", "demo data": "demo_train_subjects",
-                   "features": "feature_cache", "LightGBM": "lgbm_learning_rate",
-                   "the nets (both frameworks)": "net_conv", "PyTorch only": "torch_arch",
-                   "inference": "subject_assignment"}
-JUPYTER_KERNEL_FLAGS = ("-f", "--f")  # ipykernel's `-f connection.json`: not ours, ignored
-# ...and traitlets settings such as nbclient's --HistoryManager.hist_file=:memory: (ours are lower case)
-JUPYTER_TRAITLET = re.compile(r"--[A-Z]\w*\.\w+(=.*)?")
-
-
-def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def env_of(name: str) -> str:
-    return f"CMI_{name.upper()}"
-
-
-def allowed_values(f: dataclasses.Field) -> str:
-    """What a field accepts, in words (for errors and --help)."""
-    meta, kind = f.metadata, str(f.type)
-    if meta.get("choices"):
-        return ("one or more of " if meta["many"] else "one of ") + ", ".join(meta["choices"]) + (
-            " (comma-separated)" if meta["many"] else "")
-    if meta.get("items"):
-        typ, count = meta["items"]
-        return f"{count or 'one or more'} comma-separated {'integers' if typ == 'int' else 'numbers'}"
-    if "bool" in kind:
-        return "true or false"
-    number = "an integer" if "int" in kind else "a number" if "float" in kind else "text"
-    low, high = meta.get("low"), meta.get("high")
-    if low is not None and high is not None:
-        return f"{number} from {low:g} to {high:g}"
-    return f"{number} >= {low:g}" if low is not None else number
-
-
-def _config_error(name: str, where: str, problem: str, f: dataclasses.Field) -> ConfigError:
-    return ConfigError(f"{where}: {problem}; {flag_of(name)} (or {env_of(name)}) takes {allowed_values(f)}. "
-                       f"Fix: give an allowed value, or leave it unset for the profile's or the Config's default.")
-
-
-def _parse_value(text: str, f: dataclasses.Field, where: str) -> Any:
-    kind = str(f.type)
-    if "bool" in kind:
-        if text.lower() in ("1", "true", "yes", "on", ""):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise _config_error(f.name, where, "not a boolean", f)
-    try:
-        return int(text) if "int" in kind else float(text) if "float" in kind else text
-    except ValueError:
-        raise _config_error(f.name, where, f"not {'an integer' if 'int' in kind else 'a number'}", f) from None
-
-
-def checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """`value` if the field allows it (a comma-separated choice comes back trimmed), else ConfigError."""
-    meta = f.metadata
-    if value is None:
-        return None
-    if meta.get("choices"):
-        items = [x.strip() for x in str(value).split(",")] if meta["many"] else [value]
-        if not all(items) or any(x not in meta["choices"] for x in items) or len(items) != len(set(items)):
-            raise _config_error(f.name, where, "not among the choices", f)
-        return ",".join(items)
-    if meta.get("items"):
-        typ, count = meta["items"]
-        try:
-            parsed = [int(x) if typ == "int" else float(x) for x in str(value).split(",")]
-        except ValueError:
-            parsed = []
-        if (not parsed or (count and len(parsed) != count) or not all(map(math.isfinite, parsed)) or min(parsed) < 0
-                or (typ == "int" and min(parsed) < 1)):
-            raise _config_error(f.name, where, "not a list it can use", f)
-        return value
-    low, high = meta.get("low"), meta.get("high")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)):
-        raise _config_error(f.name, where, "out of range", f)
-    return value
-
-
-def _closest(name: str, candidates: Iterable[str]) -> str:
-    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {near[0]}?" if near else "."
-
-
-def _metavar(f: dataclasses.Field) -> str:
-    meta, kind = f.metadata, str(f.type)
-    if meta.get("choices"):
-        return ",".join(meta["choices"][:2]) + ",..." if meta["many"] else "{" + ",".join(meta["choices"]) + "}"
-    if meta.get("items"):
-        return ",".join(["N"] * (meta["items"][1] or 2))
-    if f.name in PATH_FIELDS:
-        return "PATH"
-    return "N" if "int" in kind else "X" if "float" in kind else "TEXT"
-
-
-def config_parser(fields: dict[str, dataclasses.Field]) -> argparse.ArgumentParser:
-    """Every Config field as a flag, grouped by the Config's sections, with what it takes and its
-    default per profile."""
-    parser = argparse.ArgumentParser(
-        prog="notebook.py", usage="%(prog)s [--option VALUE ...]   (every option below, also as CMI_<FIELD>)",
-        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="CMI - Detect Behavior with Sensor Data: train, cross-validate and serve, one notebook.\n"
-                    "  train and serve on demo data:  python notebook.py\n"
-                    "  competition data:              python notebook.py --data-dir DIR\n"
-                    "  serve a bundle only:           python notebook.py --stage infer --model-path DIR --data-dir DIR",
-        epilog="Every option is also an environment variable CMI_<FIELD>: --folds 5 is CMI_FOLDS=5 (in a "
-               "Kaggle notebook: %env CMI_FOLDS=5). A flag wins over the variable. A profile fills only "
-               "the options left unset, whether by flag, variable or an edit of the Config cell.")
-    starts = {first: title for title, first in CONFIG_SECTIONS.items()}
-    group = parser
-    for name, f in fields.items():
-        if name in starts:
-            group = parser.add_argument_group(starts[name])
-        if any(name in p for p in PROFILES.values()):
-            default = "per profile: " + ", ".join(f"{p} {PROFILES[p][name]}" for p in PROFILES)
-        else:
-            default = {"profile": "quick, full on Kaggle"}.get(name, f.default)
-        facts = [allowed_values(f)] if allowed_values(f) != "text" else []
-        facts += [f"default: {default}"] if default is not None else []
-        text = f"{f.metadata['doc']} [{'; '.join(facts)}]" if facts else f.metadata["doc"]
-        text = text.replace("%", "%%")
-        if "bool" in str(f.type):  # --flag alone means true; --flag false turns it off
-            group.add_argument(flag_of(name), dest=name, nargs="?", const="true", default=None, help=text,
-                               metavar="true|false")
-        else:
-            group.add_argument(flag_of(name), dest=name, default=None, help=text, metavar=_metavar(f))
-    return parser
-
-
-def given_settings(argv: list[str], environ: dict[str, str],
-                   fields: dict[str, dataclasses.Field]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The values set by CMI_ variables and flags (a flag wins), and where each came from. Unknown
-    names are errors that suggest the closest valid one."""
-    explicit, where = {}, {}
-    for key, text in environ.items():
-        if not key.startswith("CMI_"):
-            continue
-        name = key[4:].lower()
-        if name not in fields:
-            raise ConfigError(f"{key}: no such setting{_closest(key, map(env_of, fields))} Fix: use one of the "
-                              f"CMI_<FIELD> names that `python notebook.py --help` lists, or unset {key}.")
-        where[name] = f"{key}={text!r}"
-        explicit[name] = _parse_value(text, fields[name], where[name])
-    flags = [t.split("=", 1)[0] for t in argv if t.startswith("--")]
-    twice = sorted({f for f in flags if flags.count(f) > 1 and f[2:].replace("-", "_") in fields})
-    if twice:
-        raise ConfigError(f"{', '.join(twice)}: given more than once ({' '.join(argv)}). Fix: give each option once.")
-    known, unknown = config_parser(fields).parse_known_args(argv)
-    rest = list(unknown)
-    while rest:
-        token = rest.pop(0)
-        if token in JUPYTER_KERNEL_FLAGS:
-            rest = rest[1:]
-        elif not (token.startswith("--f=") or JUPYTER_TRAITLET.fullmatch(token)):
-            option = token.split("=", 1)[0]
-            raise ConfigError(f"{token!r}: no such option{_closest(option, map(flag_of, fields))} Fix: see "
-                              f"`python notebook.py --help` for every option.")
-    for name, value in vars(known).items():
-        if value is not None:
-            where[name] = f"{flag_of(name)} {value!r}"
-            explicit[name] = _parse_value(value, fields[name], where[name])
-    return explicit, where
-
-
-def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Build the Config from CMI_* environment variables and flags, the Config's own defaults, and the
-    profile for what is still unset. Every value is checked here, before any data is read; only
-    Jupyter's own kernel arguments are ignored."""
-    environ = dict(os.environ if environ is None else environ)
-    argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    explicit, where = given_settings(argv, environ, fields)
-    cfg = dataclasses.replace(Config(), **explicit)
-    profile = checked_value(fields["profile"], cfg.profile, where.get("profile", "Config.profile")) or (
-        "full" if on_kaggle() else "quick")
-    # A profile fills only the fields left unset (None): a value given by flag, by CMI_ variable or
-    # by editing a default in the Config cell above always wins.
-    for name, value in PROFILES[profile].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-            where[name] = f"profile {profile}: {name}={value!r}"
-    cfg.profile = profile
-    if cfg.time_budget_hours is None:
-        cfg.time_budget_hours = KAGGLE_TIME_BUDGET_HOURS if on_kaggle() else 0.0
-        where["time_budget_hours"] = f"default {'on Kaggle' if on_kaggle() else 'here'}: {cfg.time_budget_hours:g}"
-    for name, f in fields.items():
-        setattr(cfg, name, checked_value(f, getattr(cfg, name), where.get(name, f"Config.{name} = {getattr(cfg, name)!r}")))
-    if is_competition_rerun():
-        cfg.stage = "infer"  # never train inside the scoring rerun
-    if cfg.out_dir is None:
-        cfg.out_dir = str(KAGGLE_WORKING if on_kaggle() else Path("working"))
-    # Every path is made absolute here, once: the evaluation gateway runs in another working
-    # directory, and a relative path read after that would point somewhere else.
-    for name in PATH_FIELDS:
-        if getattr(cfg, name):
-            setattr(cfg, name, os.path.abspath(os.path.expanduser(getattr(cfg, name))))
-    if cfg.data_dir is None:  # the competition folder when attached, else the demo folder
-        if not cfg.demo and KAGGLE_DATA_DIR.exists():
-            cfg.data_dir = str(KAGGLE_DATA_DIR)
-        else:
-            # Beside the out folder; on Kaggle outside /kaggle/working (the notebook's saved output).
-            # An inference-only run never generates data: it serves the folder's test files or stops.
-            cfg.data_dir = str(Path(tempfile.gettempdir()) / "cmi-demo-data" if on_kaggle()
-                               else Path(cfg.out_dir).parent / "demo_data")
-            cfg.demo = cfg.demo or cfg.stage != "infer"
-    if cfg.demo and cfg.stage != "infer" and cfg.demo_train_subjects < cfg.folds:
-        raise ConfigError(f"{where.get('demo_train_subjects', 'demo_train_subjects')} with "
-                          f"{where.get('folds', 'folds')}: folds are grouped by subject, so the demo needs at "
-                          f"least as many training subjects as folds. Fix: raise --demo-train-subjects or "
-                          f"lower --folds.")
-    if ("torch" in cfg.models.split(",") and "squeezeformer" in cfg.torch_arch.split(",")
-            and cfg.torch_sqz_dim % cfg.torch_sqz_heads):
-        raise ConfigError(f"{where.get('torch_sqz_heads', 'torch_sqz_heads')} with {where.get('torch_sqz_dim', 'torch_sqz_dim')}: "
-                          f"the Squeezeformer splits its width of {cfg.torch_sqz_dim} into {cfg.torch_sqz_heads} "
-                          f"attention heads, which must divide it. Fix: choose --torch-sqz-heads among "
-                          f"{[h for h in range(1, cfg.torch_sqz_dim + 1) if cfg.torch_sqz_dim % h == 0][:8]}, or "
-                          f"another --torch-sqz-dim.")
-    if cfg.fallback_gesture not in GESTURES:
-        near = difflib.get_close_matches(cfg.fallback_gesture, GESTURES, n=1, cutoff=0.3)
-        raise ConfigError(f"{where.get('fallback_gesture', 'fallback_gesture')}: not one of the 18 gestures"
-                          f"{f'; did you mean {near[0]!r}?' if near else '.'} Fix: give one of {GESTURES}.")
-    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
-        raise ConfigError(f"--out-dir (or CMI_OUT_DIR) {cfg.out_dir!r}: a file, not a folder. Fix: name a folder "
-                          f"(it is created if missing), or move the file away.")
-    return cfg
 
 
 def feature_cache_dir(cfg: Config) -> Path:
@@ -718,7 +452,7 @@ def allowed_pairs() -> list[tuple[str, str]]:
 
 
 # The study's slots: every subject performs each allowed (orientation, gesture) pair once from each
-# starting behaviour, 102 in all (the nets' joint head and the per-subject assignment of 15.1).
+# starting behaviour, 102 in all (the per-subject assignment of 15.1).
 SLOTS = [(o, g, b) for o, g in allowed_pairs() for b in START_BEHAVIORS]
 SLOT_INDEX = {slot: i for i, slot in enumerate(SLOTS)}
 SLOT_GESTURE = np.array([GESTURE_INDEX[g] for _, g, _ in SLOTS])
@@ -803,25 +537,19 @@ def say(message: str) -> None:
         print(message)
 
 
-class _Lap:
-    def __init__(self, watch: Stopwatch, name: str) -> None:
-        self.watch, self.name = watch, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
 class Stopwatch:
-    """Wall time per named stage, for the run summary."""
+    """Wall time per named stage, for the run summary: `with watch("load"): ...` adds to seconds["load"]."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, name: str) -> "_Lap":
-        return _Lap(self, name)
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 # What native libraries print at start-up straight to file descriptor 2, past Python's logging.
@@ -1166,29 +894,29 @@ def _tof_view(rng: np.random.Generator, view: dict[int, tuple[str, float]], dist
     return out, centre
 
 
-def _sequence_view(rng: np.random.Generator, site_view: dict[int, tuple[str, float]], subj: dict[str, Any],
-                   noise: float) -> dict[int, tuple[str, float]]:
+def _sequence_view(rng: np.random.Generator, site_view: dict[int, tuple[str, float]],
+                   subj: dict[str, Any]) -> dict[int, tuple[str, float]]:
     """What each sensor faces in this sequence: the band sits a little differently every time, so a
     sensor may miss the surface or catch it from further away; people's hair differs (short hair
     reads like skin); arm length and reach scale every distance."""
     view = {}
     for s in range(1, 6):
         if s in site_view:
-            if rng.random() < 0.35 * noise:
+            if rng.random() < 0.35:
                 continue
             surface, dist = site_view[s]
-        elif site_view and rng.random() < 0.35 * noise:
+        elif site_view and rng.random() < 0.35:
             surface, dist = list(site_view.values())[int(rng.integers(0, len(site_view)))]
             dist = dist * rng.uniform(1.3, 2.5)
         else:
             continue
         surface = subj["surface_as"].get(surface, surface)
-        view[s] = (surface, dist * subj["reach_scale"] * rng.uniform(1 - 0.25 * noise, 1 + 0.3 * noise))
+        view[s] = (surface, dist * subj["reach_scale"] * rng.uniform(1 - 0.25, 1 + 0.3))
     return view
 
 
 def _demo_thermopiles(rng: np.random.Generator, faced: tuple[tuple[dict[int, tuple[str, float]], np.ndarray], ...],
-                      subj: dict[str, Any], noise: float) -> np.ndarray:
+                      subj: dict[str, Any]) -> np.ndarray:
     """(n, 5) temperatures: each sensor drifts towards the temperature of what it faces, with a lag.
     `faced` pairs a view (sensor -> surface) with the (n, 5) distances of its centre."""
     n = len(faced[0][1])
@@ -1205,17 +933,17 @@ def _demo_thermopiles(rng: np.random.Generator, faced: tuple[tuple[dict[int, tup
     for i in range(n):
         level = level + 0.12 * (goal[i] - level)
         thm[i] = level
-    thm += subj["thm_offset"] + rng.normal(0, 0.6 * noise, 5) + rng.normal(0, 0.08, (n, 5))
+    thm += subj["thm_offset"] + rng.normal(0, 0.6, 5) + rng.normal(0, 0.08, (n, 5))
     return thm
 
 
 def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, behavior: str,
-                   subj: dict[str, Any], fs: float, noise: float) -> dict[str, Any]:
+                   subj: dict[str, Any], fs: float) -> dict[str, Any]:
     """One sequence in the canonical right-hand frame: arrays acc (n,3), rot (n,4), thm (n,5),
-    tof (n,320), the phase boundaries and n. `noise` scales every source of variation."""
+    tof (n,320), the phase boundaries and n."""
     site = _DEMO_GESTURES[gesture]
     freq_range, rot_amp, trans_amp, shape = _MOTIONS[site["motion"]]
-    tempo = subj["tempo"] * (1 + noise * rng.uniform(-0.15, 0.15))
+    tempo = subj["tempo"] * (1 + rng.uniform(-0.15, 0.15))
     n_start, n_move, n_pause, n_gest = _demo_timeline(rng, behavior, tempo, gesture in TARGET_GESTURES)
     n = n_start + n_move + n_pause + n_gest
     t = np.arange(n) / fs
@@ -1225,11 +953,11 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     reach = np.clip((np.arange(n) - n_start) / max(n_move, 1), 0, 1)
     reach = 0.5 - 0.5 * np.cos(np.pi * reach)
     # Pose (degrees): rest -> target; relaxing starts from a raised hand and comes down first.
-    rest = subj["rest_pose"] + rng.normal(0, 6 * noise, 3)
-    target = np.array(site["pose"], float) + subj["reach_habit"] * noise + rng.normal(0, 4 * noise, 3)
+    rest = subj["rest_pose"] + rng.normal(0, 6, 3)
+    target = np.array(site["pose"], float) + subj["reach_habit"] + rng.normal(0, 4, 3)
     euler = rest[None, :] * (1 - reach[:, None]) + target[None, :] * reach[:, None]
     if behavior == START_BEHAVIORS[0]:
-        raised = rest + _RAISED + rng.normal(0, 8 * noise, 3)
+        raised = rest + _RAISED + rng.normal(0, 8, 3)
         fall = np.clip(np.arange(n) / max(n_start, 1), 0, 1)
         fall = 0.5 - 0.5 * np.cos(np.pi * fall)
         euler += (raised - rest)[None, :] * (1 - fall[:, None]) * (reach[:, None] < 1e-9)
@@ -1237,11 +965,11 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     freq = rng.uniform(*freq_range) * tempo
     wave = _motion_wave(shape, t - gesture_start / fs, freq, rng.uniform(0, 2 * np.pi), rng) * in_gesture
     # Each subject performs a motion along their own direction, not one the gesture dictates.
-    axis = subj["motion_axes"][shape] + rng.normal(0, 0.25 * noise, 3)
+    axis = subj["motion_axes"][shape] + rng.normal(0, 0.25, 3)
     axis /= np.linalg.norm(axis)
-    amp = subj["amp"] * (1 + noise * rng.uniform(-0.3, 0.3))
+    amp = subj["amp"] * (1 + rng.uniform(-0.3, 0.3))
     euler += wave[:, None] * axis[None, :] * rot_amp * amp
-    euler += np.cumsum(rng.normal(0, 0.4 * noise, (n, 3)), axis=0) + rng.normal(0, 0.5, (n, 3))  # drift, tremor
+    euler += np.cumsum(rng.normal(0, 0.4, (n, 3)), axis=0) + rng.normal(0, 0.5, (n, 3))  # drift, tremor
     rad = np.deg2rad(euler)
     q_hand = quat_from_euler(rad[:, 0], rad[:, 1], rad[:, 2])
     # The body turns the hand from the posture's resting gravity to the gesture's as it reaches; each
@@ -1249,7 +977,7 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     gravity_at_rest, spread = np.array(_REAL_POSTURE[orientation][1]), _REAL_POSTURE[orientation][2]
     turn = quat_slerp(_body_turn(np.array(_REST_POSE) + _RAISED / 2, gravity_at_rest),
                       _body_turn(np.array(site["pose"], float), _gesture_gravity(gesture, orientation)), reach)
-    stray = quat_multiply(_random_turn(rng, 0.7 * spread * noise), subj["posture"][orientation])
+    stray = quat_multiply(_random_turn(rng, 0.7 * spread), subj["posture"][orientation])
     q_body = quat_multiply(np.broadcast_to(stray, (n, 4)), turn)
     q = quat_multiply(quat_multiply(q_body, q_hand), np.broadcast_to(subj["wear"], (n, 4)))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -1265,14 +993,14 @@ def _demo_sequence(rng: np.random.Generator, gesture: str, orientation: str, beh
     acc += rng.normal(0, 0.12, (n, 3)) + rng.normal(0, 0.08, 3)
     # ToF: the rest view fades as the target view comes in; the motion moves the hand off the surface.
     away = (1 - reach) * 320 + np.abs(wave) * trans_amp * amp * (6 if shape == "pulse" else 3)
-    view = _sequence_view(rng, site["view"], subj, noise)
+    view = _sequence_view(rng, site["view"], subj)
     tgt, tgt_centre = _tof_view(rng, view, away, subj["tof_angles"][gesture])
     rst, rst_centre = _tof_view(rng, _REST_VIEW, reach * 320, subj["tof_angles"]["rest"])
     grid = np.fmin(tgt, rst)
     stray = rng.random((n, 5, 64)) < 0.03  # occasional far echoes from the room
     grid = np.where(np.isnan(grid) & stray, rng.uniform(150, 249, (n, 5, 64)), grid)
     tof = np.where(np.isnan(grid), -1.0, np.round(grid))
-    thm = _demo_thermopiles(rng, ((view, tgt_centre), (_REST_VIEW, rst_centre)), subj, noise)
+    thm = _demo_thermopiles(rng, ((view, tgt_centre), (_REST_VIEW, rst_centre)), subj)
     return dict(acc=acc, rot=q, thm=thm, tof=tof.reshape(n, 320), n=n, at_target=at_target,
                 gesture_start=gesture_start)
 
@@ -1317,8 +1045,7 @@ def _demo_subjects(rng: np.random.Generator, n: int, used: set[int], n_upside_do
 def demo_settings(cfg: Config) -> dict[str, Any]:
     """The settings a generated demo dataset depends on (regenerated when any of them changes)."""
     return {"demo_version": DEMO_VERSION, **{k: getattr(cfg, k) for k in (
-        "seed", "sample_rate_hz", "demo_train_subjects", "demo_test_subjects", "demo_pairs_per_subject",
-        "demo_noise", "demo_imu_only_share")}}
+        "seed", "sample_rate_hz", "demo_train_subjects", "demo_test_subjects", "demo_pairs_per_subject")}}
 
 
 UPSIDE_DOWN_RATE = 2 / 81  # the real training subjects who wore the device upside down
@@ -1362,12 +1089,16 @@ def _as_recorded(rng: np.random.Generator, s: dict[str, Any], subj: dict[str, An
     return x.astype(np.float32)
 
 
+DEMO_TEST_IMU_ONLY_SHARE = 0.5  # as in the hidden test set: about half its sequences carry the IMU alone
+
+
 def _demo_rows(rng: np.random.Generator, subjects: list[dict[str, Any]], is_train: bool, cfg: Config,
-               seq_iter: Iterator[int]) -> pl.DataFrame:
-    """Every sequence of `subjects` in the train.csv (or test.csv) schema."""
+               seq_iter: Iterator[int], imu_only_share: float = DEMO_TEST_IMU_ONLY_SHARE) -> pl.DataFrame:
+    """Every sequence of `subjects` in the train.csv (or test.csv) schema; `imu_only_share` of the
+    test sequences with thm/tof empty."""
     pairs = allowed_pairs()
     n_pairs = max(1, min(cfg.demo_pairs_per_subject, len(pairs)))
-    imu_only_share = cfg.demo_imu_only_share if not is_train else 0.0
+    imu_only_share = imu_only_share if not is_train else 0.0
     sensors, counters = [], []
     text: dict[str, list[str]] = {c: [] for c in ("row_id", "sequence_type", "sequence_id", "subject",
                                                   "orientation", "behavior", "phase", "gesture")}
@@ -1376,7 +1107,7 @@ def _demo_rows(rng: np.random.Generator, subjects: list[dict[str, Any]], is_trai
         for orientation, gesture in chosen:
             for behavior in START_BEHAVIORS:
                 sid = f"SEQ_{next(seq_iter):06d}"
-                s = _demo_sequence(rng, gesture, orientation, behavior, subj, cfg.sample_rate_hz, cfg.demo_noise)
+                s = _demo_sequence(rng, gesture, orientation, behavior, subj, cfg.sample_rate_hz)
                 sensors.append(_as_recorded(rng, s, subj, imu_only_share))
                 n = s["n"]
                 counter = np.arange(n)
@@ -1462,18 +1193,15 @@ def _sensor_schema(columns: Iterable[str]) -> dict[str, pl.DataType]:
     return {c: pl.Float32 for c in columns if c in sensor}
 
 
-def read_csv_header(path: Path) -> list[str]:
-    # utf-8-sig: a file saved by Excel starts with a byte-order mark, which polars skips too.
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        return [c.strip().strip('"') for c in fh.readline().strip().split(",")]
-
-
 def load_sensor_csv(path: Path, required: list[str]) -> pl.DataFrame:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. Fix: point --data-dir at the folder holding the "
                         f"competition CSVs, or pass --demo to generate a demo dataset.")
-    header = read_csv_header(path)
+    try:  # the header alone, as polars reads it (a byte-order mark skipped, quotes removed)
+        header = pl.scan_csv(path, infer_schema=False).collect_schema().names()
+    except pl.exceptions.PolarsError:
+        header = []
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"{path}: missing required column(s) {missing[:8]}"
@@ -1656,14 +1384,9 @@ def sequence_labels(train: pl.DataFrame) -> pl.DataFrame:
 # prediction, zero_division=0).
 
 # %%
-def _f1_scores(y_true: np.ndarray, y_pred: np.ndarray, labels: Iterable[Any]) -> list[float]:
-    out = []
-    for c in labels:
-        tp = float(np.sum((y_true == c) & (y_pred == c)))
-        fp = float(np.sum((y_true != c) & (y_pred == c)))
-        fn = float(np.sum((y_true == c) & (y_pred != c)))
-        out.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return out
+def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, labels: Iterable[Any]) -> np.ndarray:
+    from sklearn.metrics import f1_score
+    return f1_score(y_true, y_pred, labels=list(labels), average=None, zero_division=0)
 
 
 def competition_metric(y_true: Iterable[str], y_pred: Iterable[str]) -> dict[str, float]:
@@ -1676,11 +1399,11 @@ def competition_metric(y_true: Iterable[str], y_pred: Iterable[str]) -> dict[str
     targets = set(TARGET_GESTURES)
     t_bin = np.array([g in targets for g in y_true])
     p_bin = np.array([g in targets for g in y_pred])
-    binary_f1 = _f1_scores(t_bin, p_bin, [True])[0]
+    binary_f1 = float(f1_per_class(t_bin, p_bin, [True])[0])
     t_col = np.array([g if g in targets else NON_TARGET_CLASS for g in y_true], dtype=object)
     p_col = np.array([g if g in targets else NON_TARGET_CLASS for g in y_pred], dtype=object)
     labels = sorted(set(t_col.tolist()) | set(p_col.tolist()))
-    macro_f1 = float(np.mean(_f1_scores(t_col, p_col, labels))) if labels else 0.0
+    macro_f1 = float(np.mean(f1_per_class(t_col, p_col, labels))) if labels else 0.0
     return {"metric": 0.5 * binary_f1 + 0.5 * macro_f1, "binary_f1": binary_f1, "macro_f1": macro_f1}
 
 
@@ -1932,9 +1655,9 @@ def thm_channels(thm: np.ndarray, seq_ids: np.ndarray, fs: float) -> dict[str, n
     return ch
 
 
-def tof_channels(tof: np.ndarray, pooling: bool) -> dict[str, np.ndarray]:
+def tof_channels(tof: np.ndarray) -> dict[str, np.ndarray]:
     """Per ToF sensor: share of pixels that answered, mean and min distance of those pixels
-    (-1 = no response, not a distance), and optionally the mean of each 4x4 quadrant."""
+    (-1 = no response, not a distance), and the mean of each 4x4 quadrant."""
     n = len(tof)
     grid = np.asarray(tof, dtype=np.float32).reshape(n, 5, 64)
     present = ~np.isnan(grid).all(axis=2)  # (n, 5): the sensor reported this row
@@ -1952,13 +1675,12 @@ def tof_channels(tof: np.ndarray, pooling: bool) -> dict[str, np.ndarray]:
             ch[f"tof_{s + 1}_valid"] = np.where(present[:, s], frac[:, s], np.nan).astype(np.float32)
             ch[f"tof_{s + 1}_mean"] = mean[:, s].astype(np.float32)
             ch[f"tof_{s + 1}_min"] = mn[:, s]
-        if pooling:
-            qsum = dist0.reshape(n, 5, 2, 4, 2, 4).sum(axis=(3, 5)).reshape(n, 5, 4)
-            qcnt = answered.reshape(n, 5, 2, 4, 2, 4).sum(axis=(3, 5), dtype=np.float32).reshape(n, 5, 4)
-            qmean = np.where(qcnt > 0, qsum / qcnt, np.nan).astype(np.float32)
-            for s in range(5):
-                for k in range(4):
-                    ch[f"tof_{s + 1}_q{k}"] = qmean[:, s, k]
+        qsum = dist0.reshape(n, 5, 2, 4, 2, 4).sum(axis=(3, 5)).reshape(n, 5, 4)
+        qcnt = answered.reshape(n, 5, 2, 4, 2, 4).sum(axis=(3, 5), dtype=np.float32).reshape(n, 5, 4)
+        qmean = np.where(qcnt > 0, qsum / qcnt, np.nan).astype(np.float32)
+        for s in range(5):
+            for k in range(4):
+                ch[f"tof_{s + 1}_q{k}"] = qmean[:, s, k]
     with _quiet_nan_warnings():
         ch["tof_min_all"] = np.nanmin(mn, axis=1)
     return ch
@@ -2085,13 +1807,13 @@ def mark_upside_down(demographics: pl.DataFrame, subjects: Iterable[str]) -> pl.
     return clean_demographics(demographics).with_columns(pl.col("subject").is_in(list(subjects)).alias(UPSIDE_DOWN))
 
 
-def sequence_channels(prepared: Sequences, fs: float, tof_pooling: bool = True) -> pl.DataFrame:
+def sequence_channels(prepared: Sequences, fs: float) -> pl.DataFrame:
     """Per-row channels for every sequence in `prepared` (output of prepare_sequences)."""
     seq_ids = prepared.meta["sequence_id"].to_numpy()
     ch: dict[str, Any] = {"sequence_id": prepared.meta["sequence_id"]}
     ch.update(imu_channels(prepared.block(ACC_COLS), prepared.block(ROT_COLS), seq_ids, fs))
     ch.update(thm_channels(prepared.block(THM_COLS), seq_ids, fs))
-    ch.update(tof_channels(prepared.block(TOF_COLS), tof_pooling))
+    ch.update(tof_channels(prepared.block(TOF_COLS)))
     return pl.DataFrame(ch)
 
 
@@ -2296,7 +2018,7 @@ def aggregate_features(prepared: Sequences, channels: pl.DataFrame, fs: float) -
 def derive(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> tuple[Sequences, pl.DataFrame]:
     """Raw rows -> (prepared sequences, per-row channels): the common start of every model's input."""
     prepared = prepare_sequences(frame, demographics)
-    return prepared, sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
+    return prepared, sequence_channels(prepared, cfg.sample_rate_hz)
 
 
 def build_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config) -> pl.DataFrame:
@@ -2348,13 +2070,10 @@ def blank_modality_values(x: np.ndarray, names: list[str]) -> np.ndarray:
 def sequence_content_hashes(frame: pl.DataFrame, demographics: pl.DataFrame) -> pl.DataFrame:
     """sequence_id -> uint64 hash of its sanitised rows and its subject's demographics."""
     prepared = prepare_sequences(frame, demographics)
-    demo_hash = prepared.meta.select("sequence_counter", *DEFAULT_DEMOGRAPHICS, UPSIDE_DOWN).hash_rows(seed=17).to_numpy()
-    # Hash the sensor bytes row by row (NaN patterns included) and mix in the demographics.
-    rows = np.ascontiguousarray(prepared.sensors).view(np.uint32).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        h = demo_hash.astype(np.uint64)
-        for j in range(rows.shape[1]):
-            h = (h ^ rows[:, j]) * np.uint64(0x100000001B3)
+    # One hash per row of its sensor bits (NaN patterns included) and the subject's demographics.
+    bits = pl.DataFrame(np.ascontiguousarray(prepared.sensors).view(np.uint32))
+    h = pl.concat([prepared.meta.select("sequence_counter", *DEFAULT_DEMOGRAPHICS, UPSIDE_DOWN), bits],
+                  how="horizontal").hash_rows(seed=17).to_numpy()
     seq_ids = prepared.meta["sequence_id"].to_numpy()
     sg = Segments.of(seq_ids)
     starts, pos = sg.starts, sg.t.astype(np.uint64)
@@ -2365,13 +2084,13 @@ def sequence_content_hashes(frame: pl.DataFrame, demographics: pl.DataFrame) -> 
 
 
 def feature_cache_key(cfg: Config) -> str:
-    return short_hash(FEATURE_VERSION, cfg.sample_rate_hz, cfg.tof_pooling, pl.__version__, n=12)
+    return short_hash(FEATURE_VERSION, cfg.sample_rate_hz, pl.__version__, n=12)
 
 
 def cached_features(frame: pl.DataFrame, demographics: pl.DataFrame, cfg: Config,
                     cache_dir: Path | None, label: str = "features") -> pl.DataFrame:
     """build_features with an on-disk cache; same output, sorted by sequence_id."""
-    if not cfg.feature_cache or cache_dir is None:
+    if cache_dir is None:
         return build_features(frame, demographics, cfg)
     path = Path(cache_dir) / f"features_{feature_cache_key(cfg)}.parquet"
     keys = sequence_content_hashes(frame, demographics)
@@ -2535,19 +2254,17 @@ class TrainingClock:
 
 @dataclass
 class NetTargets:
-    """What the nets learn besides the gesture: per sequence the body orientation, the starting
-    behaviour and the study slot (orientation, gesture, behaviour), and per step whether the gesture
-    is being performed (train.csv's phase column), aligned with NetInputs."""
+    """What the nets learn besides the gesture: per sequence the body orientation and the starting
+    behaviour, and per step whether the gesture is being performed (train.csv's phase column),
+    aligned with NetInputs."""
     y: np.ndarray                # gesture index per sequence
     orientation: np.ndarray      # ORIENTATIONS index per sequence
     behavior: np.ndarray         # START_BEHAVIORS index per sequence
-    slot: np.ndarray             # SLOTS index per sequence, -1 for a combination outside the design
     phase: list[np.ndarray]      # (length,) float32 per sequence: 1 in the gesture phase, else 0
 
     def subset(self, mask: np.ndarray) -> "NetTargets":
         idx = np.flatnonzero(mask)
-        return NetTargets(self.y[idx], self.orientation[idx], self.behavior[idx], self.slot[idx],
-                          [self.phase[i] for i in idx])
+        return NetTargets(self.y[idx], self.orientation[idx], self.behavior[idx], [self.phase[i] for i in idx])
 
 
 def net_targets(train: pl.DataFrame, y: np.ndarray) -> NetTargets:
@@ -2555,9 +2272,8 @@ def net_targets(train: pl.DataFrame, y: np.ndarray) -> NetTargets:
     NetInputs is), with `y`, the gesture index per sequence (TrainingData.y)."""
     labels = sequence_labels(train)
     phase = (train["phase"] == "Gesture").fill_null(False).to_numpy().astype(np.float32)
-    slot = [SLOT_INDEX.get(key, -1) for key in labels.select("orientation", "gesture", "behavior").iter_rows()]
     return NetTargets(y, label_index(labels["orientation"].to_list(), ORIENTATIONS),
-                      label_index(labels["behavior"].to_list(), START_BEHAVIORS), np.asarray(slot, dtype=np.int64),
+                      label_index(labels["behavior"].to_list(), START_BEHAVIORS),
                       np.split(phase, Segments.of(train["sequence_id"].to_numpy()).starts[1:]))
 
 
@@ -2612,24 +2328,6 @@ def prepare_training_data(ds: Dataset, cfg: Config, out: Path) -> TrainingData:
     return TrainingData(labels, y, folds, views, digest.hexdigest()[:16], ds, upside_down)
 
 
-def select_features(table: pl.DataFrame, cfg: Config, out: Path) -> list[str]:
-    names = [c for c in table.columns if c != "sequence_id"]
-    if cfg.top_k_features <= 0:
-        return names
-    path = Path(cfg.importance_path) if cfg.importance_path else out / "feature_importance.csv"
-    if not path.exists():
-        raise DataError(f"{path}: not found, but --top-k-features {cfg.top_k_features} needs it. "
-                        f"Fix: run once without --top-k-features (it writes the file), or pass "
-                        f"--importance-path.")
-    ranked = pl.read_csv(path).sort("gain", descending=True)["feature"].to_list()
-    keep = [c for c in ranked if c in set(names)][: cfg.top_k_features]
-    # The presence flags decide which half of the test a sequence belongs to: always keep them.
-    for flag in ("mod_present_thm", "mod_present_tof"):
-        if flag not in keep:
-            keep.append(flag)
-    return keep
-
-
 def read_fold_meta(meta_path: Path) -> dict[str, Any]:
     """A fold's meta file (its fingerprint, seed, seconds...), or {} when missing or unreadable."""
     try:
@@ -2679,11 +2377,12 @@ def held_out(folds: np.ndarray, fit_predict: Callable[[int, np.ndarray, np.ndarr
 
 
 def settings_fingerprint(cfg: Config, kind: str | None, *parts: Any) -> str:
-    """The hash of the Config fields whose `affects` names `kind` (a member kind), or with `kind`
-    None of every field that affects anything trained, and of `parts` (data, input names, versions)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
-              if (kind in f.metadata["affects"] if kind else f.metadata["affects"])}
-    return short_hash(fields, *parts)
+    """The hash of the Config fields that affect `kind` (a member kind; affected()), or with `kind`
+    None of every field that affects anything trained, and of `parts` (data, input names, versions).
+    Every field counts unless it opts out (NOTHING_TRAINED)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if (kind in affected(f) if kind else affected(f))}
+    return short_hash(fields, recipe_of(kind), *parts)
 
 
 @dataclass
@@ -2692,11 +2391,11 @@ class Fitted:
     it kept, in words (the fold's log line)."""
     model: Any
     meta: dict[str, Any]
-    how: str
+    summary: str  # what the fold kept, in words (its log line)
 
 
 class Member:
-    """One ensemble member: a model family under one config (one --torch-arch, one --net-variants),
+    """One ensemble member: a model family under one config (one --net-variants choice),
     trained fold by fold. The fold loop, the bundle, the proof and serving use only this interface:
     - `training_inputs(td, out)`: per CV view, what its models read of the training sequences
       (sets `names`, the input names the bundle records); `rows(inputs, mask)`: a subset of them;
@@ -2705,7 +2404,7 @@ class Member:
       (`log`: the per-epoch callback of the nets, epoch_logger);
     - `save(model, path)` / `load(path)`: a fold file in the bundle;
     - `predict(fold, inputs, exact=False)`: every head's output of one fold: "gesture" (n, 18)
-      probabilities, and "orientation" (n, 4), "behavior" (n, 2) and "slot" (n, 102) where the
+      probabilities, and "orientation" (n, 4) and "behavior" (n, 2) where the
       member has those heads; `exact` asks for the device-independent fp32 path (the bundle's proof).
     A member trains `seeds` models per fold (--net-seeds for the nets), one file each, averaged."""
     family = ""     # lgbm, torch or keras
@@ -2796,17 +2495,17 @@ def train_fold(member: Member, k: int, s: int, inputs: dict[str, Any], td: Train
     seconds = clock.end_fold(member.name)
     write_json(fold_meta_path(path), {"fingerprint": fp, "seed": member.seed(k, s), **fitted.meta,
                                       "seconds": round(seconds, 2)})
-    return fitted.how
+    return fitted.summary
 
 
 def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: TrainingClock) -> dict[str, Any]:
     """The fold loop of every member: a fold file the bundle already holds for this data and these
     settings (trained earlier, or by a --workers process) is loaded, any other is trained
     (train_fold) and loaded back, so OOF always comes from the saved files, exactly as a resumed fold
-    or predict() sees them, and never has holes. A fold's seeds are averaged. File weights follow each fold's validation score (mean of
-    the two views), shared by its seeds. Returns the OOF gesture probabilities per view, every
-    head's OOF per view ("heads"), the file weights, the loaded models (one per file), and the
-    member's manifest entry."""
+    or predict() sees them, and never has holes. A fold's seeds are averaged. File weights follow
+    each fold's validation score (mean of the two views), shared by its seeds. Returns the OOF
+    gesture probabilities per view, every head's OOF per view ("heads") and the member's manifest
+    entry (files, their weights, input names, fingerprint)."""
     cfg = member.cfg
     inputs = member.training_inputs(td, out)
     fp = member.fingerprint(td.fingerprint)
@@ -2845,8 +2544,7 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
     per_file = np.repeat(np.asarray(fold_scores), member.seeds)
     weights = per_file / max(float(np.sum(per_file)), 1e-12)
     entry = {"files": files, "fold_weights": weights.tolist(), member.names_key: member.names, "fingerprint": fp}
-    return {"oof": {v: heads[v]["gesture"] for v in VIEWS}, "heads": heads, "fold_weights": weights.tolist(),
-            "folds": models, "entry": entry}
+    return {"oof": {v: heads[v]["gesture"] for v in VIEWS}, "heads": heads, "entry": entry}
 
 
 # %% [markdown]
@@ -2941,9 +2639,7 @@ def class_weights(y: np.ndarray, mode: str) -> np.ndarray:
 def lgbm_params(cfg: Config, seed: int, n_rows: int, n_classes: int = len(GESTURES)) -> dict[str, Any]:
     threads = cfg.lgbm_threads or (1 if n_rows < 10_000 else int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return dict(objective="multiclass", num_class=n_classes, learning_rate=cfg.lgbm_learning_rate,
-                num_leaves=cfg.lgbm_num_leaves, min_data_in_leaf=cfg.lgbm_min_data_in_leaf,
-                feature_fraction=cfg.lgbm_feature_fraction, bagging_fraction=cfg.lgbm_bagging_fraction,
-                bagging_freq=1, lambda_l2=cfg.lgbm_lambda_l2, max_bin=cfg.lgbm_max_bin,
+                **LGBM_PARAMS, max_bin=cfg.lgbm_max_bin,
                 seed=seed, deterministic=True,
                 force_col_wise=True, num_threads=threads, verbose=-1)
 
@@ -2961,7 +2657,7 @@ def train_lgbm_fold(cfg: Config, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.nd
     valid_set = lgb.Dataset(x_va, y_va, reference=train_set)
     booster = lgb.train(lgbm_params(cfg, seed, len(x_tr), n_classes), train_set, num_boost_round=cfg.lgbm_rounds,
                         valid_sets=[valid_set],
-                        callbacks=[lgb.early_stopping(cfg.lgbm_early_stopping, verbose=False)])
+                        callbacks=[lgb.early_stopping(LGBM_EARLY_STOPPING, verbose=False)])
     return booster
 
 
@@ -2984,7 +2680,7 @@ class LgbmMember(Member):
     family, suffix, names_key = "lgbm", ".txt", "feature_names"
 
     def training_inputs(self, td: TrainingData, out: Path) -> dict[str, np.ndarray]:
-        self.names = select_features(td.views["full"], self.cfg, out)
+        self.names = [c for c in td.views["full"].columns if c != "sequence_id"]
         return {v: feature_matrix(td.views[v], self.names) for v in VIEWS}
 
     def rows(self, inputs: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -3010,7 +2706,7 @@ class LgbmMember(Member):
         if self.names and booster.feature_name() != self.names:
             got, want = booster.feature_name(), self.names
             i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            raise BundleError(f"{path}: the booster's features differ from manifest.json's families.lgbm."
+            raise BundleError(f"{path}: the booster's features differ from manifest.json's members.lgbm."
                               f"feature_names ({len(got)} vs {len(want)} names; first difference at position {i}). "
                               f"Fix: retrain the bundle, or restore the file and manifest written together.")
         return booster
@@ -3034,20 +2730,8 @@ class LgbmMember(Member):
 
 
 def imu_feature_names(table: pl.DataFrame) -> list[str]:
-    """The aggregate features that exist without thermopiles and ToF."""
+    """The aggregate features that exist without thermopiles and ToF (what the slot models read)."""
     return [c for c in table.columns if c != "sequence_id" and c not in set(modality_columns(table.columns))]
-
-
-def train_lgbm_imu_reference(cfg: Config, td: TrainingData) -> np.ndarray:
-    """A LightGBM trained and scored on IMU features alone: the yardstick for the imu_only view."""
-    names = imu_feature_names(td.views["imu_only"])
-    x = feature_matrix(td.views["imu_only"], names)
-    ref_cfg = dataclasses.replace(cfg, lgbm_modality_dropout=0.0)
-
-    def fit_predict(k: int, tr: np.ndarray, va: np.ndarray) -> np.ndarray:
-        booster = train_lgbm_fold(ref_cfg, x[tr], td.y[tr], x[va], td.y[va], names, cfg.seed + k)
-        return booster.predict(x[va], num_iteration=booster.best_iteration)
-    return held_out(td.folds, fit_predict)
 
 
 # %% [markdown]
@@ -3085,7 +2769,7 @@ TOF_GRID_DIM = 32  # per-step embedding of the five ToF grids (--tof-grid)
 def tof_grid_pixels(cfg: Config) -> int:
     """How many trailing input channels of a net under `cfg` are raw ToF pixels (--tof-grid; an
     IMU-only variant reads none)."""
-    return len(TOF_GRID_CHANNELS) if cfg.tof_grid and cfg.net_variants == "all" else 0
+    return len(TOF_GRID_CHANNELS) if cfg.tof_grid and cfg.net_variants == ("all",) else 0
 
 
 @dataclass
@@ -3197,9 +2881,21 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return batches
 
 
+def heads_in_buckets(inputs: NetInputs, batch_heads: Callable[[list[np.ndarray], np.ndarray], dict[str, np.ndarray]],
+                     batch_size: int = 64) -> dict[str, np.ndarray]:
+    """A net's per-sequence outputs for every sequence of `inputs`, computed in batches of similar
+    length (both frameworks): `batch_heads(arrays, demographics)` gives {head: (batch, k)}."""
+    lengths = np.array([len(a) for a in inputs.arrays])
+    out: dict[str, np.ndarray] = {}
+    for idx in length_buckets(lengths, batch_size, None):
+        for k, v in batch_heads([inputs.arrays[i] for i in idx], inputs.demographics[idx]).items():
+            out.setdefault(k, np.zeros((len(lengths), v.shape[1]), dtype=np.float32))[idx] = v
+    return out
+
+
 def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator) -> list[np.ndarray]:
     """One training epoch's batches (both frameworks), bucketed by the length a net reads."""
-    return length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), cfg.net_batch_size, rng)
+    return length_buckets(np.minimum(lengths, cfg.max_len or lengths.max(initial=1)), NET_RECIPE["batch_size"], rng)
 
 
 # %% [markdown]
@@ -3217,24 +2913,19 @@ def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator)
 # divides the per-step rates. Both frameworks train on the very same batches (`training_batch`).
 
 # %%
-SEQUENCE_HEADS = ("orientation", "behavior", "slot")  # the nets' per-sequence heads besides the gesture
+SEQUENCE_HEADS = ("orientation", "behavior")  # the nets' per-sequence heads besides the gesture
 AUX_HEADS = (*SEQUENCE_HEADS, "phase")  # training_batch's targets after the gesture; --net-aux-weights' order
 NET_LOGITS = ("y18", "y9", "y2", *SEQUENCE_HEADS)  # the PyTorch nets' per-sequence logits
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
                            for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray:
     """18-class probabilities from the three heads (logits): each head's view of a gesture is
     spread over the 18 names in proportion to the main head, and the three are averaged."""
-    p18 = _softmax(y18)
-    p9 = _softmax(y9)
+    from scipy.special import softmax
+    p18 = softmax(y18, axis=1)
+    p9 = softmax(y9, axis=1)
     pt = 1.0 / (1.0 + np.exp(-y2))[:, None]
     is_t = TARGET_MASK
     nt_share = np.where(is_t, 0.0, p18) / np.maximum(np.where(is_t, 0.0, p18).sum(1, keepdims=True), 1e-12)
@@ -3247,9 +2938,10 @@ def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray
 
 def net_outputs(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A PyTorch net's per-sequence logits -> what its member predicts: "gesture" (the three gesture
-    heads combined), "orientation", "behavior" and "slot" probabilities."""
+    heads combined), "orientation" and "behavior" probabilities."""
+    from scipy.special import softmax
     return {"gesture": combine_heads(logits["y18"], logits["y9"], logits["y2"]),
-            **{k: _softmax(logits[k]) for k in SEQUENCE_HEADS}}
+            **{k: softmax(logits[k], axis=1) for k in SEQUENCE_HEADS}}
 
 
 DEVICE_FRAME_TRIPLETS = [("acc_x", "acc_y", "acc_z"), ("lin_x", "lin_y", "lin_z"),
@@ -3310,29 +3002,29 @@ def augment_sequence(x: np.ndarray, names: list[str], cfg: Config, rng: np.rando
     """Augmentations on one unscaled sequence, each physically consistent across the derived
     channels: modality dropout, time stretch, a turned device mount with accelerometer drift. The
     ones that act on scaled batches live in augment_scaled_batch."""
-    if rng.random() < cfg.net_modality_dropout:
+    if rng.random() < NET_RECIPE["modality_dropout"]:
         x = blank_modality_values(x, names)
-    if rng.random() < cfg.aug_time_stretch and len(x) > 4:
+    if rng.random() < AUGMENTATIONS["time_stretch"] and len(x) > 4:
         x = stretch_time(x, names, rng.uniform(0.8, 1.2))
-    if rng.random() < cfg.aug_rotation:
+    if rng.random() < AUGMENTATIONS["rotation"]:
         drift = rng.normal(0, 0.3, 3) * np.linspace(0, 1, len(x))[:, None]
         x = turn_device_frame(x, names, _small_rotation(rng, 10.0), drift)
     return x.astype(np.float32)
 
 
-def augment_scaled_batch(x: np.ndarray, lengths: np.ndarray, cfg: Config, rng: np.random.Generator) -> np.ndarray:
+def augment_scaled_batch(x: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Gaussian jitter, time masking and feature masking on a scaled (batch, time, ch) array, the
     padding kept at zero (both frameworks train on it)."""
     b, t, c = x.shape
     coin = lambda p: rng.random(b) < p  # noqa: E731
-    jit = coin(cfg.aug_jitter)
+    jit = coin(AUGMENTATIONS["jitter"])
     if jit.any():
         x = x + (jit[:, None, None] * 0.05 * rng.standard_normal(x.shape)).astype(np.float32)
-    for i in np.flatnonzero(coin(cfg.aug_time_mask)):
+    for i in np.flatnonzero(coin(AUGMENTATIONS["time_mask"])):
         span = max(1, int(lengths[i] * 0.1))
         start = int(rng.random() * max(lengths[i] - span, 1))
         x[i, start:start + span] = 0.0
-    fm = coin(cfg.aug_feature_mask)
+    fm = coin(AUGMENTATIONS["feature_mask"])
     if fm.any():
         x = x * ~((rng.random((b, c)) < 0.1) & fm[:, None])[:, None, :]
     return (x * (np.arange(t)[None, :, None] < lengths[:, None, None])).astype(np.float32)
@@ -3356,8 +3048,7 @@ def soft_targets(y: np.ndarray, smoothing: float) -> np.ndarray:
 def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: InputScaler, cfg: Config,
                    rng: np.random.Generator) -> list[np.ndarray]:
     """One augmented training batch: x, lengths, demographics and the soft targets (gesture,
-    orientation, starting behaviour, slot, per-step phase; a slot outside the design has an all-zero
-    row, so it adds no loss). The phase rides along as one more column through the per-sequence
+    orientation, starting behaviour, per-step phase). The phase rides along as one more column through the per-sequence
     augmentations and the crop, so it stays aligned with the steps."""
     names = [*tr.names, "aux_phase"]
     arrays = [last_steps(augment_sequence(np.column_stack([tr.arrays[i], targets.phase[i]]), names, cfg, rng),
@@ -3366,13 +3057,12 @@ def training_batch(tr: NetInputs, targets: NetTargets, idx: np.ndarray, scaler: 
     phase = np.zeros(x.shape[:2], dtype=np.float32)
     for row, a in enumerate(arrays):
         phase[row, :len(a)] = a[:, -1]
-    batch = [augment_scaled_batch(x, lengths, cfg, rng), lengths, demo,
-             soft_targets(targets.y[idx], cfg.net_label_smoothing),
+    batch = [augment_scaled_batch(x, lengths, rng), lengths, demo,
+             soft_targets(targets.y[idx], NET_RECIPE["label_smoothing"]),
              np.eye(len(ORIENTATIONS), dtype=np.float32)[targets.orientation[idx]],
              np.eye(len(START_BEHAVIORS), dtype=np.float32)[targets.behavior[idx]],
-             np.eye(len(SLOTS) + 1, len(SLOTS), dtype=np.float32)[targets.slot[idx]],  # row -1: all zero
              phase]
-    if rng.random() < cfg.aug_mixup and len(idx) > 1:
+    if rng.random() < AUGMENTATIONS["mixup"] and len(idx) > 1:
         batch = mixup(rng, *batch)
     return batch
 
@@ -3390,19 +3080,15 @@ def phase_targets(phase: np.ndarray, lengths: np.ndarray, stride: int, steps: in
     return np.where((windows >= 0).all(-1), windows.mean(-1), -1.0).astype(np.float32)
 
 
-def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        progress_ = (step - warmup) / max(total - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
-    return f
-
-
-def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """Learning-rate warmup in optimiser steps: --net-warmup-epochs, leaving at least the last
-    epoch to the decay (both frameworks)."""
-    return steps_per_epoch * min(cfg.net_warmup_epochs, max(cfg.epochs - 1, 0))
+def lr_factors(cfg: Config, steps_per_epoch: int) -> list[float]:
+    """The learning rate of every optimiser step as a share of the peak, the one schedule of both
+    frameworks: linear warmup over NET_RECIPE's warmup epochs (leaving at least the last epoch to the
+    decay), then cosine to zero at the last step, which any later step keeps."""
+    total = steps_per_epoch * cfg.epochs
+    warmup = steps_per_epoch * min(NET_RECIPE["warmup_epochs"], max(cfg.epochs - 1, 0))
+    return [(step + 1) / max(warmup, 1) if step < warmup else
+            0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
+            for step in range(total + 1)]
 
 
 class EarlyStopping:
@@ -3443,27 +3129,20 @@ def view_metrics(views_va: dict[str, NetInputs], y_va: np.ndarray,
 
 
 # %% [markdown]
-# ## 13. PyTorch nets: CNN-BiGRU-attention and Squeezeformer
+# ## 13. PyTorch net: CNN-BiGRU-attention
 #
 # Residual Conv1D blocks with squeeze-excitation and max-pooling, a bidirectional GRU fed through
 # `pack_padded_sequence` (padding never enters the recurrence), masked attention pooling (padding
-# gets zero weight), optional demographics embedding, and three gesture heads: 18 gestures (main),
-# 9 classes (8 targets + non-target) and target-vs-not, combined by fixed or learnable uncertainty
+# gets zero weight), a demographics embedding, and three gesture heads: 18 gestures (main),
+# 9 classes (8 targets + non-target) and target-vs-not, combined by learnable uncertainty
 # weights (Kendall & Gal 2018). Auxiliary heads learn what train.csv says beyond the gesture: per
-# sequence the body orientation, the starting behaviour and the joint study slot (orientation x
-# gesture x behaviour, 102 classes; the per-subject assignment of 15.1 can read all three), and, on
-# the BiGRU output, the gesture phase (per step); with
+# sequence the body orientation and the starting behaviour (the per-subject assignment of 15.1 can
+# read both), and, on the BiGRU output, the gesture phase (per step); with
 # `--torch-phase-pool` that phase head also weights two extra pools (gesture steps, transition
 # steps) beside the attention pool, as the 2nd place solution did. Padding is re-zeroed after every
 # convolution, so a sequence's output does not depend on how much padding its batch adds. With
 # `--tof-grid` a `GridEncoder` first turns each valid step's five raw 8x8 ToF grids into a small
 # embedding (two 3x3 convolutions with max-pooling, shared across steps), in place of the pixels.
-#
-# `--torch-arch squeezeformer` swaps the encoder (same inputs, heads, losses and recipe): input
-# projection, 2x time reduction, sinusoidal positions, Squeezeformer blocks (half-step feed-forward,
-# self-attention with the padding mask, convolution module, half-step feed-forward), then a learnable
-# [CLS] token and a small `torch.nn` transformer encoder whose [CLS] output replaces pooling.
-# `--torch-arch gru,squeezeformer` trains both as separate ensemble members (`torch`, `torch_sqz`).
 
 # %%
 # Busy-waiting OpenMP threads slow LightGBM and torch ~100x when another process holds a core: the
@@ -3569,29 +3248,25 @@ class MaskedAttentionPool(nn.Module):
 
 
 class Heads(nn.Module):
-    """(+ demographics embedding) -> dense trunk -> 18 / 9 / binary gesture logits and the
-    orientation / behaviour / slot logits; both encoders end here."""
+    """+ demographics embedding -> dense trunk -> 18 / 9 / binary gesture logits and the
+    orientation / behaviour / slot logits."""
 
-    def __init__(self, dim: int, n_demo: int, dropout: float, use_demographics: bool) -> None:
+    def __init__(self, dim: int, n_demo: int, dropout: float) -> None:
         super().__init__()
-        self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU()) if use_demographics else None
-        self.trunk = nn.Sequential(nn.Linear(dim + (16 if use_demographics else 0), 256), nn.ReLU(),
-                                   nn.Dropout(dropout))
+        self.demo = nn.Sequential(nn.Linear(n_demo, 16), nn.ReLU())
+        self.trunk = nn.Sequential(nn.Linear(dim + 16, 256), nn.ReLU(), nn.Dropout(dropout))
         self.head18 = nn.Linear(256, len(GESTURES))
         self.head9 = nn.Linear(256, len(TARGET_GESTURES) + 1)
         self.head2 = nn.Linear(256, 1)
         self.head_orientation = nn.Linear(256, len(ORIENTATIONS))
         self.head_behavior = nn.Linear(256, len(START_BEHAVIORS))
-        self.head_slot = nn.Linear(256, len(SLOTS))
 
     def forward(self, z: torch.Tensor, demo: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.demo is not None:
-            z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)  # (batch, dim + 16)
+        z = torch.cat([z, self.demo(demo.to(z.dtype))], dim=1)      # (batch, dim + 16)
         z = self.trunk(z)                                           # (batch, 256)
-        # logits: y18 (batch, 18), y9 (batch, 9), y2 (batch,), orientation (batch, 4), behavior
-        # (batch, 2), slot (batch, 102)
+        # logits: y18 (batch, 18), y9 (batch, 9), y2 (batch,), orientation (batch, 4), behavior (batch, 2)
         return {"y18": self.head18(z), "y9": self.head9(z), "y2": self.head2(z).squeeze(-1),
-                "orientation": self.head_orientation(z), "behavior": self.head_behavior(z), "slot": self.head_slot(z)}
+                "orientation": self.head_orientation(z), "behavior": self.head_behavior(z)}
 
 
 def time_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -3627,7 +3302,7 @@ class GestureNet(nn.Module):
     phase head on the BiGRU output (one step per `phase_stride` input steps)."""
 
     def __init__(self, in_ch: int, n_demo: int, conv: tuple[int, ...], hidden: int, dropout: float,
-                 use_demographics: bool, phase_pool: bool, grid_pixels: int = 0) -> None:
+                 phase_pool: bool, grid_pixels: int = 0) -> None:
         super().__init__()
         self.frame = GridEncoder(in_ch, grid_pixels)
         chans = [self.frame.out_ch, *conv]
@@ -3637,7 +3312,7 @@ class GestureNet(nn.Module):
         self.phase_head = nn.Linear(2 * hidden, 1)
         self.phase_pool = phase_pool
         self.phase_stride = 2 ** len(conv)
-        self.heads = Heads(2 * hidden * (3 if phase_pool else 1), n_demo, dropout, use_demographics)
+        self.heads = Heads(2 * hidden * (3 if phase_pool else 1), n_demo, dropout)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
                 packed: bool = True) -> dict[str, torch.Tensor]:
@@ -3667,108 +3342,6 @@ class GestureNet(nn.Module):
         return {**self.heads(z, demo), "phase": phase, "phase_mask": mask}
 
 
-def sinusoidal_positions(n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(n, device=like.device, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=like.device) / dim)
-    pe = torch.zeros(n, dim, device=like.device)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-    return pe.to(like.dtype)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Dropout(dropout),
-                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class ConvModule(nn.Module):
-    """LayerNorm, pointwise conv to 2x channels, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv."""
-
-    def __init__(self, dim: int, kernel: int, dropout: float) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.expand = nn.Conv1d(dim, 2 * dim, 1)
-        self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-        self.bn = nn.BatchNorm1d(dim)
-        self.project = nn.Conv1d(dim, dim, 1)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(1).to(x.dtype)
-        # Padding is zeroed before the depthwise conv, else its kernel would carry it into valid steps.
-        h = nn.functional.glu(self.expand(self.norm(x).transpose(1, 2)), dim=1) * m
-        h = nn.functional.silu(self.bn(self.depthwise(h))) * m
-        return self.drop(self.project(h)).transpose(1, 2)
-
-
-class SqueezeformerBlock(nn.Module):
-    """Half-step feed-forward, masked self-attention, conv module, half-step feed-forward."""
-
-    def __init__(self, dim: int, heads: int, kernel: int, dropout: float) -> None:
-        super().__init__()
-        self.ff1 = FeedForward(dim, dropout)
-        self.attn_norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.attn_drop = nn.Dropout(dropout)
-        self.conv = ConvModule(dim, kernel, dropout)
-        self.ff2 = FeedForward(dim, dropout)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + 0.5 * self.ff1(x)
-        h = self.attn_norm(x)
-        a, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
-        x = x + self.attn_drop(a)
-        x = x + self.conv(x, mask)
-        x = x + 0.5 * self.ff2(x)
-        return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
-
-
-class SqueezeformerNet(nn.Module):
-    """Projection + positions -> Squeezeformer blocks -> [CLS] + transformer encoder -> heads."""
-
-    def __init__(self, in_ch: int, n_demo: int, dim: int, layers: int, heads: int, kernel: int,
-                 cls_layers: int, reduction: int, dropout: float, use_demographics: bool,
-                 grid_pixels: int = 0) -> None:
-        super().__init__()
-        self.frame = GridEncoder(in_ch, grid_pixels)
-        self.project = nn.Sequential(nn.Linear(self.frame.out_ch, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
-        self.reduction = max(int(reduction), 1)
-        self.blocks = nn.ModuleList([SqueezeformerBlock(dim, heads, kernel, dropout) for _ in range(layers)])
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.cls_encoder = nn.TransformerEncoder(layer, cls_layers, norm=nn.LayerNorm(dim),
-                                                 enable_nested_tensor=False)
-        self.heads = Heads(dim, n_demo, dropout, use_demographics)
-
-    def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The [CLS] output: the sequence summary the heads see."""
-        mask = time_mask(x, lengths)                                             # (batch, time)
-        h = self.project(self.frame(x, mask)) * mask.unsqueeze(-1).to(x.dtype)  # (batch, time, dim)
-        if self.reduction > 1:  # pad to a multiple first, so the grouping never depends on batch padding
-            r = self.reduction
-            h = nn.functional.pad(h, (0, 0, 0, (-h.shape[1]) % r))
-            h = h.view(h.shape[0], h.shape[1] // r, r, h.shape[2]).mean(2)  # (batch, time / r, dim)
-            lengths = (lengths.to(x.device) + r - 1) // r
-            mask = time_mask(h, lengths)
-        h = (h + sinusoidal_positions(h.shape[1], h.shape[2], h)) * mask.unsqueeze(-1).to(h.dtype)
-        for block in self.blocks:
-            h = block(h, mask)
-        h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)  # (batch, 1 + steps, dim)
-        keep = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        return self.cls_encoder(h, src_key_padding_mask=~keep)[:, 0]                # (batch, dim)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, demo: torch.Tensor,
-                packed: bool = True) -> dict[str, torch.Tensor]:
-        return self.heads(self.encode(x, lengths), demo)
-
-
 class UncertaintyWeights(nn.Module):
     """loss = sum_i exp(-s_i) L_i + s_i with learnable, clamped s_i (Kendall & Gal 2018)."""
 
@@ -3783,17 +3356,8 @@ class UncertaintyWeights(nn.Module):
 
 
 def build_torch_model(cfg: Config, in_ch: int) -> Any:
-    """The net of `cfg.torch_arch` (one architecture: train_torch runs each --torch-arch choice apart)."""
-    if cfg.torch_arch == "squeezeformer":
-        return SqueezeformerNet(in_ch, len(DEFAULT_DEMOGRAPHICS), cfg.torch_sqz_dim, cfg.torch_sqz_layers,
-                                cfg.torch_sqz_heads, cfg.torch_sqz_kernel, cfg.torch_sqz_cls_layers,
-                                cfg.torch_sqz_reduction, cfg.net_dropout, cfg.net_demographics,
-                                tof_grid_pixels(cfg))
-    if cfg.torch_arch != "gru":
-        raise ValueError(f"build_torch_model: one architecture at a time, got {cfg.torch_arch!r}")
-    conv = tuple(int(c) for c in str(cfg.net_conv).split(","))
-    return GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), conv, cfg.net_hidden, cfg.net_dropout,
-                      cfg.net_demographics, cfg.torch_phase_pool, tof_grid_pixels(cfg))
+    return GestureNet(in_ch, len(DEFAULT_DEMOGRAPHICS), cfg.net_conv, cfg.net_hidden, NET_RECIPE["dropout"],
+                      cfg.torch_phase_pool, tof_grid_pixels(cfg))
 
 
 # %% [markdown]
@@ -3818,20 +3382,18 @@ def torch_batch(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler,
 def torch_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64, packed: bool = True,
                 fp32: bool = False) -> dict[str, np.ndarray]:
     """One fold's heads for every sequence of `inputs`: "gesture" (n, 18) from the three gesture
-    heads, "orientation" (n, 4), "behavior" (n, 2), "slot" (n, 102). Eval mode, no grad; fp16
+    heads, "orientation" (n, 4), "behavior" (n, 2). Eval mode, no grad; fp16
     autocast on CUDA unless `fp32`, which the bundle's proof uses so that it holds on any device."""
     model, scaler = fold
-    lengths = np.array([len(a) for a in inputs.arrays])
     device = next(model.parameters()).device.type
     model.eval()
-    out: dict[str, np.ndarray] = {}
-    for idx in length_buckets(lengths, batch_size, None):
-        xb, lb, db = torch_batch([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler, device)
+
+    def batch_heads(arrays: list[np.ndarray], demo: np.ndarray) -> dict[str, np.ndarray]:
+        xb, lb, db = torch_batch(arrays, demo, scaler, device)
         with torch.inference_mode(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda" and not fp32):
             o = model(xb, lb, db, packed=packed)
-        for k, v in net_outputs({k: o[k].float().cpu().numpy() for k in NET_LOGITS}).items():
-            out.setdefault(k, np.zeros((len(lengths), v.shape[1]), dtype=np.float32))[idx] = v
-    return out
+        return net_outputs({k: o[k].float().cpu().numpy() for k in NET_LOGITS})
+    return heads_in_buckets(inputs, batch_heads, batch_size)
 
 
 def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any,
@@ -3869,20 +3431,19 @@ def ema_average(decay: float) -> Callable[[list[Any], list[Any], Any], None]:
 
 
 def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: int) -> tuple[Any, Any]:
-    """AdamW (no weight decay on the loss weights, which learn 10x faster) and its schedule: linear
-    warmup for --net-warmup-epochs, then cosine to zero at the last epoch."""
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg.net_weight_decay}]
-    if weighting is not None:
-        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": cfg.net_lr * 10})
-    opt = torch.optim.AdamW(groups, lr=cfg.net_lr)
-    total = steps_per_epoch * cfg.epochs
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(total, warmup_steps(cfg, steps_per_epoch))] * len(groups))
+    """AdamW (no weight decay on the loss weights, which learn 10x faster) and its schedule, stepped
+    per batch (lr_factors)."""
+    groups = [{"params": list(model.parameters()), "weight_decay": NET_RECIPE["weight_decay"]},
+              {"params": list(weighting.parameters()), "weight_decay": 0.0, "lr": NET_RECIPE["lr"] * 10}]
+    opt = torch.optim.AdamW(groups, lr=NET_RECIPE["lr"])
+    factors = lr_factors(cfg, steps_per_epoch)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[min(step, len(factors) - 1)])
 
 
 class TorchSteps:
     """The optimisation step of a fold: autocast in the fold's precision, the head losses (fixed or
     uncertainty-weighted), GradScaler, clipping, the schedule and the EMA. A non-finite loss skips
-    its step and is counted; after --torch-max-bad-steps the fold continues in fp32 and says so."""
+    its step and is counted; after NET_RECIPE's max_bad_steps the fold continues in fp32 and says so."""
 
     def __init__(self, cfg: Config, model: Any, ema: Any, weighting: Any, opt: Any, sched: Any,
                  precision: str, device: str) -> None:
@@ -3891,8 +3452,7 @@ class TorchSteps:
         self.grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         self.is_target = torch.tensor(TARGET_MASK, device=device)
         self.to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
-        self.fixed = [float(w) for w in str(cfg.torch_head_weights).split(",")]
-        self.aux = dict(zip(AUX_HEADS, (float(w) for w in str(cfg.net_aux_weights).split(","))))
+        self.aux = dict(zip(AUX_HEADS, cfg.net_aux_weights))
 
     def step(self, batch: list[Any]) -> float | None:
         """One batch (x, lengths, demographics, gesture, orientation, behaviour, slot, phase); the
@@ -3902,12 +3462,11 @@ class TorchSteps:
         with torch.autocast(self.device, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16,
                             enabled=self.precision in ("fp16", "bf16")):
             gesture, extra = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, aux)
-            loss = self.weighting(gesture) if self.weighting is not None else sum(w * l for w, l in zip(self.fixed, gesture))
-            loss = loss + sum(self.aux[k] * l for k, l in extra.items())
+            loss = self.weighting(gesture) + sum(self.aux[k] * l for k, l in extra.items())
         self.opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.bad_steps += 1
-            if self.bad_steps >= self.cfg.torch_max_bad_steps and self.precision != "fp32":
+            if self.bad_steps >= NET_RECIPE["max_bad_steps"] and self.precision != "fp32":
                 self.precision = "fp32"
                 self.grad_scaler = torch.amp.GradScaler(self.device, enabled=False)
                 print(f"torch: {self.bad_steps} non-finite losses; this fold continues in fp32")
@@ -3928,20 +3487,20 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch_device()
-    scaler = InputScaler.fit(tr, input_columns(tr.names, cfg.net_variants), cfg.max_len)
+    scaler = InputScaler.fit(tr, input_columns(tr.names, net_variant(cfg)), cfg.max_len)
     model = build_torch_model(cfg, len(scaler.columns)).to(device)
     # The average lives in a net of its own (built like the model, so the seeded random stream that
     # follows is the same whatever the EMA settings) and starts as a copy of the model's initial weights.
     ema = torch.optim.swa_utils.AveragedModel(build_torch_model(cfg, len(scaler.columns)).to(device),
-                                              multi_avg_fn=ema_average(cfg.torch_ema), use_buffers=True)
+                                              multi_avg_fn=ema_average(NET_RECIPE["ema"]), use_buffers=True)
     ema.update_parameters(model)
     ema.module.eval()
-    weighting = UncertaintyWeights(3).to(device) if cfg.torch_loss_weighting == "uncertainty" else None
+    weighting = UncertaintyWeights(3).to(device)
     lengths = np.array([len(a) for a in tr.arrays])
-    opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / cfg.net_batch_size))
+    opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / NET_RECIPE["batch_size"]))
     steps = TorchSteps(cfg, model, ema, weighting, opt, sched, torch_precision(cfg, device), device)
     stopper = EarlyStopping(cfg.net_patience)
-    evaluated = ema.module if cfg.torch_ema > 0 else model
+    evaluated = ema.module if NET_RECIPE["ema"] > 0 else model
     stride = getattr(model, "phase_stride", 1)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -3959,7 +3518,7 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
                           lambda: {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}):
             break
     return {"score": stopper.score, "state": stopper.snapshot, "epoch": stopper.epoch, "scaler": scaler,
-            "bad_steps": steps.bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist() if weighting is not None else None}
+            "bad_steps": steps.bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist()}
 
 
 def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
@@ -3972,14 +3531,9 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
 
 
 class TorchMember(NetMember):
-    """The PyTorch net of one --torch-arch and one --net-variants (member torch, torch_sqz, torch_imu,
-    ...): a checkpoint per fold (in_ch, config, scaler, state_dict), per-epoch log in
+    """The PyTorch net of one --net-variants (member torch or torch_imu): a checkpoint per fold (in_ch, config, scaler, state_dict), per-epoch log in
     OUT/logs/<member>.jsonl."""
     family, suffix = "torch", ".pt"
-
-    @property
-    def kind(self) -> str:
-        return "torch_sqz" if self.cfg.torch_arch == "squeezeformer" else "torch"
 
     def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, NetInputs]:
         if self.cfg.torch_threads:
@@ -4059,7 +3613,7 @@ class KerasLayers(NamedTuple):
     TofGridEncoder: Any
     PhaseSteps: Any
     masked_phase_loss: Any
-    WarmupCosine: Any
+    StepRates: Any
 
 
 @functools.cache
@@ -4144,24 +3698,19 @@ def keras_layers() -> KerasLayers:
             return {**super().get_config(), "units": self.units}
 
     @keras.saving.register_keras_serializable(package="cmi")
-    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-        """The torch recipe's schedule (_lr_lambda) step for step: peak * (step + 1) / warmup, then cosine
-        to zero at `total`. Not keras's CosineDecay(warmup_target=), whose warm-up runs from its initial
-        rate at step 0 to the peak at step `warmup`, one step later and along another line
-        (tests/test_keras_net.py checks the two frameworks' schedules at seven steps)."""
+    class StepRates(keras.optimizers.schedules.LearningRateSchedule):
+        """The learning rate of each optimiser step from a table (lr_factors, the torch net's schedule
+        step for step); past its end, the last rate."""
 
-        def __init__(self, peak: float, warmup: int, total: int) -> None:
-            self.peak, self.warmup, self.total = peak, warmup, total
+        def __init__(self, rates: list[float]) -> None:
+            self.rates = [float(r) for r in rates]
 
         def __call__(self, step: Any) -> Any:
-            step = ops.cast(step, "float32")
-            warm = self.peak * (step + 1) / max(self.warmup, 1)
-            prog = ops.clip((step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0)
-            cos = 0.5 * self.peak * (1 + ops.cos(math.pi * prog))
-            return ops.where(step < self.warmup, warm, cos)
+            table = ops.convert_to_tensor(self.rates, dtype="float32")
+            return ops.take(table, ops.minimum(ops.cast(step, "int32"), len(self.rates) - 1))
 
         def get_config(self) -> dict[str, Any]:
-            return {"peak": self.peak, "warmup": self.warmup, "total": self.total}
+            return {"rates": self.rates}
 
     @keras.saving.register_keras_serializable(package="cmi")
     class TofGridEncoder(keras.layers.Layer):
@@ -4223,7 +3772,7 @@ def keras_layers() -> KerasLayers:
         return ops.sum(bce * valid, axis=-1) / ops.maximum(ops.sum(valid, axis=-1), 1.0)
 
     return KerasLayers(MaskedResBlock, MaskedAttentionPool, TofGridEncoder, PhaseSteps, masked_phase_loss,
-                       WarmupCosine)
+                       StepRates)
 
 
 def keras_policy() -> str:
@@ -4243,17 +3792,16 @@ def build_keras_model(cfg: Config, in_ch: int, policy: str | None = None) -> Any
     pixels = tof_grid_pixels(cfg)
     if pixels:
         h = layers.TofGridEncoder(pixels, name="tof_grid")(h, m)
-    for i, filters in enumerate(int(c) for c in str(cfg.net_conv).split(",")):
-        h, m = layers.MaskedResBlock(filters, 3, cfg.net_dropout, name=f"res{i}")(h, m)
+    for i, filters in enumerate(cfg.net_conv):
+        h, m = layers.MaskedResBlock(filters, 3, NET_RECIPE["dropout"], name=f"res{i}")(h, m)
     seq = keras.layers.Bidirectional(keras.layers.GRU(cfg.net_hidden, return_sequences=True), name="bigru")(
         h, mask=keras.ops.cast(m, "bool"))
     z = layers.MaskedAttentionPool(64, name="attention")(seq, m)
-    if cfg.net_demographics:
-        z = keras.layers.Concatenate()([z, keras.layers.Dense(16, activation="relu", name="demo_embed")(d_in)])
-    z = keras.layers.Dropout(cfg.net_dropout)(keras.layers.Dense(256, activation="relu")(z))
+    z = keras.layers.Concatenate()([z, keras.layers.Dense(16, activation="relu", name="demo_embed")(d_in)])
+    z = keras.layers.Dropout(NET_RECIPE["dropout"])(keras.layers.Dense(256, activation="relu")(z))
     out = {"gesture": keras.layers.Dense(len(GESTURES), activation="softmax", dtype="float32", name="gesture")(z)}
-    if cfg.net_aux_heads:  # the torch nets' auxiliary heads: orientation, behaviour, slot; phase per BiGRU step
-        for head, n in (("orientation", len(ORIENTATIONS)), ("behavior", len(START_BEHAVIORS)), ("slot", len(SLOTS))):
+    if cfg.net_aux_heads:  # the torch net's auxiliary heads: orientation, behaviour; phase per BiGRU step
+        for head, n in (("orientation", len(ORIENTATIONS)), ("behavior", len(START_BEHAVIORS))):
             out[head] = keras.layers.Dense(n, activation="softmax", dtype="float32", name=head)(z)
         out["phase"] = layers.PhaseSteps(dtype="float32", name="phase")(seq)
     return keras.Model({"x": x_in, "mask": m_in, "demo": d_in}, out, name="gesture_net_keras")
@@ -4275,7 +3823,7 @@ def keras_inputs(arrays: list[np.ndarray], demo: np.ndarray, scaler: InputScaler
 
 class KerasPredictor:
     """A saved fold wrapped in one tf.function (traced once per input rank, not per call) that returns
-    its per-sequence heads: "gesture", and "orientation", "behavior" and "slot" where the net has
+    its per-sequence heads: "gesture", and "orientation" and "behavior" where the net has
     them (not the per-step phase)."""
 
     def __init__(self, model: Any, channels: int) -> None:
@@ -4292,14 +3840,9 @@ class KerasPredictor:
 
 def keras_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64) -> dict[str, np.ndarray]:
     """One fold's heads for every sequence of `inputs`: "gesture" (n, 18), and "orientation" (n, 4),
-    "behavior" (n, 2) and "slot" (n, 102) when the net has those heads."""
+    "behavior" (n, 2) when the net has those heads."""
     predictor, scaler = fold
-    lengths = np.array([len(a) for a in inputs.arrays])
-    out: dict[str, np.ndarray] = {}
-    for idx in length_buckets(lengths, batch_size, None):
-        for k, v in predictor(keras_inputs([inputs.arrays[i] for i in idx], inputs.demographics[idx], scaler)).items():
-            out.setdefault(k, np.zeros((len(lengths), v.shape[1]), dtype=np.float32))[idx] = v
-    return out
+    return heads_in_buckets(inputs, lambda arrays, demo: predictor(keras_inputs(arrays, demo, scaler)), batch_size)
 
 
 def keras_learning_rate(optimizer: Any) -> float:
@@ -4318,19 +3861,19 @@ def train_keras_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     keras, layers = keras_framework()[0], keras_layers()
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    scaler = InputScaler.fit(tr, input_columns(tr.names, cfg.net_variants), cfg.max_len)
+    scaler = InputScaler.fit(tr, input_columns(tr.names, net_variant(cfg)), cfg.max_len)
     model = build_keras_model(cfg, len(scaler.columns))
     lengths = np.array([len(a) for a in tr.arrays])
-    steps = math.ceil(len(lengths) / cfg.net_batch_size)
-    opt = keras.optimizers.AdamW(layers.WarmupCosine(cfg.net_lr, warmup_steps(cfg, steps), steps * cfg.epochs),
-                                 weight_decay=cfg.net_weight_decay, clipnorm=1.0)
+    steps = math.ceil(len(lengths) / NET_RECIPE["batch_size"])
+    opt = keras.optimizers.AdamW(layers.StepRates([NET_RECIPE["lr"] * f for f in lr_factors(cfg, steps)]),
+                                 weight_decay=NET_RECIPE["weight_decay"], clipnorm=1.0)
     if keras_policy() == "mixed_float16":
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    weights_of = {"gesture": 1.0, **dict(zip(AUX_HEADS, (float(w) for w in str(cfg.net_aux_weights).split(","))))}
+    weights_of = {"gesture": 1.0, **dict(zip(AUX_HEADS, cfg.net_aux_weights))}
     losses_of = {k: keras.losses.CategoricalCrossentropy() for k in weights_of} | {"phase": layers.masked_phase_loss}
     outputs = list(weights_of) if cfg.net_aux_heads else ["gesture"]
     model.compile(optimizer=opt, loss={k: losses_of[k] for k in outputs}, loss_weights={k: weights_of[k] for k in outputs})
-    stride = 2 ** len(str(cfg.net_conv).split(","))
+    stride = 2 ** len(cfg.net_conv)
     stopper = EarlyStopping(cfg.net_patience)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -4494,12 +4037,10 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 # - `gesture_capacity`: an assignment (Hungarian algorithm on -log p) of the subject's sequences
 #   to gestures, each gesture used at most 2 x (its allowed orientations) times;
 # - `slots`: an assignment to the 102 (orientation, gesture, behaviour) slots, capacity 1. The slot
-#   probability comes from one of three sources: `lgbm`, p(gesture) x p(orientation) x p(behaviour)
+#   probability comes from one of two sources: `lgbm`, p(gesture) x p(orientation) x p(behaviour)
 #   with the last two from two light LightGBM models on the IMU features (the slot models); `heads`,
-#   the same product with the nets' own orientation and behaviour heads; `blend`, the orientation
-#   averaged over the nets' heads and the slot model, the behaviour from the slot model (the nets'
-#   behaviour heads are the last to train: short runs leave them behind it); `joint`, the nets'
-#   joint 102-slot head times p(gesture). In each, p(gesture) (the served blend) enters with a weight
+#   the same product with the nets' own orientation and behaviour heads (the last to train: short
+#   runs leave them behind the slot models, 30 epochs ahead). In each, p(gesture) (the served blend) enters with a weight
 #   (its inverse temperature against the slot context, chosen per view). A single temperature on
 #   the whole slot table would change nothing: every row takes exactly one slot, so scaling all
 #   costs, or adding a constant per row, leaves the assignment as it is.
@@ -4512,15 +4053,14 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 GESTURE_CAPACITY = np.array([2 * sum(1 for _, g in allowed_pairs() if g == name) for name in GESTURES])
 ASSIGNMENT_MAX_ROWS = int(GESTURE_CAPACITY.sum())  # beyond this many sequences: plain argmax
 SERVING_RULES = ("argmax", "argmax9", "gesture_capacity", "slots")
-CONTEXT_TARGETS = {"orientation": ORIENTATIONS, "behavior": START_BEHAVIORS}  # what the slot models predict
+SLOT_MODEL_TARGETS = {"orientation": ORIENTATIONS, "behavior": START_BEHAVIORS}  # what the slot models predict
 # The slot sources, with the gesture weights the replay tries for each (the first wins a tie).
-SLOT_SOURCES = {"lgbm": (1.0, 0.5, 2.0), "heads": (1.0, 0.5, 2.0), "blend": (1.0, 0.5, 2.0), "joint": (1.0, 0.0, 0.5)}
-SLOT_PARTS = {"lgbm": ("lgbm",), "heads": ("orientation", "behavior"), "blend": ("lgbm", "orientation"),
-              "joint": ("slot",)}  # what each reads
-UNIFORM_PARTS = {"lgbm": np.concatenate([np.full(len(v), 1.0 / len(v)) for v in CONTEXT_TARGETS.values()])[None, :],
+SLOT_SOURCES = {"lgbm": (1.0, 0.5, 2.0), "heads": (1.0, 0.5, 2.0)}
+SLOT_PARTS = {"lgbm": ("lgbm",), "heads": ("orientation", "behavior")}  # what each reads
+UNIFORM_PARTS = {"lgbm": np.concatenate([np.full(len(v), 1.0 / len(v)) for v in SLOT_MODEL_TARGETS.values()])[None, :],
                  "orientation": np.full((1, len(ORIENTATIONS)), 1.0 / len(ORIENTATIONS)),
-                 "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS)),
-                 "slot": np.full((1, len(SLOTS)), 1.0 / len(SLOTS))}  # a call whose source has no answer
+                 "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS))}  # no answer
+UNIFORM_SLOTS = np.full(len(SLOTS), 1.0 / len(SLOTS))
 
 
 def serving_plan(rule: str, source: str = "", weights: dict[str, float] | None = None) -> dict[str, Any]:
@@ -4557,7 +4097,7 @@ def assign_labels(probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def net_context(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def net_slot_parts(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The nets' orientation, behaviour and slot heads, each the plain mean over the members that
     have it: the same for training's OOF replay and one predict() call."""
     got: dict[str, list[np.ndarray]] = {}
@@ -4570,22 +4110,14 @@ def net_context(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
 
 def slot_probabilities(source: str, probs: np.ndarray, parts: dict[str, np.ndarray], weight: float = 1.0) -> np.ndarray:
     """(n, 102) probability of each (orientation, gesture, behaviour) slot from `source` (15.1):
-    p(gesture)^weight times the slot context, renormalised. `parts` holds per row what the sources
-    read: "lgbm" (the slot models' 4 orientation then 2 behaviour probabilities), "orientation",
-    "behavior" and "slot" (the nets' heads)."""
+    p(gesture)^weight x p(orientation) x p(behaviour), renormalised. `parts` holds per row what the
+    sources read: "lgbm" (the slot models' 4 orientation then 2 behaviour probabilities), or
+    "orientation" and "behavior" (the nets' heads)."""
+    n_o = len(ORIENTATIONS)
+    orient_behav = parts["lgbm"] if source == "lgbm" else np.hstack([parts["orientation"], parts["behavior"]])
+    orient_behav = np.log(np.clip(orient_behav.astype(np.float64), 1e-12, 1.0))
     log_p = weight * np.log(np.clip(probs[:, SLOT_GESTURE].astype(np.float64), 1e-12, 1.0))
-    if source == "joint":
-        log_p += np.log(np.clip(parts["slot"].astype(np.float64), 1e-12, 1.0))
-    else:
-        n_o = len(ORIENTATIONS)
-        if source == "lgbm":
-            context = parts["lgbm"]
-        elif source == "heads":
-            context = np.hstack([parts["orientation"], parts["behavior"]])
-        else:  # blend
-            context = np.hstack([(parts["orientation"] + parts["lgbm"][:, :n_o]) / 2, parts["lgbm"][:, n_o:]])
-        context = np.log(np.clip(context.astype(np.float64), 1e-12, 1.0))
-        log_p += context[:, SLOT_ORIENTATION] + context[:, n_o + SLOT_BEHAVIOR]
+    log_p += orient_behav[:, SLOT_ORIENTATION] + orient_behav[:, n_o + SLOT_BEHAVIOR]
     p = np.exp(log_p - log_p.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
 
@@ -4707,30 +4239,30 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], parts: dic
             "nested": nested, "nested_plans": {str(k): p for k, p in per_fold.items()}}
 
 
-def context_labels(labels: pl.DataFrame) -> dict[str, np.ndarray]:
+def slot_model_labels(labels: pl.DataFrame) -> dict[str, np.ndarray]:
     """Orientation and starting-behaviour index per sequence (unknown text counts as the first)."""
-    return {t: label_index(labels[t].to_list(), names) for t, names in CONTEXT_TARGETS.items()}
+    return {t: label_index(labels[t].to_list(), names) for t, names in SLOT_MODEL_TARGETS.items()}
 
 
-def context_config(cfg: Config) -> Config:
+def slot_model_config(cfg: Config) -> Config:
     """The slot models' LightGBM settings: small and fast (they only break ties between slots)."""
     return dataclasses.replace(cfg, lgbm_modality_dropout=0.0, lgbm_class_weight="none", lgbm_rounds=min(cfg.lgbm_rounds, 300),
                                lgbm_learning_rate=max(cfg.lgbm_learning_rate, 0.1), lgbm_max_bin=63)
 
 
-def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[str, Any]:
+def train_slot_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[str, Any]:
     """LightGBM per fold for orientation and starting behaviour on the IMU features (the same in
-    both views): OOF context probabilities (n, 4 + 2) and the fold files."""
+    both views): their OOF probabilities (n, 4 + 2) and the fold files."""
     names = imu_feature_names(td.views["imu_only"])
     x = feature_matrix(td.views["imu_only"], names)
-    y = context_labels(td.labels)
+    y = slot_model_labels(td.labels)
     bundle.mkdir(parents=True, exist_ok=True)
     oof, files = [], []
-    for target, classes in CONTEXT_TARGETS.items():
+    for target, classes in SLOT_MODEL_TARGETS.items():
         def fit_predict(k: int, tr: np.ndarray, va: np.ndarray) -> np.ndarray:
-            booster = train_lgbm_fold(context_config(cfg), x[tr], y[target][tr], x[va], y[target][va], names,
+            booster = train_lgbm_fold(slot_model_config(cfg), x[tr], y[target][tr], x[va], y[target][va], names,
                                       cfg.seed + k, n_classes=len(classes))
-            files.append(bundle_file(f"context_{target}", k, ".txt"))
+            files.append(bundle_file(f"slot_model_{target}", k, ".txt"))
             atomic_write(bundle / files[-1], lambda p: booster.save_model(str(p)))
             return booster.predict(x[va], num_iteration=booster.best_iteration)
         part = held_out(td.folds, fit_predict)
@@ -4741,7 +4273,7 @@ def train_context_models(cfg: Config, td: TrainingData, bundle: Path) -> dict[st
     return {"oof": np.hstack(oof), "files": files, "feature_names": names}
 
 
-def context_proba(boosters: dict[str, list[Any]], x: np.ndarray) -> np.ndarray:
+def slot_model_proba(boosters: dict[str, list[Any]], x: np.ndarray) -> np.ndarray:
     """(n, 4 + 2) orientation and behaviour probabilities, the mean over folds."""
     return np.hstack([blend([b.predict(x, num_iteration=b.best_iteration or None, num_threads=1) for b in fold_models],
                             np.ones(len(fold_models))) for fold_models in boosters.values()])
@@ -4815,7 +4347,7 @@ def plot_per_gesture_f1(plots: PlotFolder, y: np.ndarray, ens: dict[str, np.ndar
     fig, ax = plots.figure(figsize=(11, 5))
     width = 0.4
     for j, view in enumerate(VIEWS):
-        f1 = _f1_scores(y, ens[view].argmax(1), range(len(GESTURES)))
+        f1 = f1_per_class(y, ens[view].argmax(1), range(len(GESTURES)))
         ax.bar(np.arange(len(GESTURES)) + (j - 0.5) * width, f1, width, label=view)
     ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
     ax.set_ylabel("F1 (18-class)")
@@ -4918,7 +4450,263 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 
 
 # %% [markdown]
-# ## 16. Model bundle
+# ## 16. Command line and profiles
+#
+# The harness starts here: everything above is the model. Every Config field is a `--flag` and a
+# `CMI_<FIELD>` variable, checked before anything runs; a profile fills only the fields left unset.
+
+# %%
+# The smoke profile is the full one in miniature: the same members (lgbm, torch, torch_imu, keras,
+# keras_imu), tiny. The quick profile leaves out the IMU-only variants to keep the default run short.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(models=("lgbm", "torch", "keras"), net_variants=("all", "imu"), net_seeds=1, folds=2, epochs=2,
+                  net_conv=(16, 32), net_hidden=16, demo_train_subjects=6, demo_test_subjects=2,
+                  demo_pairs_per_subject=10, lgbm_learning_rate=0.2, lgbm_rounds=40, lgbm_max_bin=31),
+    "quick": dict(models=("lgbm", "torch", "keras"), net_variants=("all",), net_seeds=1, folds=3, epochs=8,
+                  net_conv=(32, 64), net_hidden=48, demo_train_subjects=16, demo_test_subjects=4,
+                  demo_pairs_per_subject=51, lgbm_learning_rate=0.15, lgbm_rounds=300, lgbm_max_bin=63),
+    "full": dict(models=("lgbm", "torch", "keras"), net_variants=("all", "imu"), net_seeds=1, folds=5, epochs=60,
+                 net_conv=(64, 128), net_hidden=128, demo_train_subjects=40, demo_test_subjects=8,
+                 demo_pairs_per_subject=51, lgbm_learning_rate=0.03, lgbm_rounds=2000, lgbm_max_bin=255),
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the option, the value given, what is allowed
+    and the fix. Raised while parsing, before any data is read."""
+
+
+# The Config's sections (the `# ---` comments in the class), each from its first field on: --help groups.
+CONFIG_SECTIONS = {"where things are": "data_dir", "what to run": "profile", "demo data": "demo_train_subjects",
+                   "features": "upside_down_fix", "LightGBM": "lgbm_learning_rate",
+                   "the nets (both frameworks)": "net_conv", "PyTorch only": "torch_phase_pool",
+                   "inference": "subject_assignment"}
+JUPYTER_KERNEL_FLAGS = ("-f", "--f")  # ipykernel's `-f connection.json`: not ours, ignored
+# ...and traitlets settings such as nbclient's --HistoryManager.hist_file=:memory: (ours are lower case)
+JUPYTER_TRAITLET = re.compile(r"--[A-Z]\w*\.\w+(=.*)?")
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_of(name: str) -> str:
+    return f"CMI_{name.upper()}"
+
+
+def allowed_values(f: dataclasses.Field) -> str:
+    """What a field accepts, in words (for errors and --help)."""
+    meta, kind = f.metadata, str(f.type)
+    if meta.get("choices"):
+        return ("one or more of " if meta["many"] else "one of ") + ", ".join(meta["choices"]) + (
+            " (comma-separated)" if meta["many"] else "")
+    if meta.get("items"):
+        typ, count = meta["items"]
+        return f"{count or 'one or more'} comma-separated {'integers' if typ == 'int' else 'numbers'}"
+    if "bool" in kind:
+        return "true or false"
+    number = "an integer" if "int" in kind else "a number" if "float" in kind else "text"
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"{number} from {low:g} to {high:g}"
+    return f"{number} >= {low:g}" if low is not None else number
+
+
+def _config_error(name: str, where: str, problem: str, f: dataclasses.Field) -> ConfigError:
+    return ConfigError(f"{where}: {problem}; {flag_of(name)} (or {env_of(name)}) takes {allowed_values(f)}. "
+                       f"Fix: give an allowed value, or leave it unset for the profile's or the Config's default.")
+
+
+def _parse_value(text: str, f: dataclasses.Field, where: str) -> Any:
+    kind = str(f.type)
+    if f.metadata.get("many") or f.metadata.get("items"):
+        return text  # a comma-separated list: checked_value splits and checks it
+    if "bool" in kind:
+        if text.lower() in ("1", "true", "yes", "on", ""):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise _config_error(f.name, where, "not a boolean", f)
+    try:
+        return int(text) if "int" in kind else float(text) if "float" in kind else text
+    except ValueError:
+        raise _config_error(f.name, where, f"not {'an integer' if 'int' in kind else 'a number'}", f) from None
+
+
+def checked_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """`value` as the field holds it, if the field allows it, else ConfigError: a list field's text
+    (or list) becomes a tuple of its items, parsed once, here."""
+    meta = f.metadata
+    if value is None:
+        return None
+    listed = list(value) if isinstance(value, (list, tuple)) else [x.strip() for x in str(value).split(",")]
+    if meta.get("choices"):
+        items = listed if meta["many"] else [value]
+        if not all(items) or any(x not in meta["choices"] for x in items) or len(items) != len(set(items)):
+            raise _config_error(f.name, where, "not among the choices", f)
+        return tuple(items) if meta["many"] else value
+    if meta.get("items"):
+        typ, count = meta["items"]
+        try:
+            parsed = [int(x) if typ == "int" else float(x) for x in listed]
+            whole = typ != "int" or all(float(x) == int(x) for x in listed if not isinstance(x, str))
+        except (TypeError, ValueError):
+            parsed, whole = [], False
+        if (not parsed or not whole or (count and len(parsed) != count) or not all(map(math.isfinite, parsed))
+                or min(parsed) < 0 or (typ == "int" and min(parsed) < 1)):
+            raise _config_error(f.name, where, "not a list it can use", f)
+        return tuple(parsed)
+    low, high = meta.get("low"), meta.get("high")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)):
+        raise _config_error(f.name, where, "out of range", f)
+    return value
+
+
+def as_text(value: Any) -> Any:
+    """A value as its flag takes it: a list field's items comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else "."
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    meta, kind = f.metadata, str(f.type)
+    if meta.get("choices"):
+        return ",".join(meta["choices"][:2]) + ",..." if meta["many"] else "{" + ",".join(meta["choices"]) + "}"
+    if meta.get("items"):
+        return ",".join(["N"] * (meta["items"][1] or 2))
+    if f.name in PATH_FIELDS:
+        return "PATH"
+    return "N" if "int" in kind else "X" if "float" in kind else "TEXT"
+
+
+def config_parser(fields: dict[str, dataclasses.Field]) -> argparse.ArgumentParser:
+    """Every Config field as a flag, grouped by the Config's sections, with what it takes and its
+    default per profile."""
+    parser = argparse.ArgumentParser(
+        prog="notebook.py", usage="%(prog)s [--option VALUE ...]   (every option below, also as CMI_<FIELD>)",
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="CMI - Detect Behavior with Sensor Data: train, cross-validate and serve, one notebook.\n"
+                    "  train and serve on demo data:  python notebook.py\n"
+                    "  competition data:              python notebook.py --data-dir DIR\n"
+                    "  serve a bundle only:           python notebook.py --stage infer --model-path DIR --data-dir DIR",
+        epilog="Every option is also an environment variable CMI_<FIELD>: --folds 5 is CMI_FOLDS=5 (in a "
+               "Kaggle notebook: %env CMI_FOLDS=5). A flag wins over the variable. A profile fills only "
+               "the options left unset, whether by flag, variable or an edit of the Config cell.")
+    starts = {first: title for title, first in CONFIG_SECTIONS.items()}
+    group = parser
+    for name, f in fields.items():
+        if name in starts:
+            group = parser.add_argument_group(starts[name])
+        if any(name in p for p in PROFILES.values()):
+            default = "per profile: " + ", ".join(f"{p} {as_text(PROFILES[p][name])}" for p in PROFILES)
+        else:
+            default = {"profile": "quick, full on Kaggle"}.get(name, as_text(f.default))
+        facts = [allowed_values(f)] if allowed_values(f) != "text" else []
+        facts += [f"default: {default}"] if default is not None else []
+        text = f"{f.metadata['doc']} [{'; '.join(facts)}]" if facts else f.metadata["doc"]
+        text = text.replace("%", "%%")
+        if "bool" in str(f.type):  # --flag alone means true; --flag false turns it off
+            group.add_argument(flag_of(name), dest=name, nargs="?", const="true", default=None, help=text,
+                               metavar="true|false")
+        else:
+            group.add_argument(flag_of(name), dest=name, default=None, help=text, metavar=_metavar(f))
+    return parser
+
+
+def given_settings(argv: list[str], environ: dict[str, str],
+                   fields: dict[str, dataclasses.Field]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values set by CMI_ variables and flags (a flag wins), and where each came from. Unknown
+    names are errors that suggest the closest valid one."""
+    explicit, where = {}, {}
+    for key, text in environ.items():
+        if not key.startswith("CMI_"):
+            continue
+        name = key[4:].lower()
+        if name not in fields:
+            raise ConfigError(f"{key}: no such setting{_closest(key, map(env_of, fields))} Fix: use one of the "
+                              f"CMI_<FIELD> names that `python notebook.py --help` lists, or unset {key}.")
+        where[name] = f"{key}={text!r}"
+        explicit[name] = _parse_value(text, fields[name], where[name])
+    flags = [t.split("=", 1)[0] for t in argv if t.startswith("--")]
+    twice = sorted({f for f in flags if flags.count(f) > 1 and f[2:].replace("-", "_") in fields})
+    if twice:
+        raise ConfigError(f"{', '.join(twice)}: given more than once ({' '.join(argv)}). Fix: give each option once.")
+    known, unknown = config_parser(fields).parse_known_args(argv)
+    rest = list(unknown)
+    while rest:
+        token = rest.pop(0)
+        if token in JUPYTER_KERNEL_FLAGS:
+            rest = rest[1:]
+        elif not (token.startswith("--f=") or JUPYTER_TRAITLET.fullmatch(token)):
+            option = token.split("=", 1)[0]
+            raise ConfigError(f"{token!r}: no such option{_closest(option, map(flag_of, fields))} Fix: see "
+                              f"`python notebook.py --help` for every option.")
+    for name, value in vars(known).items():
+        if value is not None:
+            where[name] = f"{flag_of(name)} {value!r}"
+            explicit[name] = _parse_value(value, fields[name], where[name])
+    return explicit, where
+
+
+def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Build the Config from CMI_* environment variables and flags, the Config's own defaults, and the
+    profile for what is still unset. Every value is checked here, before any data is read; only
+    Jupyter's own kernel arguments are ignored."""
+    environ = dict(os.environ if environ is None else environ)
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    explicit, where = given_settings(argv, environ, fields)
+    cfg = dataclasses.replace(Config(), **explicit)
+    profile = checked_value(fields["profile"], cfg.profile, where.get("profile", "Config.profile")) or (
+        "full" if on_kaggle() else "quick")
+    # A profile fills only the fields left unset (None): a value given by flag, by CMI_ variable or
+    # by editing a default in the Config cell above always wins.
+    for name, value in PROFILES[profile].items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+            where[name] = f"profile {profile}: {name}={value!r}"
+    cfg.profile = profile
+    if cfg.time_budget_hours is None:
+        cfg.time_budget_hours = KAGGLE_TIME_BUDGET_HOURS if on_kaggle() else 0.0
+        where["time_budget_hours"] = f"default {'on Kaggle' if on_kaggle() else 'here'}: {cfg.time_budget_hours:g}"
+    for name, f in fields.items():
+        setattr(cfg, name, checked_value(f, getattr(cfg, name), where.get(name, f"Config.{name} = {getattr(cfg, name)!r}")))
+    if is_competition_rerun():
+        cfg.stage = "infer"  # never train inside the scoring rerun
+    if cfg.out_dir is None:
+        cfg.out_dir = str(KAGGLE_WORKING if on_kaggle() else Path("working"))
+    # Every path is made absolute here, once: the evaluation gateway runs in another working
+    # directory, and a relative path read after that would point somewhere else.
+    for name in PATH_FIELDS:
+        if getattr(cfg, name):
+            setattr(cfg, name, os.path.abspath(os.path.expanduser(getattr(cfg, name))))
+    if cfg.data_dir is None:  # the competition folder when attached, else the demo folder
+        if not cfg.demo and KAGGLE_DATA_DIR.exists():
+            cfg.data_dir = str(KAGGLE_DATA_DIR)
+        else:
+            # Beside the out folder; on Kaggle outside /kaggle/working (the notebook's saved output).
+            # An inference-only run never generates data: it serves the folder's test files or stops.
+            cfg.data_dir = str(Path(tempfile.gettempdir()) / "cmi-demo-data" if on_kaggle()
+                               else Path(cfg.out_dir).parent / "demo_data")
+            cfg.demo = cfg.demo or cfg.stage != "infer"
+    if cfg.demo and cfg.stage != "infer" and cfg.demo_train_subjects < cfg.folds:
+        raise ConfigError(f"{where.get('demo_train_subjects', 'demo_train_subjects')} with "
+                          f"{where.get('folds', 'folds')}: folds are grouped by subject, so the demo needs at "
+                          f"least as many training subjects as folds. Fix: raise --demo-train-subjects or "
+                          f"lower --folds.")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"--out-dir (or CMI_OUT_DIR) {cfg.out_dir!r}: a file, not a folder. Fix: name a folder "
+                          f"(it is created if missing), or move the file away.")
+    return cfg
+
+
+# %% [markdown]
+# ## 17. Model bundle
 #
 # `OUT/bundle` holds the manifest, the model files and `dataset-metadata.json`, so
 # `kaggle datasets create -p OUT/bundle` publishes it as is for an inference-only submission.
@@ -4929,13 +4717,10 @@ def write_run_summary(out: Path, cfg: Config, watch: Stopwatch, extra: dict[str,
 # so a retrain killed half-way never leaves a bundle that mixes two runs and still loads.
 
 # %%
-BUNDLE_FORMAT = 8  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
+BUNDLE_FORMAT = 9  # the layout read_manifest accepts; raised whenever a bundle written before could not serve
 def file_digest(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
 
 
 def verify_bundle_files(bundle: Path, files: list[str], listed: dict[str, dict[str, Any]]) -> None:
@@ -4946,11 +4731,6 @@ def verify_bundle_files(bundle: Path, files: list[str], listed: dict[str, dict[s
             raise BundleError(f"{path}: not listed in manifest.json. Fix: retrain the bundle with this "
                               f"notebook version (manifest format {BUNDLE_FORMAT}).")
         if not path.is_file():
-            if "/" in name:  # the layout with one sub-folder per member, which uploads can drop
-                raise BundleError(f"{path}: missing. This bundle keeps its models in sub-folders (written by an "
-                                  f"older version of this notebook), and the kaggle CLI's default upload skips "
-                                  f"sub-folders. Fix: retrain with this version, which writes every file at the "
-                                  f"top of bundle/, or attach the training notebook's output itself as the input.")
             raise BundleError(f"{path}: missing. Fix: publish every file of the bundle folder with manifest.json "
                               f"(`kaggle datasets create -p working/bundle`, or attach the training notebook's output).")
         got = file_digest(path)
@@ -5001,17 +4781,15 @@ def kaggle_username() -> str:
 MEMBER_CLASSES: dict[str, type[Member]] = {"lgbm": LgbmMember, "torch": TorchMember, "keras": KerasMember}
 
 
-def member_from_manifest(bundle: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any]) -> Member:
+def member_from_manifest(bundle: Path, name: str, entry: dict[str, Any], manifest: dict[str, Any]) -> Member:
     """The member a manifest entry describes, under the config it was trained with (narrowed to the
     member's architecture and variant), with its input names."""
     family = member_family(name)
     if family not in MEMBER_CLASSES:
         raise BundleError(f"{bundle}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
                           f"this notebook version.")
-    cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=member_variant(name))
-    if family == "torch":
-        cfg.torch_arch = {base: arch for arch, base in TORCH_ARCHS.items()}[name.removesuffix("_imu")]
-    return MEMBER_CLASSES[family](name, cfg, fam.get(MEMBER_CLASSES[family].names_key))
+    cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=(member_variant(name),))
+    return MEMBER_CLASSES[family](name, cfg, entry.get(MEMBER_CLASSES[family].names_key))
 
 
 @dataclass
@@ -5029,21 +4807,21 @@ class LoadedMember:
 
     def heads(self, prepared: Sequences, channels: pl.DataFrame, cache: dict[str, Any]) -> dict[str, np.ndarray]:
         """Every head's output, fold-weighted, as served: "gesture" (n, 18) probabilities, and the
-        nets' "orientation", "behavior" and "slot" where the member has them."""
+        nets' "orientation" and "behavior" where the member has them."""
         outputs = self.fold_outputs(prepared, channels, cache)
         return {head: blend([o[head] for o in outputs], self.weights) for head in outputs[0]}
 
 
-def load_member(bundle: Path, name: str, fam: dict[str, Any], manifest: dict[str, Any],
+def load_member(bundle: Path, name: str, entry: dict[str, Any], manifest: dict[str, Any],
                 made: dict[str, list[str]]) -> LoadedMember:
     """One member's fold models, after checking its inputs and its files against the manifest."""
-    member = member_from_manifest(bundle, name, fam, manifest)
+    member = member_from_manifest(bundle, name, entry, manifest)
     member.check_names(bundle, made)
-    verify_bundle_files(bundle, fam["files"], manifest.get("files", {}))
+    verify_bundle_files(bundle, entry["files"], manifest.get("files", {}))
     if member.family == "torch":
         torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
-    return LoadedMember(member, [member.load(bundle / f) for f in fam["files"]],
-                        np.asarray(fam["fold_weights"], dtype=np.float64))
+    return LoadedMember(member, [member.load(bundle / f) for f in entry["files"]],
+                        np.asarray(entry["fold_weights"], dtype=np.float64))
 
 
 def produced_names(cfg: Config) -> dict[str, list[str]]:
@@ -5057,22 +4835,12 @@ def produced_names(cfg: Config) -> dict[str, list[str]]:
             "channels": net_inputs_from(prepared, channels, cfg.tof_grid).names}
 
 
-def tie_call(sequence: pl.DataFrame, demographics: pl.DataFrame, turned: bool = False) -> Sequences:
+def call_sequences(sequence: pl.DataFrame, demographics: pl.DataFrame, turned: bool = False) -> Sequences:
     """One call's rows prepared as every model reads them: the sequence and its one demographics row tied
     by a fixed subject key, whatever they say (turned back first when the wearer is upside down)."""
     seq = sequence.with_columns(pl.lit("SUBJ_CALL").alias("subject"))
     demo = demographics.head(1).with_columns(pl.lit("SUBJ_CALL").alias("subject"))
     return prepare_sequences(seq, mark_upside_down(demo, ["SUBJ_CALL"]) if turned else demo)
-
-
-def blend_of(probas: dict[str, np.ndarray], manifest: dict[str, Any], view: str) -> np.ndarray:
-    """The bundle's blend for `view` over the families in `probas` (weights renormalised; only zero-weight
-    families answering count equally), with the view's target scale."""
-    weights = dict(zip(manifest["families"], manifest["blend_weights"][view]))
-    w = np.array([weights.get(n, 0.0) for n in probas], dtype=np.float64)
-    if w.sum() <= 0:
-        w = np.ones(len(probas))
-    return target_scaled(blend(list(probas.values()), w), manifest["target_scale"][view])
 
 
 # How a call is answered, in serving and in the bundle's proof alike: what serving counts, what it
@@ -5126,7 +4894,7 @@ class SubjectState:
         if rule in ("gesture_capacity", "slots") and subject:
             rows = self.history.setdefault(subject, {})
             rows.pop(sequence_id, None)  # seen again: its new entry replaces the old, and is the last
-            rows[sequence_id] = (p, slot_p if slot_p is not None else UNIFORM_PARTS["slot"][0])
+            rows[sequence_id] = (p, slot_p if slot_p is not None else UNIFORM_SLOTS)
             return int(serve_labels(rule, np.vstack([r[0] for r in rows.values()]),
                                     np.vstack([r[1] for r in rows.values()]))[-1])
         return int(serve_labels(rule if rule == "argmax9" else "argmax", p[None, :])[0])
@@ -5134,14 +4902,17 @@ class SubjectState:
 
 def blend_answers(manifest: dict[str, Any], probas: dict[str, np.ndarray], view: str,
                   stats: ServingStats) -> np.ndarray | None:
-    """The bundle's blend for `view` over the members that answered, weights renormalised."""
+    """The bundle's blend for `view` over the members that answered (weights renormalised; when only
+    zero-weight members answered, they count equally), with the view's target scale."""
     if not probas:
         return None
-    weights = dict(zip(manifest["families"], manifest["blend_weights"][view]))
+    weights = dict(zip(manifest["members"], manifest["blend_weights"][view]))
     if any(weights[n] > 0 and n not in probas for n in weights):
         stats.reduced += 1
     stats.served[view].update([n for n in probas if weights.get(n, 0.0) > 0] or list(probas))
-    p = blend_of(probas, manifest, view)[0]
+    w = np.array([weights.get(n, 0.0) for n in probas], dtype=np.float64)
+    p = target_scaled(blend(list(probas.values()), w if w.sum() > 0 else np.ones(len(probas))),
+                      manifest["target_scale"][view])[0]
     if not np.isfinite(p).all():
         stats.note("non-finite blend; the answering families averaged with equal weights")
         p = blend(list(probas.values()), np.ones(len(probas)))[0]
@@ -5183,7 +4954,7 @@ PLAN_FIELDS = ("serving", "blend_weights", "target_scale", "fallback_gesture", "
 def plan_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest's plan fields and each member's fold weights, as the proof copies them."""
     return {**{k: manifest[k] for k in PLAN_FIELDS},
-            "families": {n: {"fold_weights": f["fold_weights"]} for n, f in manifest["families"].items()}}
+            "members": {n: {"fold_weights": f["fold_weights"]} for n, f in manifest["members"].items()}}
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:
@@ -5203,19 +4974,19 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
 def load_slot_models(path: Path, manifest: dict[str, Any], made: dict[str, list[str]]) -> tuple[dict[str, list[Any]], list[str]]:
     """The slot models (orientation / behaviour -> fold boosters) and their feature names; BundleError
     when they cannot load."""
-    spec = manifest["context"]
+    spec = manifest["slot_models"]
     missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
     if missing:
         raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
     verify_bundle_files(path, spec["files"], manifest.get("files", {}))
-    context = {}
-    for target in CONTEXT_TARGETS:
-        names = {bundle_file(f"context_{target}", k, ".txt") for k in range(len(spec["files"]))}
-        context[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"] if f in names]
-        if not context[target]:
-            raise BundleError(f"{path}: no {target} slot model among the manifest's context files "
+    boosters = {}
+    for target in SLOT_MODEL_TARGETS:
+        names = {bundle_file(f"slot_model_{target}", k, ".txt") for k in range(len(spec["files"]))}
+        boosters[target] = [lightgbm().Booster(model_file=str(path / f)) for f in spec["files"] if f in names]
+        if not boosters[target]:
+            raise BundleError(f"{path}: no {target} slot model among the manifest's slot_models files "
                               f"{spec['files']}. Fix: retrain the bundle with this notebook version.")
-    return context, spec["feature_names"]
+    return boosters, spec["feature_names"]
 
 
 def proof_calls(cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -5224,8 +4995,8 @@ def proof_calls(cfg: Config) -> tuple[pl.DataFrame, pl.DataFrame]:
     rng = np.random.default_rng(PROOF_SEED)
     subjects = _demo_subjects(rng, 4, set(), 0)
     subjects[0]["handedness"] = 0
-    rows = _demo_rows(rng, subjects, False, dataclasses.replace(cfg, demo_pairs_per_subject=1, demo_imu_only_share=0.0),
-                      iter(range(990001, 990100)))
+    rows = _demo_rows(rng, subjects, False, dataclasses.replace(cfg, demo_pairs_per_subject=1),
+                      iter(range(990001, 990100)), imu_only_share=0.0)
     imu_only = rows["sequence_id"].unique(maintain_order=True).to_list()[1::2]
     rows = rows.with_columns(pl.when(pl.col("sequence_id").is_in(imu_only)).then(None).otherwise(pl.col(c)).alias(c)
                              for c in THM_COLS + TOF_COLS)
@@ -5242,9 +5013,9 @@ def replay_proof(models: dict[str, LoadedMember], calls: pl.DataFrame, demograph
     views, keys = [], []
     for _, seq in calls.group_by("sequence_id", maintain_order=True):
         subject = str(seq["subject"][0])
-        prepared = tie_call(seq.with_columns(pl.lit("SEQ_CALL").alias("sequence_id")),
+        prepared = call_sequences(seq.with_columns(pl.lit("SEQ_CALL").alias("sequence_id")),
                             demographics.filter(pl.col("subject") == subject))
-        channels = sequence_channels(prepared, cfg.sample_rate_hz, cfg.tof_pooling)
+        channels = sequence_channels(prepared, cfg.sample_rate_hz)
         views.append("imu_only" if is_imu_only(prepared.sensors) else "full")
         keys.append((subject, str(seq["sequence_id"][0])))
         cache: dict[str, Any] = {}
@@ -5254,7 +5025,7 @@ def replay_proof(models: dict[str, LoadedMember], calls: pl.DataFrame, demograph
                 out.setdefault(f"{name}.{head}", []).append(np.stack([o[head] for o in folds]).astype(np.float32))
         if slot_models:
             table = call_table(prepared, channels, cache, cfg.sample_rate_hz)
-            out.setdefault(SLOT_OUTPUT, []).append(context_proba(slot_models, table.matrix(slot_names)).astype(np.float32))
+            out.setdefault(SLOT_OUTPUT, []).append(slot_model_proba(slot_models, table.matrix(slot_names)).astype(np.float32))
     return {k: np.concatenate(v, axis=-2) for k, v in out.items()}, views, keys
 
 
@@ -5264,9 +5035,9 @@ def proof_answers(outputs: dict[str, np.ndarray], manifest: dict[str, Any], plan
     each member's heads fold-weighted, then decide() under `plan` over each subject's calls so far."""
     subjects, stats, answers = SubjectState(), ServingStats(), []
     for i, (view, (subject, sequence_id)) in enumerate(zip(views, keys)):
-        heads = [{k.split(".", 1)[1]: blend(list(v[:, i:i + 1]), np.asarray(manifest["families"][n]["fold_weights"]))
+        heads = [{k.split(".", 1)[1]: blend(list(v[:, i:i + 1]), np.asarray(manifest["members"][n]["fold_weights"]))
                   for k, v in outputs.items() if k.startswith(f"{n}.")} for n in members]
-        parts = net_context(heads)
+        parts = net_slot_parts(heads)
         if SLOT_OUTPUT in outputs:
             parts["lgbm"] = outputs[SLOT_OUTPUT][i:i + 1]
         answers.append(decide(manifest, plan, subjects, stats, {n: h["gesture"] for n, h in zip(members, heads)},
@@ -5279,7 +5050,7 @@ def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     listed with their digests like every model file)."""
     cfg = config_from(manifest["config"])
     made = produced_names(cfg)
-    models = {name: load_member(bundle, name, fam, manifest, made) for name, fam in manifest["families"].items()}
+    models = {name: load_member(bundle, name, entry, manifest, made) for name, entry in manifest["members"].items()}
     plan = manifest["serving"]
     slot_models, slot_names = (load_slot_models(bundle, manifest, made) if "lgbm" in SLOT_PARTS.get(plan["slot_source"], ())
                                else ({}, []))
@@ -5292,9 +5063,9 @@ def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "plan": plan_of(manifest), "tolerance": PROOF_TOLERANCE, "versions": library_versions()}
 
 
-def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
+def write_bundle(bundle: Path, cfg: Config, td: TrainingData, results: dict[str, dict[str, Any]],
                  blend_weights: dict[str, list[float]], target_scale: dict[str, float],
-                 report: dict[str, Any], context: dict[str, Any], plan: dict[str, Any]) -> None:
+                 report: dict[str, Any], slot_models: dict[str, Any], plan: dict[str, Any]) -> None:
     prior = np.bincount(td.y, minlength=len(GESTURES)) / len(td.y)
     manifest = {
         "format_version": BUNDLE_FORMAT,
@@ -5302,10 +5073,10 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
         "class_names": GESTURES,
         "feature_version": FEATURE_VERSION,
         "run_fingerprint": run_fingerprint(cfg, td.fingerprint),
-        "families": {name: fam["entry"] for name, fam in families.items()},
-        "files": {f: file_digest(bundle / f) for fam in [*(m["entry"] for m in families.values()), context]
-                  for f in fam["files"]},
-        "context": {k: context[k] for k in ("files", "feature_names")},
+        "members": {name: result["entry"] for name, result in results.items()},
+        "files": {f: file_digest(bundle / f) for result in [*(m["entry"] for m in results.values()), slot_models]
+                  for f in result["files"]},
+        "slot_models": {k: slot_models[k] for k in ("files", "feature_names")},
         "serving": plan,
         "blend_weights": blend_weights,
         "target_scale": target_scale,
@@ -5331,9 +5102,9 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, families: dict[str
             f"replace YOUR_KAGGLE_USERNAME by your Kaggle username (no KAGGLE_USERNAME or ~/.kaggle/kaggle.json here)")
 
 
-MANIFEST_FIELDS = {"format_version": (int, str), "class_names": list, "feature_version": int, "families": dict,
+MANIFEST_FIELDS = {"format_version": (int, str), "class_names": list, "feature_version": int, "members": dict,
                    "files": dict, "blend_weights": dict, "target_scale": dict, "config": dict, "serving": dict,
-                   "fallback_gesture": str, "context": dict, "upside_down": dict}
+                   "fallback_gesture": str, "slot_models": dict, "upside_down": dict, "proof": dict}
 FIX_RETRAIN = "Fix: retrain the bundle with this notebook version, or restore manifest.json as training wrote it."
 
 
@@ -5385,32 +5156,32 @@ def validate_manifest(bundle: Path, manifest: Any) -> dict[str, Any]:
         if not (_number_list(values) and max(values) <= 10):
             raise BundleError(f"{where}: serving.gesture_weight = {_short(weights)}; it takes a number from 0 to 10 "
                               f"per view {list(VIEWS)}. {FIX_RETRAIN}")
-    families = manifest["families"]
-    if not families:
+    members = manifest["members"]
+    if not members:
         raise BundleError(f"{where}: lists no model family. {FIX_RETRAIN}")
     for view in VIEWS:
         weights, scale = manifest["blend_weights"].get(view), manifest["target_scale"].get(view)
-        if not (_number_list(weights, len(families)) and abs(sum(weights) - 1.0) < 1e-6):
-            raise BundleError(f"{where}: blend_weights.{view} = {_short(weights)}; it takes {len(families)} finite "
-                              f"non-negative weights summing to 1, one per family of {list(families)}. {FIX_RETRAIN}")
+        if not (_number_list(weights, len(members)) and abs(sum(weights) - 1.0) < 1e-6):
+            raise BundleError(f"{where}: blend_weights.{view} = {_short(weights)}; it takes {len(members)} finite "
+                              f"non-negative weights summing to 1, one per member of {list(members)}. {FIX_RETRAIN}")
         if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
             raise BundleError(f"{where}: target_scale.{view} = {_short(scale)}; it takes a finite number > 0. {FIX_RETRAIN}")
-    for name, fam in families.items():
-        if not isinstance(fam, dict) or not isinstance(fam.get("files"), list) or not fam["files"]:
-            raise BundleError(f"{where}: families.{name} = {_short(fam)} lists no files. {FIX_RETRAIN}")
-        if not (_number_list(fam.get("fold_weights"), len(fam["files"])) and sum(fam["fold_weights"]) > 0):
-            raise BundleError(f"{where}: families.{name}.fold_weights = {_short(fam.get('fold_weights'))}; it takes "
+    for name, entry in members.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), list) or not entry["files"]:
+            raise BundleError(f"{where}: members.{name} = {_short(entry)} lists no files. {FIX_RETRAIN}")
+        if not (_number_list(entry.get("fold_weights"), len(entry["files"])) and sum(entry["fold_weights"]) > 0):
+            raise BundleError(f"{where}: members.{name}.fold_weights = {_short(entry.get('fold_weights'))}; it takes "
                               f"one finite non-negative weight per file, not all 0. {FIX_RETRAIN}")
-        names = fam.get("feature_names" if name == "lgbm" else "channel_names")
+        names = entry.get("feature_names" if name == "lgbm" else "channel_names")
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-            raise BundleError(f"{where}: families.{name} has no list of input names. {FIX_RETRAIN}")
-        for f in fam["files"]:
-            check_bundle_name(bundle, f, f"families.{name}.files")
-    context = manifest["context"]
-    if not (isinstance(context.get("files"), list) and isinstance(context.get("feature_names"), list)):
-        raise BundleError(f"{where}: context = {_short(context)} lacks its files or feature_names. {FIX_RETRAIN}")
-    for f in context["files"]:
-        check_bundle_name(bundle, f, "context.files")
+            raise BundleError(f"{where}: members.{name} has no list of input names. {FIX_RETRAIN}")
+        for f in entry["files"]:
+            check_bundle_name(bundle, f, f"members.{name}.files")
+    slot_models = manifest["slot_models"]
+    if not (isinstance(slot_models.get("files"), list) and isinstance(slot_models.get("feature_names"), list)):
+        raise BundleError(f"{where}: slot_models = {_short(slot_models)} lacks its files or feature_names. {FIX_RETRAIN}")
+    for f in slot_models["files"]:
+        check_bundle_name(bundle, f, "slot_models.files")
     turn = manifest["upside_down"]
     if not isinstance(turn.get("enabled"), bool):
         raise BundleError(f"{where}: upside_down.enabled = {_short(turn.get('enabled'))}; it takes true or false. "
@@ -5429,7 +5200,8 @@ def validate_manifest(bundle: Path, manifest: Any) -> dict[str, Any]:
         if f is None or value is None:
             continue  # a field this code no longer has is ignored
         kind = str(f.type)
-        typed = (isinstance(value, bool) if "bool" in kind else isinstance(value, bool) is False and (
+        typed = (isinstance(value, list) if f.metadata.get("many") or f.metadata.get("items") else
+                 isinstance(value, bool) if "bool" in kind else isinstance(value, bool) is False and (
             isinstance(value, int) if "int" in kind else isinstance(value, (int, float)) if "float" in kind
             else isinstance(value, str)))
         try:
@@ -5495,8 +5267,8 @@ def bundle_candidates(path: Path) -> tuple[list[Path], dict[Path, str]]:
                                 f"version {BUNDLE_FORMAT}) or a folder containing one"
                                 + (f"; it holds {attached}" if attached else "; there is no such folder")
                                 + ". Fix: train first (--stage train), or point --model-path (CMI_MODEL_PATH in a "
-                                f"notebook) at the bundle's folder, e.g. the attached training notebook's output under "
-                                f"/kaggle/input.")
+                                "notebook) at the bundle's folder, e.g. the attached training notebook's output under "
+                                "/kaggle/input.")
     ranked, broken = [], {}
     for folder in found:
         try:
@@ -5515,20 +5287,19 @@ def find_bundle(path: Path) -> Path:
 
 
 # %% [markdown]
-# ## 17. Training: everything in order
+# ## 18. Training: everything in order
 
 # %%
 def ensemble_members(cfg: Config) -> list[Member]:
-    """Every member the config asks for: one per --torch-arch and --net-variants choice of a net."""
+    """Every member the config asks for: one per --net-variants choice of a net."""
     members: list[Member] = []
-    for family in cfg.models.split(","):
+    for family in cfg.models:
         if family == "lgbm":
             members.append(LgbmMember("lgbm", cfg))
             continue
-        for arch in (cfg.torch_arch.split(",") if family == "torch" else [cfg.torch_arch]):
-            for v in cfg.net_variants.split(","):
-                one = dataclasses.replace(cfg, torch_arch=arch, net_variants=v)
-                members.append(MEMBER_CLASSES[family](member_name(family, one), one))
+        for v in cfg.net_variants:
+            one = dataclasses.replace(cfg, net_variants=(v,))
+            members.append(MEMBER_CLASSES[family](member_name(family, one), one))
     return members
 
 
@@ -5538,42 +5309,35 @@ def train_members(cfg: Config, td: TrainingData, watch: Stopwatch, clock: Traini
     whose folds the clock does not allow to finish is left out, named in report["not_trained"]."""
     out = Path(cfg.out_dir)
     y_true = td.labels["gesture"].to_list()
-    families: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for member in ensemble_members(cfg):
         name = member.name
         try:
             with watch(f"train_{name}"):
-                fam = run_folds(member, td, out / "bundle", out, clock)
+                result = run_folds(member, td, out / "bundle", out, clock)
         except OutOfBudget as why:
             report["not_trained"][name] = str(why)
             say(f"{name}: not trained in this session ({why}); the folds it finished are in the bundle")
             continue
-        families[name] = fam
+        results[name] = result
         for view in VIEWS:  # named by member and view (a "_imu" suffix alone would make torch's
-            for head, arr in fam["heads"][view].items():  # IMU-only view and torch_imu's full view the same file)
+            for head, arr in result["heads"][view].items():  # IMU-only view and torch_imu's full view the same file)
                 tail = "" if head == "gesture" else f"_{head}"  # the other heads beside the gesture probabilities
                 atomic_write(out / "oof" / f"oof_{name}_{view}{tail}.npy", lambda p, a=arr: np.save(p, a))
-        report["models"][name] = model_report(y_true, fam["oof"], td.folds)
+        report["models"][name] = model_report(y_true, result["oof"], td.folds)
         print_fold_table(name, report["models"][name])
-    if "lgbm" in families and cfg.lgbm_imu_reference and not clock.refused:
-        with watch("train_lgbm_imu_reference"):
-            ref = train_lgbm_imu_reference(cfg, td)
-        rep = view_scores(y_true, ref, td.folds)
-        report["reference"] = {"lgbm_imu_features_only": rep}
-        print(f"  reference: LightGBM on IMU features alone: {rep['metric']:.4f} "
-              f"(lgbm imu_only view: {report['models']['lgbm']['imu_only']['metric']:.4f})")
-    return families
+    return results
 
 
-def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, Any]],
+def fit_ensemble(cfg: Config, td: TrainingData, results: dict[str, dict[str, Any]],
                  report: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, float], dict[str, np.ndarray]]:
     """Blend weights per view on OOF, the target scale and the per-subject assignment (each kept
     only when it wins out of sample), with the nested and leave-one-member-out figures in `report`.
     Returns (blend weights, target scale, the ensemble OOF exactly as predict() will serve it)."""
     y_true = td.labels["gesture"].to_list()
-    names = list(families)
-    blend_weights = {v: fit_blend_weights(y_true, [families[n]["oof"][v] for n in names]) for v in VIEWS}
-    ens = {v: blend([families[n]["oof"][v] for n in names], blend_weights[v]) for v in VIEWS}
+    names = list(results)
+    blend_weights = {v: fit_blend_weights(y_true, [results[n]["oof"][v] for n in names]) for v in VIEWS}
+    ens = {v: blend([results[n]["oof"][v] for n in names], blend_weights[v]) for v in VIEWS}
     report["target_scale"] = {v: target_scale_check(y_true, ens[v], td.folds) for v in VIEWS}
     target_scale = {v: c["scale"] if c["enabled"] else 1.0 for v, c in report["target_scale"].items()}
     say("target vs non-target scale (fitted on other folds): " + ", ".join(
@@ -5582,9 +5346,9 @@ def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, An
     ens = {v: target_scaled(ens[v], target_scale[v]) for v in VIEWS}
     report["models"]["ensemble"] = model_report(y_true, ens, td.folds)
     report["ensemble_weights"] = {v: dict(zip(names, w)) for v, w in blend_weights.items()}
-    nested = {v: nested_blend_scores(y_true, [families[n]["oof"][v] for n in names], td.folds) for v in VIEWS}
+    nested = {v: nested_blend_scores(y_true, [results[n]["oof"][v] for n in names], td.folds) for v in VIEWS}
     report["ensemble_nested"] = {**nested, "expected_lb": 0.5 * (nested["full"]["metric"] + nested["imu_only"]["metric"])}
-    report["ensemble_without"] = ensemble_ablation(y_true, {n: families[n]["oof"] for n in names})
+    report["ensemble_without"] = ensemble_ablation(y_true, {n: results[n]["oof"] for n in names})
     if report["ensemble_without"]:
         say(f"ensemble expected LB {report['models']['ensemble']['expected_lb']:.4f}; refitted without "
             + ", ".join(f"{n}: {r['expected_lb']:.4f}" for n, r in report["ensemble_without"].items()))
@@ -5595,12 +5359,12 @@ def fit_ensemble(cfg: Config, td: TrainingData, families: dict[str, dict[str, An
 
 
 def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray],
-                        families: dict[str, dict[str, Any]], context: np.ndarray, report: dict[str, Any]) -> dict[str, Any]:
+                        results: dict[str, dict[str, Any]], slot_oof: np.ndarray, report: dict[str, Any]) -> dict[str, Any]:
     """The serving plan of 15.1 with the best replayed expected LB (only the per-row rules when
     --subject-assignment is off), with every candidate's figures in `report`. The slot sources read
-    the slot models' OOF (`context`) and the nets' heads averaged as predict() averages them."""
+    the slot models' OOF (`slot_oof`) and the nets' heads averaged as predict() averages them."""
     rules = SERVING_RULES if cfg.subject_assignment else ("argmax", "argmax9")
-    parts = {v: {"lgbm": context, **net_context(fam["heads"][v] for fam in families.values())} for v in VIEWS}
+    parts = {v: {"lgbm": slot_oof, **net_slot_parts(result["heads"][v] for result in results.values())} for v in VIEWS}
     check = serving_rule_check(td.labels["gesture"].to_list(), ens, parts, td.labels["subject"].to_numpy(),
                                td.folds, rules)
     report["serving_rule"] = check
@@ -5655,7 +5419,7 @@ def say_projection(cfg: Config, n_sequences: int, device: str, workers: int = 1)
     if budget and total > budget:
         fits = [e for e in range(cfg.epochs - 1, 0, -1) if sum(projected_training(
             dataclasses.replace(cfg, epochs=e), n_sequences, device).values()) / share <= budget]
-        nets_off = per.get("lgbm", 0.0) <= budget and "lgbm" in cfg.models.split(",")
+        nets_off = per.get("lgbm", 0.0) <= budget and "lgbm" in cfg.models
         advice = (f"--epochs {fits[0]} (CMI_EPOCHS={fits[0]})" if fits else
                   "--models lgbm (CMI_MODELS=lgbm)" if nets_off else "--profile quick (CMI_PROFILE=quick)")
         say(f"the projection exceeds the time budget of {hours(budget)}: {advice} would fit. This run trains "
@@ -5870,22 +5634,22 @@ def train(cfg: Config, watch: Stopwatch | None = None, clock: TrainingClock | No
     atomic_write(out / "oof" / "sequences.csv", lambda p: write_sequences.write_csv(p))
     report: dict[str, Any] = {"models": {}, "n_sequences": td.labels.height, "folds": cfg.folds,
                               "profile": cfg.profile, "not_trained": {}}
-    families = train_members(cfg, td, watch, clock, report)
+    results = train_members(cfg, td, watch, clock, report)
     if report["not_trained"]:
         report["resume"] = resume_advice(cfg)
         say(f"training stopped: {', '.join(report['not_trained'])} not complete ({clock.refused}). To finish, "
             f"{report['resume']}")
-        if not families:
+        if not results:
             write_run_summary(out, cfg, watch, {"not_trained": report["not_trained"], "resume": report["resume"]},
                               continues=False)
             raise StopRequested("nothing to serve yet: no member has all its folds")
-        say(f"the bundle serves {', '.join(families)}, the members with every fold")
-    blend_weights, target_scale, ens = fit_ensemble(cfg, td, families, report)
+        say(f"the bundle serves {', '.join(results)}, the members with every fold")
+    blend_weights, target_scale, ens = fit_ensemble(cfg, td, results, report)
     with watch("serving_rule"):
-        context = train_context_models(cfg, td, bundle)
-        plan = choose_serving_rule(cfg, td, ens, families, context["oof"], report)
+        slot_models = train_slot_models(cfg, td, bundle)
+        plan = choose_serving_rule(cfg, td, ens, results, slot_models["oof"], report)
     write_json(out / "cv_report.json", report)
-    write_bundle(bundle, cfg, td, families, blend_weights, target_scale, report, context, plan)
+    write_bundle(bundle, cfg, td, results, blend_weights, target_scale, report, slot_models, plan)
     print_cv_table(report)
     with watch("plots"):
         plots = make_plots(out, td.labels["gesture"].to_list(), ens, report)
@@ -5897,7 +5661,7 @@ def train(cfg: Config, watch: Stopwatch | None = None, clock: TrainingClock | No
 
 
 # %% [markdown]
-# ## 18. Inference
+# ## 19. Inference
 #
 # `predict()` keeps one runtime: the bundle is loaded on the first call, then each call computes
 # the features of one sequence and blends each family's fold models. Nothing can escape: any
@@ -6034,8 +5798,8 @@ class ServedBundle:
     cfg: Config                      # the serving config with the bundle's feature settings
     models: dict[str, LoadedMember]
     plan: dict[str, Any]             # serving_plan(): rule, slot source, gesture weight per view
-    context: dict[str, list[Any]]    # orientation / behaviour -> fold boosters (the slot models)
-    context_names: list[str]
+    slot_models: dict[str, list[Any]]  # orientation / behaviour -> fold boosters
+    slot_model_names: list[str]
     fallback: str
     left_out: dict[str, str]         # member (or "slot models") -> why it does not serve
     demo_on_other_data: bool         # trained on generated demo data, serving data that is not
@@ -6059,9 +5823,9 @@ def load_members(path: Path, manifest: dict[str, Any], made: dict[str, list[str]
                  left_out: dict[str, str]) -> dict[str, LoadedMember]:
     """Every member that loads; one that cannot is named in `left_out`, never stopping the others."""
     models = {}
-    for name, fam in manifest["families"].items():
+    for name, entry in manifest["members"].items():
         try:
-            models[name] = load_member(path, name, fam, manifest, made)
+            models[name] = load_member(path, name, entry, manifest, made)
         except Exception as err:
             left_out[name] = failure_reason(err)
             LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
@@ -6102,10 +5866,7 @@ def read_proof(path: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], pl
     """The bundle's proof entry, its reference calls and the outputs stored at training; BundleError
     when there is none, when the manifest's plan is not the one the proof was recorded with, or when
     its files do not match the manifest."""
-    spec = manifest.get("proof")
-    if not isinstance(spec, dict):  # every bundle of this format carries one: an edit cannot switch it off
-        raise BundleError(f"{path}/manifest.json: 'proof' is missing or not an entry ({_short(spec)}), though every "
-                          f"bundle of format {BUNDLE_FORMAT} carries one. {FIX_RETRAIN}")
+    spec = manifest["proof"]  # validate_manifest requires it: an edit cannot switch the proof off
     where = first_difference(plan_of(manifest), spec.get("plan")) if isinstance(spec.get("plan"), dict) else "proof.plan"
     if where is not None:
         raise BundleError(f"{path}/manifest.json: {where or 'the plan'} is not what the bundle's proof was recorded "
@@ -6168,23 +5929,23 @@ def prove_bundle(path: Path, manifest: dict[str, Any], made: dict[str, list[str]
             del models[name]
     if not models:
         raise BundleError(f"no model family of the bundle {path} passes its proof (" + "; ".join(left_out.values()) + ")")
-    plan, context, context_names = slot_rule(path, manifest, made, cfg, models, left_out)
-    if context:
-        got.update(replayed(path, {}, calls, demographics, cfg, context, context_names)[0])
+    plan, slot_models, slot_model_names = slot_rule(path, manifest, made, cfg, models, left_out)
+    if slot_models:
+        got.update(replayed(path, {}, calls, demographics, cfg, slot_models, slot_model_names)[0])
         diff, _ = proof_difference(got, stored, SLOT_OUTPUT)
         if not diff <= PROOF_TOLERANCE:
             left_out["slot models"] = (f"{path}: the load-time proof: the slot models' probabilities differ from those "
                                        f"stored at training by up to {diff:.3g} (tolerance {PROOF_TOLERANCE:g})")
             LOG.error("predict: slot source left out (serving gesture_capacity instead): %s", left_out["slot models"])
-            plan, context, context_names = serving_plan("gesture_capacity"), {}, []
-    whole = set(models) == set(manifest["families"]) and plan == manifest["serving"]
+            plan, slot_models, slot_model_names = serving_plan("gesture_capacity"), {}, []
+    whole = set(models) == set(manifest["members"]) and plan == manifest["serving"]
     want = spec["answers"] if whole else proof_answers(stored, manifest, plan, views, keys, list(models))
     answers = proof_answers(got, manifest, plan, views, keys, list(models))
     if answers != want:
         raise BundleError(f"{path}: on the bundle's reference calls, {', '.join(models)} under the {plan_name(plan)} "
                           f"rule answer {answers}, where the outputs stored at training give {want}. Fix: retrain the "
                           f"bundle, or restore its files and manifest.json as training wrote them")
-    return plan, context, context_names
+    return plan, slot_models, slot_model_names
 
 
 def load_one_bundle(path: Path, cfg: Config) -> ServedBundle:
@@ -6198,18 +5959,18 @@ def load_one_bundle(path: Path, cfg: Config) -> ServedBundle:
                     "its answers mean nothing there. Fix: train on the competition data (leave out --demo).",
                     path, cfg.data_dir)
     # Features are computed as in training, whatever the serving config says.
-    cfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_pooling", "tof_grid") if k in trained})
+    cfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_grid") if k in trained})
     made = produced_names(cfg)
     left_out: dict[str, str] = {}
     models = load_members(path, manifest, made, left_out)
     t_proof = time.perf_counter()
-    plan, context, context_names = prove_bundle(path, manifest, made, cfg, models, left_out)
+    plan, slot_models, slot_model_names = prove_bundle(path, manifest, made, cfg, models, left_out)
     t_proof = time.perf_counter() - t_proof
     fallback = manifest["fallback_gesture"]
     print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
           f"serving {', '.join(models)} with the {plan_name(plan)} rule"
           + (f"; left out: {', '.join(left_out)} (reason logged above)" if left_out else ""))
-    return ServedBundle(path, manifest, cfg, models, plan, context, context_names, fallback, left_out, on_other)
+    return ServedBundle(path, manifest, cfg, models, plan, slot_models, slot_model_names, fallback, left_out, on_other)
 
 
 def load_bundle(cfg: Config) -> ServedBundle:
@@ -6252,7 +6013,7 @@ class Runtime:
         self.lock = threading.RLock()  # one call at a time; the first calls wait for one load
         self.stats = ServingStats()
         self.subjects = SubjectState()
-        self.fallback = cfg.fallback_gesture if cfg.fallback_gesture in GESTURES else GESTURES[0]
+        self.fallback = GESTURES[0]  # the bundle's (its training prior's most common gesture) once loaded
 
     def load(self) -> None:
         """Load the bundle once; a bundle that cannot serve leaves its reason in `error`."""
@@ -6324,13 +6085,13 @@ class Runtime:
         (slot_probabilities' `parts`): the nets' heads averaged over the members that answered, and
         the slot models' (1, 6) orientation and behaviour probabilities when the plan reads them."""
         bundle = self.require()
-        prepared = tie_call(sequence, demographics)
+        prepared = call_sequences(sequence, demographics)
         for repair in prepared.repairs:
             self.stats.note(repair)
         if self.subjects.upside_down(bundle, self.requested.upside_down_fix, prepared, subject, sequence_id):
             self.stats.turned += 1
-            prepared = tie_call(sequence, demographics, turned=True)
-        channels = sequence_channels(prepared, bundle.cfg.sample_rate_hz, bundle.cfg.tof_pooling)
+            prepared = call_sequences(sequence, demographics, turned=True)
+        channels = sequence_channels(prepared, bundle.cfg.sample_rate_hz)
         cache: dict[str, Any] = {}
         out, heads = {}, []
         for name, loaded in bundle.models.items():
@@ -6344,11 +6105,11 @@ class Runtime:
                 continue
             out[name] = got["gesture"]
             heads.append(got)
-        parts = net_context(heads)
+        parts = net_slot_parts(heads)
         if "lgbm" in SLOT_PARTS.get(bundle.plan["slot_source"], ()):
             try:
                 table = call_table(prepared, channels, cache, bundle.cfg.sample_rate_hz)
-                parts["lgbm"] = context_proba(bundle.context, table.matrix(bundle.context_names))
+                parts["lgbm"] = slot_model_proba(bundle.slot_models, table.matrix(bundle.slot_model_names))
             except Exception as err:
                 self.stats.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour",
                                 str(err)[:200])
@@ -6412,7 +6173,7 @@ def set_runtime(cfg: Config) -> Runtime:
 
 
 # %% [markdown]
-# ## 19. Serving
+# ## 20. Serving
 #
 # With the competition's `kaggle_evaluation` package importable (it ships inside the competition
 # data), serve through it: `serve()` under the scoring rerun, else its local gateway. Otherwise a
@@ -6504,7 +6265,7 @@ def serve(cfg: Config) -> None:
 
 
 # %% [markdown]
-# ## 20. Main
+# ## 21. Main
 
 # %%
 def configure_logging(cfg: Config) -> None:
@@ -6521,14 +6282,14 @@ def config_line(cfg: Config) -> str:
     """The run's settings in one line; an inference-only run describes the bundle it will serve."""
     where = f"data={cfg.data_dir}{' (demo)' if cfg.demo else ''} out={cfg.out_dir}"
     if cfg.stage != "infer":
-        return (f"config: profile={cfg.profile} stage={cfg.stage} models={cfg.models} folds={cfg.folds} "
+        return (f"config: profile={cfg.profile} stage={cfg.stage} models={','.join(cfg.models)} folds={cfg.folds} "
                 f"epochs={cfg.epochs} {where}")
     try:
         path = find_bundle(bundle_path(cfg))  # the first serving tries; serving names the others
         manifest = json.loads((path / "manifest.json").read_text())
         trained, lb = manifest.get("config", {}), manifest.get("expected_lb")
         return (f"config: stage=infer, serving the bundle {path}: trained with profile={trained.get('profile')} "
-                f"folds={trained.get('folds')} members={','.join(manifest.get('families', {}))} on "
+                f"folds={trained.get('folds')} members={','.join(manifest.get('members', {}))} on "
                 f"{'demo' if trained.get('demo') else 'competition'} data, CV expected LB "
                 f"{'n/a' if lb is None else f'{lb:.4f}'}; {where}")
     except Exception:

@@ -61,7 +61,7 @@ def main() -> None:
     cfg = nb.parse_config(["--profile", "full", "--demo", "--data-dir", args.data_dir, "--out-dir", str(out),
                            "--demo-train-subjects", str(REAL_SUBJECTS), "--demo-test-subjects", "2",
                            "--demo-pairs-per-subject", str(REAL_SEQUENCES_PER_SUBJECT // 2),
-                           "--epochs", str(args.epochs), "--feature-cache", "false"], environ={})
+                           "--epochs", str(args.epochs)], environ={})
     full = nb.parse_config(["--profile", "full"], environ={})
     device = nb.torch_device()
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))

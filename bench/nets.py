@@ -36,46 +36,45 @@ def main() -> None:
     # Model sizes follow --profile; the data is always the quick profile's demo set (not regenerated).
     data = ["--demo-train-subjects", "16", "--demo-test-subjects", "4", "--demo-pairs-per-subject", "51"]
     cfg = nb.parse_config(["--profile", args.profile, "--demo", "--data-dir", str(ROOT / "demo_data"), *data,
-                           "--tof-grid", str(args.tof_grid).lower()], environ={})
+                           "--tof-grid", str(args.tof_grid).lower(), "--net-variants", "all"], environ={})
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))
     labels = nb.sequence_labels(ds.train)
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg), tof_grid=cfg.tof_grid)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"]])
     sample = inputs.subset(np.arange(len(y)) < 256)
     targets = nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES)).subset(np.arange(len(y)) < 256)
-    print(f"profile {args.profile}: conv {cfg.net_conv}, hidden {cfg.net_hidden}, squeezeformer d "
-          f"{cfg.torch_sqz_dim} x {cfg.torch_sqz_layers}, {len(inputs.names)} channels, "
+    print(f"profile {args.profile}: conv {cfg.net_conv}, hidden {cfg.net_hidden}, {len(inputs.names)} channels, "
           f"torch threads {nb.torch.get_num_threads()}")
 
-    # --- PyTorch, each --torch-arch: training throughput (one epoch over 256 sequences, fp32 and CPU
+    # --- PyTorch: training throughput (one epoch over 256 sequences, fp32 and CPU
     # bf16 autocast) and single-sequence latency for all folds
     torch = nb.torch
     threads = torch.get_num_threads()
     tiny_va = {"full": sample.subset(np.arange(256) < 16)}  # early stopping needs a validation set; keep it small
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(inputs.arrays), args.n)
-    for arch in ("gru", "squeezeformer"):
+    for arch in ("gru",):
         torch.set_num_threads(threads)
-        warm = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch)
+        warm = nb.dataclasses.replace(cfg, epochs=1)
         nb.train_torch_fold(warm, sample, targets, tiny_va, y[:16], 0, lambda rec: None)  # untimed: first-call costs
         for precision in ("fp32", "bf16"):
-            one = nb.dataclasses.replace(cfg, epochs=1, torch_arch=arch, torch_precision=precision)
+            one = nb.dataclasses.replace(cfg, epochs=1, torch_precision=precision)
             t0 = time.perf_counter()
             res = nb.train_torch_fold(one, sample, targets, tiny_va, y[:16], 0, lambda rec: None)
             print(f"torch {arch} train {precision}: {256 / (time.perf_counter() - t0):7.1f} sequences/s "
-                  f"(one epoch, batch {cfg.net_batch_size})")
+                  f"(one epoch, batch {nb.NET_RECIPE['batch_size']})")
         model = nb.build_torch_model(one, len(res["scaler"].columns))
         model.load_state_dict(res["state"])
         folds = [nb.NetFold(model, res["scaler"])] * args.folds
         torch.set_num_threads(1)  # as predict() runs it
-        for packed in ((True, False) if arch == "gru" else (True,)):  # same output unpadded (tested)
+        for packed in (True, False):  # same output unpadded (tested)
             ms = []
             for i in picks:
                 single = inputs.subset(np.arange(len(y)) == i)
                 t0 = time.perf_counter()
                 [nb.torch_heads(fold, single, packed=packed) for fold in folds]
                 ms.append((time.perf_counter() - t0) * 1000)
-            how = ("packed  " if packed else "unpacked") if arch == "gru" else ""
+            how = "packed  " if packed else "unpacked"
             print(f"torch {arch} single sequence, {args.folds} folds {how}: {percentiles(ms)}")
 
     # --- Keras: training throughput and tf.function latency

@@ -125,8 +125,9 @@ def real_sample_dir() -> Path:
 def smoke_config(tmp: Path, **overrides) -> "nb.Config":
     cfg = nb.parse_config(["--profile", "smoke", "--demo", "--data-dir", str(tmp / "demo"),
                            "--out-dir", str(tmp / "out"), "--lgbm-threads", "1"], environ={})
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    fields = {f.name: f for f in nb.dataclasses.fields(nb.Config)}
+    for k, v in overrides.items():  # as a flag would give it: a list field's text becomes its tuple
+        setattr(cfg, k, nb.checked_value(fields[k], v, k))
     return cfg
 
 
@@ -172,3 +173,32 @@ def two_sequences(frame: pl.DataFrame) -> list[str]:
     in the made fixture, full-sensor in the real sample)."""
     full = full_sensor_sequence(frame)
     return [full, next(s for s in frame["sequence_id"].unique(maintain_order=True) if s != full)]
+
+
+def _config_field(source: str, name: str):
+    """The `name: type = ...` statement of the Config class in `source` (its AST node), and the source's
+    line offsets, so an edit of the Config cell is made where the field is, whatever its doc text says."""
+    import ast
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    node = next(n for n in cls.body if isinstance(n, ast.AnnAssign) and n.target.id == name)
+    starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
+    return node, lambda line, col: int(starts[line - 1]) + col
+
+
+def default_edited(source: str, name: str, value: str) -> str:
+    """The Config cell with field `name`'s default changed to `value` inside its _doc() call, as a user
+    edits it (`_doc("...", 4, low=2)`)."""
+    node, at = _config_field(source, name)
+    call = node.value
+    if len(call.args) > 1:  # a default is there: replace it
+        start, end = at(call.args[1].lineno, call.args[1].col_offset), at(call.args[1].end_lineno, call.args[1].end_col_offset)
+        return source[:start] + value + source[end:]
+    end = at(call.args[0].end_lineno, call.args[0].end_col_offset)
+    return source[:end] + f", {value}" + source[end:]
+
+
+def plainly_edited(source: str, name: str, value: str) -> str:
+    """The Config cell with field `name` rewritten as a plain `name: <type> = value`, its _doc() gone."""
+    node, at = _config_field(source, name)
+    start, end = at(node.lineno, node.col_offset), at(node.end_lineno, node.end_col_offset)
+    return source[:start] + f"{name}: {source[at(node.annotation.lineno, node.annotation.col_offset):at(node.annotation.end_lineno, node.annotation.end_col_offset)]} = {value}" + source[end:]

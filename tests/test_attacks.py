@@ -1,5 +1,5 @@
 """No silent zero: routes to a submission that is wrong without saying so, each tried on a fresh runtime
-over an edited copy of the smoke bundle. Every attack ends either served correctly by the families left,
+over an edited copy of the smoke bundle. Every attack ends either served correctly by the members left,
 with the reason logged, or in a loud stop (BundleError) naming the path and the fix."""
 import json
 import shutil
@@ -36,16 +36,16 @@ def _drop(key, view=None):
     (lambda m: m["blend_weights"]["full"].__setitem__(0, float("nan")), ["blend_weights.full", "NaN"]),
     (lambda m: m["target_scale"].__setitem__("full", float("nan")), ["target_scale.full"]),
     (lambda m: m["target_scale"].__setitem__("imu_only", -1), ["target_scale.imu_only"]),
-    (lambda m: m["blend_weights"]["full"].pop(), ["blend_weights.full", "one per family"]),
-    (lambda m: m["blend_weights"].__setitem__("full", [0.5] * len(m["families"])), ["summing to 1"]),
+    (lambda m: m["blend_weights"]["full"].pop(), ["blend_weights.full", "one per member"]),
+    (lambda m: m["blend_weights"].__setitem__("full", [0.5] * len(m["members"])), ["summing to 1"]),
     (_drop("config"), ["'config' is missing"]),
-    (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [float("inf"), 1.0]), ["fold_weights"]),
-    (_drop("proof"), ["'proof' is missing", f"format {nb.BUNDLE_FORMAT} carries one"]),
+    (lambda m: m["members"]["lgbm"].__setitem__("fold_weights", [float("inf"), 1.0]), ["fold_weights"]),
+    (_drop("proof"), ["the field 'proof' is missing"]),
     (lambda m: m["serving"].__setitem__("rule", "majority"), ["serving.rule", '"majority"', "not one of"]),
     (lambda m: m["serving"].update(rule="slots", slot_source="tea_leaves"), ["serving.slot_source", "not one of"]),
     (lambda m: m["serving"].update(rule="slots", slot_source="heads", gesture_weight={"full": 1.0}),
      ["serving.gesture_weight", "per view"]),
-    (lambda m: m["serving"].update(rule="slots", slot_source="joint", gesture_weight={"full": -1, "imu_only": 1}),
+    (lambda m: m["serving"].update(rule="slots", slot_source="heads", gesture_weight={"full": -1, "imu_only": 1}),
      ["serving.gesture_weight", "0 to 10"]),
     (lambda m: m.update(fallback_gesture="Wave"), ["fallback_gesture", '"Wave"', "not one of the 18"]),
     (lambda m: m["config"].__setitem__("sample_rate_hz", "abc"), ["config.sample_rate_hz", '"abc"', "a number from"]),
@@ -65,7 +65,7 @@ def test_file_names_that_leave_the_bundle_are_refused(trained, tmp_path, name):
     cfg, _ = trained
 
     def edit(m):
-        m["families"]["lgbm"]["files"][0] = name
+        m["members"]["lgbm"]["files"][0] = name
         m["files"][name] = {"bytes": 1, "sha256": "0" * 64}
     refused(loaded_after_edit(cfg, tmp_path / "bundle", edit), "not a file inside the bundle")
 
@@ -75,7 +75,7 @@ def test_a_symlink_out_of_the_bundle_is_refused(trained, tmp_path):
     (tmp_path / "elsewhere.txt").write_text("x")
 
     def edit(m):
-        m["context"]["files"][0] = "link.txt"
+        m["slot_models"]["files"][0] = "link.txt"
         m["files"]["link.txt"] = {"bytes": 1, "sha256": "0" * 64}
     bundle = copy_bundle(cfg, tmp_path / "b")
     (bundle / "link.txt").symlink_to(tmp_path / "elsewhere.txt")
@@ -98,7 +98,7 @@ def test_a_manifest_that_is_a_list_names_the_path_and_the_fix(trained, tmp_path)
 
 def _rewrite_booster(bundle, manifest, k, change):
     """Edit fold k's LightGBM file and list its new size and SHA-256, as a careful forger would."""
-    name = manifest["families"]["lgbm"]["files"][k]
+    name = manifest["members"]["lgbm"]["files"][k]
     path = bundle / name
     lines = path.read_text().splitlines(keepends=True)
     i = next(j for j, line in enumerate(lines) if line.startswith("feature_names="))
@@ -123,8 +123,8 @@ def test_a_lightgbm_only_bundle_whose_booster_expects_other_features_stops(train
     cfg, _ = trained
 
     def lgbm_only_with_one_name_less(m):
-        m["families"] = {"lgbm": m["families"]["lgbm"]}
-        m["families"]["lgbm"]["feature_names"] = m["families"]["lgbm"]["feature_names"][:-1]
+        m["members"] = {"lgbm": m["members"]["lgbm"]}
+        m["members"]["lgbm"]["feature_names"] = m["members"]["lgbm"]["feature_names"][:-1]
         m["blend_weights"] = {"full": [1.0], "imu_only": [1.0]}
     runtime = loaded_after_edit(cfg, tmp_path / "bundle", lgbm_only_with_one_name_less)
     assert runtime.error and "no model family" in runtime.error and "booster's features differ" in runtime.error
@@ -367,9 +367,9 @@ def test_the_proof_catches_a_booster_whose_features_are_permuted(trained, tmp_pa
     bundle = copy_bundle(cfg, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
     swap = lambda names: names[::-1]  # noqa: E731  (every column moves)
-    for k in range(len(manifest["families"]["lgbm"]["files"])):
+    for k in range(len(manifest["members"]["lgbm"]["files"])):
         _rewrite_booster(bundle, manifest, k, swap)
-    manifest["families"]["lgbm"]["feature_names"] = swap(manifest["families"]["lgbm"]["feature_names"])
+    manifest["members"]["lgbm"]["feature_names"] = swap(manifest["members"]["lgbm"]["feature_names"])
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
@@ -381,13 +381,13 @@ def test_the_proof_catches_a_torch_fold_replaced_by_another_folds_file(trained, 
     cfg, _ = trained
     bundle = copy_bundle(cfg, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    first, second = manifest["families"]["torch"]["files"][:2]
+    first, second = manifest["members"]["torch"]["files"][:2]
     shutil.copy(bundle / second, bundle / first)
     manifest["files"][first] = nb.file_digest(bundle / first)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and "torch" not in runtime.bundle.models and "torch_sqz" in runtime.bundle.models
+    assert runtime.error is None and "torch" not in runtime.bundle.models and "torch_imu" in runtime.bundle.models
     assert "load-time proof" in runtime.bundle.left_out["torch"] and "(fold 0;" in runtime.bundle.left_out["torch"]
 
 
@@ -402,12 +402,9 @@ def test_a_proof_file_that_does_not_match_the_manifest_stops_the_bundle(trained,
 
 # --- Training and options: every attack stops at parse time, naming the option and the fix.
 OPTION_ATTACKS = [
-    (["--net-aux-weights", "nan,0,0,0"], "--net-aux-weights 'nan,0,0,0': not a list it can use"),
-    (["--torch-head-weights", "inf,1,1"], "--torch-head-weights 'inf,1,1': not a list it can use"),
-    (["--fallback-gesture", "Wave"], "--fallback-gesture 'Wave': not one of the 18 gestures; did you mean 'Wave hello'?"),
+    (["--net-aux-weights", "nan,0,0"], "--net-aux-weights 'nan,0,0': not a list it can use"),
+    (["--net-conv", "16,0"], "--net-conv '16,0': not a list it can use"),
     (["--folds=5", "--folds", "6"], "--folds: given more than once"),
-    (["--models", "torch", "--torch-arch", "squeezeformer", "--torch-sqz-dim", "64", "--torch-sqz-heads", "3"],
-     "the Squeezeformer splits its width of 64 into 3 attention heads, which must divide it"),
 ]
 
 
@@ -418,25 +415,18 @@ def test_an_unusable_option_stops_at_parse_time(argv, message):
     assert message in str(err.value) and "Fix:" in str(err.value), str(err.value)
 
 
-def test_a_squeezeformer_width_check_applies_only_where_one_is_trained():
-    assert nb.parse_config(["--torch-sqz-heads", "3"], environ={}).torch_arch == "gru"  # quick: no Squeezeformer
-
-
 def test_a_plain_default_edit_in_the_config_cell_works(tmp_path):
     """The natural notebook edit `folds: int | None = 4` (the _doc() call replaced) used to kill every
     run, --help included, with KeyError 'doc'. Run as a user runs the edited notebook: its own file."""
     import subprocess
     import sys
-    source = nb.Path(nb.__file__).read_text()
-    old = next(line for line in source.splitlines() if line.startswith("    folds: int | None = _doc("))
-    start = source.index(old)
-    end = source.index("\n", source.index("affects=ALL_MEMBERS)", start))
-    (tmp_path / "edited.py").write_text(source[:start] + "    folds: int | None = 4" + source[end:])
+    from conftest import plainly_edited
+    (tmp_path / "edited.py").write_text(plainly_edited(nb.Path(nb.__file__).read_text(), "folds", "4"))
     code = ("import edited\n"
             "c = edited.parse_config(['--profile', 'full'], environ={})\n"
             "print(c.folds)\n"
             "print('folds' in {f.name for f in edited.dataclasses.fields(edited.Config)"
-            " if 'lgbm' in f.metadata['affects']})\n"
+            " if 'lgbm' in edited.affected(f)})\n"
             "edited.parse_config(['--help'], environ={})\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -574,7 +564,7 @@ def test_the_proofs_tolerance_is_the_codes_not_the_manifests(trained, tmp_path):
         m["proof"]["tolerance"] = 1e9
     bundle = copy_bundle(cfg, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    first, second = manifest["families"]["torch"]["files"][:2]
+    first, second = manifest["members"]["torch"]["files"][:2]
     shutil.copy(bundle / second, bundle / first)
     manifest["files"][first] = nb.file_digest(bundle / first)
     edit(manifest)
@@ -603,7 +593,7 @@ def _other_rule(m):
 
 
 def _other_weights(m):
-    m["blend_weights"]["full"] = [1.0] + [0.0] * (len(m["families"]) - 1)
+    m["blend_weights"]["full"] = [1.0] + [0.0] * (len(m["members"]) - 1)
 
 
 def _other_fallback(m):
@@ -615,8 +605,8 @@ def _other_fallback(m):
     (lambda m: m["serving"].update(nb.serving_plan("slots", "heads", {"full": 1.0, "imu_only": 1.0})), "serving.rule"),
     (_other_weights, "blend_weights.full["),
     (lambda m: m["target_scale"].__setitem__("imu_only", m["target_scale"]["imu_only"] * 1.5), "target_scale.imu_only"),
-    (lambda m: m["families"]["lgbm"].__setitem__("fold_weights", [1.0] + [0.0] * (len(m["families"]["lgbm"]["files"]) - 1)),
-     "families.lgbm.fold_weights["),
+    (lambda m: m["members"]["lgbm"].__setitem__("fold_weights", [1.0] + [0.0] * (len(m["members"]["lgbm"]["files"]) - 1)),
+     "members.lgbm.fold_weights["),
     (_other_fallback, "fallback_gesture"),
     (lambda m: m["upside_down"].__setitem__("enabled", not m["upside_down"]["enabled"]), "upside_down.enabled"),
 ], ids=["rule", "slots-rule", "blend-weight", "target-scale", "fold-weight", "fallback", "upside-down-check"])
@@ -636,8 +626,8 @@ def _reference_calls(bundle):
                       for _, seq in calls.group_by("sequence_id", maintain_order=True)]
 
 
-@pytest.mark.parametrize("plan", [None, ("slots", "lgbm"), ("slots", "heads"), ("slots", "joint")],
-                         ids=["as-trained", "slots-lgbm", "slots-heads", "slots-joint"])
+@pytest.mark.parametrize("plan", [None, ("slots", "lgbm"), ("slots", "heads")],
+                         ids=["as-trained", "slots-lgbm", "slots-heads"])
 def test_the_proofs_answers_are_what_predict_serves_the_reference_calls(trained, tmp_path, plan):
     """The answers the proof stores are predict()'s, in call order, under the plan training chose and
     under each slot plan (its proof recorded for it): the served plan, the slot models and the
@@ -663,7 +653,7 @@ def test_slot_models_that_compute_something_else_are_left_out_and_the_reduced_pl
     loaded_after_edit(cfg, bundle, lambda m: m.update(serving=nb.serving_plan("slots", "lgbm", {"full": 1.0, "imu_only": 1.0})),
                       reprove=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    first, second = [f for f in manifest["context"]["files"] if f.startswith("context_orientation")][:2]
+    first, second = [f for f in manifest["slot_models"]["files"] if f.startswith("slot_model_orientation")][:2]
     (bundle / first).write_bytes((bundle / second).read_bytes())
     manifest["files"][first] = nb.file_digest(bundle / first)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -680,7 +670,7 @@ def test_a_reduced_blend_is_proven_on_the_stored_outputs(trained, tmp_path, monk
     cfg, _ = trained
     bundle = copy_bundle(cfg, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    first, second = manifest["families"]["torch"]["files"][:2]
+    first, second = manifest["members"]["torch"]["files"][:2]
     (bundle / first).write_bytes((bundle / second).read_bytes())
     manifest["files"][first] = nb.file_digest(bundle / first)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -700,4 +690,4 @@ def test_a_reduced_blend_is_proven_on_the_stored_outputs(trained, tmp_path, monk
     runtime = nb.Runtime(served)
     runtime.load()
     assert runtime.error and "reference calls" in runtime.error and "stored at training give" in runtime.error
-    assert "lgbm, torch_sqz, keras under the" in runtime.error
+    assert "lgbm, torch_imu, keras, keras_imu under the" in runtime.error

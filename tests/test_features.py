@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import full_sensor_sequence, smoke_config
+from conftest import full_sensor_sequence
 
 FS = 10.0
 

@@ -93,7 +93,7 @@ def test_bundle_trained_here_serves_under_kaggles_versions(trained, kaggle_pytho
                          str(data), "--out-dir", str(tmp_path / label), "--subject-assignment", "false",
                          "--upside-down-fix", "false", cwd=tmp_path, python=interpreter)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert "serving lgbm, torch, torch_sqz, keras" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "serving lgbm, torch, torch_imu, keras, keras_imu" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
         assert "left out" not in res.stdout and "load-time proof" not in res.stderr  # the proof holds there
         assert "fallback: 0 calls" in res.stdout and "problems: none" in res.stdout
         subs[label] = pl.read_parquet(tmp_path / label / "submission.parquet").sort("sequence_id")
@@ -104,6 +104,6 @@ def test_smoke_pipeline_runs_under_kaggles_versions(kaggle_python, tmp_path):
     _, python = kaggle_python
     res = run_script("--profile", "smoke", "--lgbm-threads", "1", cwd=tmp_path, python=python)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "serving lgbm, torch, torch_sqz, keras" in res.stdout and "problems: none" in res.stdout
+    assert "serving lgbm, torch, torch_imu, keras, keras_imu" in res.stdout and "problems: none" in res.stdout
     sub = pl.read_parquet(tmp_path / "working" / "submission.parquet")
     assert set(sub["gesture"]) <= set(nb.GESTURES) and sub.height > 0

@@ -14,7 +14,7 @@ pytest.importorskip("keras")
 @pytest.fixture(scope="module")
 def keras_fold(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keras")
-    cfg = smoke_config(tmp)
+    cfg = smoke_config(tmp, net_variants="all")  # one member's config
     nb.resolve_data_dir(cfg)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
     labels = nb.sequence_labels(ds.train)
@@ -32,7 +32,7 @@ def test_save_load_round_trip_gives_identical_predictions(keras_fold):
     tmp, res, va = keras_fold
     path = tmp / "fold.weights.npz"
     nb.save_keras_fold(path, res["model"], res["scaler"])
-    loaded, scaler = nb.load_keras_fold(path, smoke_config(tmp))
+    loaded, scaler = nb.load_keras_fold(path, smoke_config(tmp, net_variants="all"))
     np.testing.assert_array_equal(scaler.mean, res["scaler"].mean)
     c = len(res["scaler"].mean)
     a = nb.keras_heads(nb.NetFold(nb.KerasPredictor(res["model"], c), res["scaler"]), va)["gesture"]
@@ -54,32 +54,35 @@ def test_more_padding_does_not_change_the_output(keras_fold):
     np.testing.assert_allclose(pred(alone)["gesture"], pred(padded)["gesture"], rtol=1e-5, atol=1e-6)
 
 
-def test_learning_rate_is_readable_from_a_schedule(keras_fold):
-    """keras_learning_rate reads a float, and a schedule at the optimizer's step; the twin's schedule is
-    the torch recipe's (linear warmup, then cosine to zero) step for step."""
+def test_both_frameworks_step_through_one_schedule(keras_fold):
+    """keras_learning_rate reads a float, and a schedule at the optimizer's step; the Keras twin's
+    optimizer and the torch net's scheduler give the same rate at every step, from lr_factors (linear
+    warmup, then cosine to zero, kept past the end)."""
     import keras
     tmp, res, _ = keras_fold
-    cfg = smoke_config(tmp)
+    cfg = smoke_config(tmp, net_variants="all")
+    peak = nb.NET_RECIPE["lr"]
     assert nb.keras_learning_rate(keras.optimizers.AdamW(learning_rate=3e-4)) == pytest.approx(3e-4)
-    steps_per_epoch, total = 5, 5 * cfg.epochs
-    warmup = nb.warmup_steps(cfg, steps_per_epoch)
-    assert 0 < warmup < total
-    opt = keras.optimizers.AdamW(nb.keras_layers().WarmupCosine(cfg.net_lr, warmup, total))
-    torch_factor = nb._lr_lambda(total, warmup)
-    seen = []
-    for step in (0, warmup - 1, warmup, (warmup + total) // 2, total - 1, total, total + 3):
+    steps_per_epoch = 5
+    factors = nb.lr_factors(cfg, steps_per_epoch)
+    total, warmup = len(factors) - 1, factors.index(1.0) + 1
+    assert 0 < warmup < total and factors[0] < factors[warmup - 1] == 1.0 and factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1:])), "cosine decay after the warmup"
+    opt = keras.optimizers.AdamW(nb.keras_layers().StepRates([peak * f for f in factors]))
+    model = nb.build_torch_model(cfg, 10)
+    torch_opt, sched = nb.torch_optimizer(cfg, model, nb.UncertaintyWeights(3), steps_per_epoch)
+    for step in range(total + 4):
         opt.iterations.assign(step)
-        seen.append(nb.keras_learning_rate(opt))
-        assert seen[-1] == pytest.approx(cfg.net_lr * torch_factor(step), rel=1e-5, abs=1e-9), step
-    assert seen[1] == pytest.approx(cfg.net_lr) and seen[-1] == pytest.approx(0.0, abs=1e-9)
-    assert seen[0] < seen[1] and seen[2] > seen[3] > seen[4] > 0
+        assert nb.keras_learning_rate(opt) == pytest.approx(torch_opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12), step
+        assert torch_opt.param_groups[1]["lr"] == pytest.approx(10 * torch_opt.param_groups[0]["lr"]), step
+        torch_opt.step()
+        sched.step()
     # After training, the optimizer stepped once per batch of every epoch (patience 0: none skipped),
     # and the rate read is the schedule's at that step.
     trained_opt = res["model"].optimizer
     done = int(trained_opt.iterations)
     assert done > 0 and done % cfg.epochs == 0
-    factor = nb._lr_lambda(done, nb.warmup_steps(cfg, done // cfg.epochs))
-    assert nb.keras_learning_rate(trained_opt) == pytest.approx(cfg.net_lr * factor(done), abs=1e-9)
+    assert nb.keras_learning_rate(trained_opt) == pytest.approx(peak * nb.lr_factors(cfg, done // cfg.epochs)[-1], abs=1e-9)
 
 
 def test_importing_the_notebook_does_not_import_tensorflow():

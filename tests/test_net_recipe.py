@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 def smoke_fold(tmp_path_factory):
     """Net inputs and targets of the smoke demo data, split 2:1."""
     tmp = tmp_path_factory.mktemp("recipe")
-    cfg = smoke_config(tmp)
+    cfg = smoke_config(tmp, net_variants="all")  # one member's config
     ds = nb.load_training_data(nb.resolve_data_dir(cfg))
     inputs = nb.net_inputs_from(*nb.derive(ds.train, ds.train_demographics, cfg))
     targets = nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES))
@@ -28,7 +28,7 @@ def smoke_fold(tmp_path_factory):
 def test_torch_fp16_autocast_with_grad_scaler_trains_and_serves(smoke_fold):
     """--torch-precision fp16 is what torch_precision(auto) picks on CUDA; forced on the CPU here."""
     tmp, cfg, inputs, targets, train = smoke_fold
-    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=2, torch_arch="gru", torch_phase_pool=True)
+    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=2, torch_phase_pool=True)
     model = nb.build_torch_model(cfg, len(inputs.names))
     x, lengths, demo = nb.torch_batch(inputs.arrays[:4], inputs.demographics[:4],
                                       nb.InputScaler.fit(inputs, np.arange(len(inputs.names)), 0), "cpu")
@@ -48,8 +48,8 @@ def test_torch_fp16_autocast_with_grad_scaler_trains_and_serves(smoke_fold):
 
 def test_torch_fp16_falls_back_to_fp32_after_non_finite_losses(smoke_fold, monkeypatch, capsys):
     tmp, cfg, inputs, targets, train = smoke_fold
-    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=1, torch_arch="gru", torch_max_bad_steps=2,
-                              net_batch_size=16)
+    cfg = dataclasses.replace(cfg, torch_precision="fp16", epochs=1)
+    monkeypatch.setattr(nb, "NET_RECIPE", {**nb.NET_RECIPE, "max_bad_steps": 2, "batch_size": 16})
     real, calls = nb.head_losses, []
 
     def overflowing(*args, **kw):  # the first steps overflow, as fp16 can on a GPU
@@ -133,15 +133,16 @@ def test_time_stretch_divides_the_rate_channels():
     np.testing.assert_allclose(stretched[inner, names.index(c)].mean(), rate / 2 / fs, rtol=0.05)
 
 
-def test_the_phase_target_rides_along_with_its_steps(smoke_fold):
+def test_the_phase_target_rides_along_with_its_steps(smoke_fold, monkeypatch):
     """Stretched, cropped to --max-len and mixed, the per-step phase target still marks the steps
     it belongs to: 0 before the gesture, 1 during it, and nothing in the padding."""
     tmp, cfg, inputs, targets, train = smoke_fold
-    cfg = dataclasses.replace(cfg, aug_time_stretch=1.0, aug_mixup=0.0, aug_rotation=0.0, max_len=40)
+    monkeypatch.setattr(nb, "AUGMENTATIONS", {**nb.AUGMENTATIONS, "time_stretch": 1.0, "mixup": 0.0, "rotation": 0.0})
+    cfg = dataclasses.replace(cfg, max_len=40)
     scaler = nb.InputScaler.fit(inputs, np.arange(len(inputs.names)), cfg.max_len)
     idx = np.arange(8)
-    x, lengths, demo, y, orientation, behavior, slot, phase = nb.training_batch(inputs, targets, idx, scaler, cfg,
-                                                                                np.random.default_rng(0))
+    x, lengths, demo, y, orientation, behavior, phase = nb.training_batch(inputs, targets, idx, scaler, cfg,
+                                                                          np.random.default_rng(0))
     assert x.shape[:2] == phase.shape and (lengths <= 40).all()
     for row, i in enumerate(idx):
         p = phase[row, :lengths[row]]
@@ -158,7 +159,7 @@ def test_phase_targets_follow_the_pooled_steps():
     np.testing.assert_array_equal(nb.phase_targets(phase, np.array([6]), stride=2), [[0.0, 1.0, 1.0, -1.0]])
     mixed = nb.phase_targets(np.array([[0, 1, 1, 1]], np.float32), np.array([4]), stride=2, steps=4)
     np.testing.assert_array_equal(mixed, [[0.5, 1.0, -1.0, -1.0]])  # Keras: padded to 8 input steps
-    net = nb.GestureNet(3, 7, (8, 8), 4, 0.0, True, True)  # two blocks: stride 4
+    net = nb.GestureNet(3, 7, (8, 8), 4, 0.0, True)  # two blocks: stride 4
     lengths = np.array([37, 16, 9])
     x = nb.torch.zeros(3, 40, 3)
     o = net.eval()(x, nb.torch.from_numpy(lengths), nb.torch.zeros(3, 7))

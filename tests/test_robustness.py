@@ -3,7 +3,6 @@ import time
 
 import numpy as np
 import polars as pl
-import pytest
 
 import notebook as nb
 from conftest import two_sequences
@@ -111,14 +110,14 @@ def test_incompatible_bundle_is_refused_with_a_clear_message(trained, tmp_path):
     shutil.copytree(nb.Path(cfg.out_dir) / "bundle", bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     # One family expecting features this code does not make: that family is left out, the rest serve.
-    manifest["families"]["lgbm"]["feature_names"][0] = "a_feature_this_code_does_not_make"
+    manifest["members"]["lgbm"]["feature_names"][0] = "a_feature_this_code_does_not_make"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))
     runtime.load()
-    assert runtime.error is None and "lgbm" not in runtime.bundle.models and set(runtime.bundle.models) == {"torch", "torch_sqz", "keras"}
+    assert runtime.error is None and "lgbm" not in runtime.bundle.models and set(runtime.bundle.models) == {"torch", "torch_imu", "keras", "keras_imu"}
     assert "feature" in runtime.bundle.left_out["lgbm"] and str(bundle) in runtime.bundle.left_out["lgbm"]
     # What the whole bundle depends on (class order) stops it whole, naming the file.
-    manifest["families"]["lgbm"]["feature_names"][0] = "seq_len"
+    manifest["members"]["lgbm"]["feature_names"][0] = "seq_len"
     manifest["class_names"] = list(reversed(nb.GESTURES))
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))

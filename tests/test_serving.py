@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 import notebook as nb
-from conftest import ROOT, install_standin_gateway, run_script, smoke_config, two_sequences
+from conftest import ROOT, install_standin_gateway, run_script, two_sequences
 
-ALL_FAMILIES = {"lgbm", "torch", "torch_sqz", "keras"}
+ALL_FAMILIES = {"lgbm", "torch", "torch_imu", "keras", "keras_imu"}
 
 
 def copy_bundle(cfg, dest):
@@ -97,13 +97,13 @@ def test_the_slot_models_load_from_the_bundle(trained, tmp_path):
     plan = nb.serving_plan("slots", "lgbm", {"full": 1.0, "imu_only": 0.5})
     runtime = loaded_after_edit(cfg, tmp_path / "bundle", lambda m: m.update(serving=plan), reprove=True)
     assert runtime.bundle.plan == plan and "slot models" not in runtime.bundle.left_out, runtime.bundle.left_out
-    assert all(len(runtime.bundle.context[t]) == cfg.folds for t in nb.CONTEXT_TARGETS)
-    x = np.zeros((1, len(runtime.bundle.context_names)), dtype=np.float32)
-    p = nb.context_proba(runtime.bundle.context, x)
+    assert all(len(runtime.bundle.slot_models[t]) == cfg.folds for t in nb.SLOT_MODEL_TARGETS)
+    x = np.zeros((1, len(runtime.bundle.slot_model_names)), dtype=np.float32)
+    p = nb.slot_model_proba(runtime.bundle.slot_models, x)
     assert p.shape == nb.UNIFORM_PARTS["lgbm"].shape and np.isfinite(p).all()
 
 
-@pytest.mark.parametrize("source", ["heads", "blend", "joint"])
+@pytest.mark.parametrize("source", ["heads"])
 def test_the_nets_heads_serve_the_slot_rule(trained, tmp_path, source):
     """A plan on the nets' own heads serves every call with them (no call short of its slot context)."""
     cfg, _ = trained
@@ -126,17 +126,44 @@ def test_the_bundle_serves_the_plan_training_chose(trained):
     assert runtime.require().plan == manifest["serving"] or not cfg.subject_assignment
 
 
-def test_a_bundle_of_the_sub_folder_layout_says_how_to_recover(trained, tmp_path):
-    """A bundle of the older layout (models in one sub-folder per member) whose sub-folders an upload
-    dropped: the message says why and what to do, not just "missing"."""
+def test_the_scoring_rerun_serves_a_gateway_process_from_the_lazily_loaded_bundle(trained, tmp_path):
+    """The scoring rerun as Kaggle runs it: the notebook under KAGGLE_IS_COMPETITION_RERUN (no flags
+    needed to stop training: the rerun never trains) reaches CMIInferenceServer(predict).serve(), which
+    blocks; a gateway in another process sends every test sequence over a socket as Arrow frames and
+    writes submission.parquet. The bundle loads on the first call, and the notebook exits cleanly
+    once the gateway is done."""
+    import socket
     cfg, _ = trained
-
-    def sub_folder_layout(manifest):
-        manifest["families"]["lgbm"]["files"] = ["lgbm/" + f for f in manifest["families"]["lgbm"]["files"]]
-        manifest["files"] = {("lgbm/" + k if k.startswith("lgbm_") else k): v for k, v in manifest["files"].items()}
-    runtime = loaded_after_edit(cfg, tmp_path / "bundle", sub_folder_layout)
-    assert "lgbm" not in runtime.bundle.models and "sub-folders" in runtime.bundle.left_out["lgbm"]
-    assert "retrain" in runtime.bundle.left_out["lgbm"]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("test.csv", "test_demographics.csv"):
+        shutil.copy(nb.Path(cfg.data_dir) / name, data / name)
+    install_standin_gateway(data)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "KAGGLE_IS_COMPETITION_RERUN": "1",
+           "CMITEST_GATEWAY_PORT": port}
+    server = subprocess.Popen([sys.executable, str(ROOT / "notebook.py"), "--model-path",
+                               str(nb.Path(cfg.out_dir) / "bundle"), "--data-dir", str(data), "--out-dir",
+                               str(tmp_path / "out")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    (tmp_path / "gateway").mkdir()
+    try:
+        gateway = subprocess.run([sys.executable, str(data / "kaggle_evaluation" / "cmi_inference_server.py"),
+                                  str(data / "test.csv"), str(data / "test_demographics.csv")],
+                                 cwd=tmp_path / "gateway", env=env, capture_output=True, text=True, timeout=600)
+        out, err = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert gateway.returncode == 0, gateway.stderr[-3000:] + err[-3000:]
+    assert server.returncode == 0, out[-3000:] + err[-3000:]
+    assert "gateway: kaggle_evaluation (scoring rerun)" in out and not (tmp_path / "out" / "bundle").exists()
+    assert out.index("gateway: kaggle_evaluation (scoring rerun)") < out.index("predict: bundle"), "loaded lazily"
+    sub = pl.read_parquet(tmp_path / "gateway" / "submission.parquet")
+    test = pl.read_csv(data / "test.csv", infer_schema_length=None)
+    assert sorted(sub["sequence_id"]) == sorted(test["sequence_id"].unique()) and set(sub["gesture"]) <= set(nb.GESTURES)
+    assert sub["gesture"].n_unique() > 1, "one gesture for every sequence"
 
 
 def test_serve_in_process_leaves_the_working_directory_and_reads_paths_as_given(trained, tmp_path, monkeypatch):
@@ -163,7 +190,7 @@ def test_bundle_load_names_every_family(trained, capsys):
     runtime = nb.Runtime(cfg)
     runtime.load()
     line = [ln for ln in capsys.readouterr().out.splitlines() if "loaded in" in ln][0]
-    assert "serving lgbm, torch, torch_sqz, keras" in line and set(runtime.bundle.models) == ALL_FAMILIES
+    assert "serving lgbm, torch, torch_imu, keras, keras_imu" in line and set(runtime.bundle.models) == ALL_FAMILIES
 
 
 LOAD_AND_PREDICT = """
@@ -239,10 +266,10 @@ def test_killed_retrain_with_other_settings_leaves_no_bundle_that_loads(trained,
     with pytest.raises(nb.BundleError, match="removed its manifest.json at .* and has not finished"):
         runtime.require()  # says what happened, not "train first"
     # The run finished (resumed): its manifest serves, and a rerun with the same settings keeps it.
-    resumed = nb.dataclasses.replace(retrain, stop_after_folds=0, models="lgbm", lgbm_imu_reference=False)
+    resumed = nb.dataclasses.replace(retrain, stop_after_folds=0, models=("lgbm",))
     nb.train(resumed)
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
-    assert set(manifest["families"]) == {"lgbm"} and not (out / "bundle" / nb.UNFINISHED).exists()
+    assert set(manifest["members"]) == {"lgbm"} and not (out / "bundle" / nb.UNFINISHED).exists()
     nb.invalidate_stale_manifest(out / "bundle", nb.run_fingerprint(resumed, manifest["data_fingerprint"]))
     assert (out / "bundle" / "manifest.json").exists()
     nb.invalidate_stale_manifest(out / "bundle", nb.run_fingerprint(retrain, manifest["data_fingerprint"]))
@@ -273,7 +300,7 @@ def test_a_family_that_fails_per_call_is_left_out_of_that_blend_only(trained, sa
     demo = pl.read_csv(sample_dir / "test_demographics.csv")
     seq = test.filter(pl.col("sequence_id") == two_sequences(test)[0])
     weights = runtime.bundle.manifest["blend_weights"]["full"]
-    heaviest = max(zip(weights, runtime.bundle.manifest["families"]))[1]
+    heaviest = max(zip(weights, runtime.bundle.manifest["members"]))[1]
     loaded = runtime.bundle.models[heaviest]
     if heaviest == "lgbm":
         class NaNBooster:

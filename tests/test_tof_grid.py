@@ -63,7 +63,7 @@ def test_grid_channels_are_the_canonical_pixels_and_blank_in_the_imu_only_view(t
 
 
 def grid_model(**kw):
-    cfg = nb.parse_config(["--profile", "smoke", "--torch-arch", "gru", "--tof-grid", "true"], environ={})
+    cfg = nb.parse_config(["--profile", "smoke", "--tof-grid", "true", "--net-variants", "all"], environ={})
     cfg = dataclasses.replace(cfg, **kw)
     torch.manual_seed(0)
     model = nb.build_torch_model(cfg, 10 + len(nb.TOF_GRID_CHANNELS))
@@ -71,9 +71,8 @@ def grid_model(**kw):
     return model
 
 
-@pytest.mark.parametrize("arch", ["gru", "squeezeformer"])
-def test_torch_grid_encoder_reads_the_pixels_and_ignores_padding(arch):
-    model = grid_model(torch_arch=arch)
+def test_torch_grid_encoder_reads_the_pixels_and_ignores_padding():
+    model = grid_model()
     c = 10 + len(nb.TOF_GRID_CHANNELS)
     torch.manual_seed(1)
     seq, demo = torch.randn(1, 23, c), torch.randn(1, 7)
@@ -95,7 +94,7 @@ def test_torch_grid_encoder_reads_the_pixels_and_ignores_padding(arch):
 def test_an_imu_only_variant_reads_no_grid():
     cfg = nb.parse_config(["--profile", "smoke", "--tof-grid", "true", "--net-variants", "imu"], environ={})
     assert nb.tof_grid_pixels(cfg) == 0
-    assert nb.tof_grid_pixels(dataclasses.replace(cfg, net_variants="all")) == len(nb.TOF_GRID_CHANNELS)
+    assert nb.tof_grid_pixels(dataclasses.replace(cfg, net_variants=("all",))) == len(nb.TOF_GRID_CHANNELS)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +102,7 @@ def grid_trained(tmp_path_factory):
     """A smoke run whose nets read the grids (both frameworks), served afterwards. IMU-only variants
     train beside them, so the bundle holds members with and without a grid encoder."""
     tmp = tmp_path_factory.mktemp("grid")
-    cfg = smoke_config(tmp, tof_grid=True, models="torch,keras", torch_arch="gru", net_variants="all,imu",
-                       lgbm_imu_reference=False)
+    cfg = smoke_config(tmp, tof_grid=True, models="torch,keras", net_variants="all,imu")
     report = nb.train(cfg)
     return cfg, report
 

@@ -1,6 +1,5 @@
 """The PyTorch net: packing, padding invariance, overfitting, loss weighting, resume with OOF."""
 import numpy as np
-import polars as pl
 import pytest
 
 import notebook as nb
@@ -10,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 
 def tiny_model(in_ch=10, **kw):
-    cfg = nb.parse_config(["--profile", "smoke", "--torch-arch", "gru"], environ={})
+    cfg = nb.parse_config(["--profile", "smoke"], environ={})
     for k, v in kw.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
@@ -47,39 +46,6 @@ def test_more_padding_does_not_change_a_sequence_output(length):
         torch.testing.assert_close(batch[k][:1], alone[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("length", [37, 5, 1])
-def test_squeezeformer_cls_output_ignores_padding(length):
-    """The [CLS] summary of a sequence is the same alone and in a batch padded with garbage."""
-    model = tiny_model(torch_arch="squeezeformer")
-    torch.manual_seed(2)
-    seq = torch.randn(1, length, 10)
-    with torch.no_grad():
-        alone = model.encode(torch.nn.functional.pad(seq, (0, 0, 0, max(4 - length, 0))), torch.tensor([length]))
-        padded = torch.randn(2, 91, 10) * 100  # padding that would show if it leaked
-        padded[0, :length] = seq[0]
-        batch = model.encode(padded, torch.tensor([length, 91]))
-    torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-5)
-
-
-def test_squeezeformer_attention_mask_excludes_padding():
-    """No gradient reaches padded steps from valid outputs, and without the mask it would."""
-    model = tiny_model(torch_arch="squeezeformer", torch_sqz_reduction=1)
-    block = model.blocks[0]
-    x = torch.randn(1, 12, block.norm.normalized_shape[0], requires_grad=True)
-    valid = torch.arange(12)[None, :] < 7
-    w = torch.randn(7, x.shape[-1])  # a plain sum of a LayerNorm output is constant: weight it
-    (block(x, valid)[0, :7] * w).sum().backward()
-    assert x.grad[0, 7:].abs().max() == 0 and x.grad[0, :7].abs().max() > 1e-3
-    x.grad = None
-    (block(x, torch.ones_like(valid))[0, :7] * w).sum().backward()  # the control: attention over everything
-    assert x.grad[0, 7:].abs().max() > 1e-3
-    # and end to end, from the raw input to the [CLS] output
-    raw = torch.randn(1, 12, 10, requires_grad=True)
-    summary = model.encode(raw, torch.tensor([7]))
-    (summary * torch.randn_like(summary)).sum().backward()  # a plain sum of a LayerNorm output is constant
-    assert raw.grad[0, 7:].abs().max() == 0 and raw.grad[0, :7].abs().max() > 1e-3
-
-
 def test_uncertainty_weighting_gives_gradients_to_its_log_variances():
     w = nb.UncertaintyWeights(3)
     losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True),
@@ -102,9 +68,8 @@ def test_combined_heads_are_a_distribution_and_respect_agreement():
     assert nb.combine_heads(y18, y9, np.array([20.0])).argmax() == 2
 
 
-@pytest.mark.parametrize("arch", ["gru", "squeezeformer"])
-def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
-    cfg = smoke_config(tmp_path)
+def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, monkeypatch):
+    cfg = smoke_config(tmp_path, net_variants="all")  # one member's config
     nb.resolve_data_dir(cfg)
     ds = nb.load_training_data(nb.Path(cfg.data_dir))
     labels = nb.sequence_labels(ds.train)
@@ -113,11 +78,11 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
     keep[np.arange(0, len(labels), len(labels) // 12)[:12]] = True
     sub = inputs.subset(keep)
     y = np.array([nb.GESTURE_INDEX[g] for g in labels["gesture"].to_numpy()[keep]])
-    for k in ("aug_jitter", "aug_time_mask", "aug_feature_mask", "aug_time_stretch", "aug_rotation",
-              "aug_mixup", "net_modality_dropout", "net_label_smoothing", "torch_ema", "net_dropout"):
-        setattr(cfg, k, 0.0)
-    cfg.epochs, cfg.net_lr, cfg.net_patience, cfg.net_batch_size = 60, 5e-3, 1000, 12
-    cfg.net_conv, cfg.net_hidden, cfg.torch_arch = "32,32", 32, arch
+    monkeypatch.setattr(nb, "AUGMENTATIONS", dict.fromkeys(nb.AUGMENTATIONS, 0.0))
+    monkeypatch.setattr(nb, "NET_RECIPE", {**nb.NET_RECIPE, "modality_dropout": 0.0, "label_smoothing": 0.0, "ema": 0.0,
+                                           "dropout": 0.0, "lr": 5e-3, "batch_size": 12})
+    cfg.epochs, cfg.net_patience = 60, 1000
+    cfg.net_conv, cfg.net_hidden = (32, 32), 32
     res = nb.train_torch_fold(cfg, sub, nb.net_targets(ds.train, nb.label_index(nb.sequence_labels(ds.train)["gesture"].to_list(), nb.GESTURES)).subset(keep), {"full": sub}, y, 0, lambda rec: None)
     model = nb.build_torch_model(cfg, len(sub.names))
     model.load_state_dict(res["state"])
@@ -126,7 +91,7 @@ def test_tiny_model_overfits_a_handful_of_sequences(tmp_path, arch):
 
 
 def test_skipped_folds_still_fill_every_oof_row(tmp_path):
-    cfg = smoke_config(tmp_path, models="torch", lgbm_imu_reference=False)
+    cfg = smoke_config(tmp_path, models="torch", net_variants="all")
     nb.train(cfg)
     first = {v: np.load(tmp_path / "out" / "oof" / f"oof_torch_{v}.npy") for v in nb.VIEWS}
     stamp = (tmp_path / "out" / "bundle" / "torch_fold0.pt").stat().st_mtime_ns
@@ -165,7 +130,7 @@ def test_the_ema_averages_weights_and_batchnorm_statistics_with_its_warm_up():
     moves every float tensor (BatchNorm's running statistics included) by min(decay, 2 / 11); the
     integer counter follows the model."""
     torch = nb.torch
-    model = nb.GestureNet(3, 7, (8,), 4, 0.0, True, True)
+    model = nb.GestureNet(3, 7, (8,), 4, 0.0, True)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=nb.ema_average(0.99), use_buffers=True)
     ema.update_parameters(model)
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
