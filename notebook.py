@@ -283,10 +283,11 @@ class Config:
     net_seeds: int | None = _doc("models per fold of every net member, each with its own seed, averaged "
                                  "(one member in the blend, a file per seed in the bundle; more seeds "
                                  "resume from the ones already trained)", low=1, affects=BUNDLE)
-    net_variants: tuple[str, ...] | None = _doc("what each net reads: all (every channel, with modality dropout) and/or imu "
-                                    "(IMU channels only); comma-separated, each its own ensemble member "
-                                    "(<member>, <member>_imu) whose blend weight per CV view decides",
-                                    choices=NET_VARIANTS, many=True, affects=(*NETS, *BUNDLE))
+    net_variants: tuple[str, ...] | None = _doc("what each net reads: all (every channel, with modality "
+                                                "dropout) and/or imu (IMU channels only); comma-separated, "
+                                                "each its own ensemble member (<member>, <member>_imu) whose "
+                                                "blend weight per CV view decides",
+                                                choices=NET_VARIANTS, many=True, affects=(*NETS, *BUNDLE))
     max_len: int = _doc("nets read the last N steps of a sequence (the gesture is at the end); 0 = all", 0,
                         low=0, affects=NETS)
     tof_grid: bool = _doc("nets also read the five raw 8x8 ToF grids per step through a small per-frame "
@@ -308,7 +309,7 @@ class Config:
 
 # The fixed recipe: the public LightGBM and CNN-BiGRU baselines' values, not options, because no run here
 # ever measured another (docs/DECISIONS.md, "The fixed recipe"). Each is part of the fingerprint of the
-# folds that read it (RECIPES), so an edit here retrains them.
+# folds that read it (recipe_of), so an edit here retrains them.
 LGBM_PARAMS = dict(num_leaves=31, min_data_in_leaf=10, feature_fraction=0.5, bagging_fraction=0.8, bagging_freq=1,
                    lambda_l2=1.0)
 LGBM_EARLY_STOPPING = 50  # rounds without a better validation loss (both views)
@@ -328,8 +329,8 @@ AUGMENTATIONS = {"time_stretch": 0.3, "rotation": 0.5, "jitter": 0.5, "time_mask
 
 def recipe_of(kind: str | None) -> dict[str, Any]:
     """The fixed recipe a member kind reads (None: every kind's), for its fingerprint."""
-    recipes = {"lgbm": {**LGBM_PARAMS, "early_stopping": LGBM_EARLY_STOPPING},
-               "torch": {**NET_RECIPE, **AUGMENTATIONS}, "keras": {**NET_RECIPE, **AUGMENTATIONS}}
+    nets = {**NET_RECIPE, **AUGMENTATIONS}
+    recipes = {"lgbm": {**LGBM_PARAMS, "early_stopping": LGBM_EARLY_STOPPING}, "torch": nets, "keras": nets}
     return recipes.get(kind, {}) if kind else recipes
 
 
@@ -3249,7 +3250,7 @@ class MaskedAttentionPool(nn.Module):
 
 class Heads(nn.Module):
     """+ demographics embedding -> dense trunk -> 18 / 9 / binary gesture logits and the
-    orientation / behaviour / slot logits."""
+    orientation / behaviour logits."""
 
     def __init__(self, dim: int, n_demo: int, dropout: float) -> None:
         super().__init__()
@@ -3531,8 +3532,8 @@ def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, di
 
 
 class TorchMember(NetMember):
-    """The PyTorch net of one --net-variants (member torch or torch_imu): a checkpoint per fold (in_ch, config, scaler, state_dict), per-epoch log in
-    OUT/logs/<member>.jsonl."""
+    """The PyTorch net of one --net-variants choice (member torch or torch_imu): a checkpoint per fold
+    (in_ch, config, scaler, state_dict), per-epoch log in OUT/logs/<member>.jsonl."""
     family, suffix = "torch", ".pt"
 
     def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, NetInputs]:
@@ -4040,7 +4041,8 @@ def ensemble_ablation(y_true: list[str], oof: dict[str, dict[str, np.ndarray]]) 
 #   probability comes from one of two sources: `lgbm`, p(gesture) x p(orientation) x p(behaviour)
 #   with the last two from two light LightGBM models on the IMU features (the slot models); `heads`,
 #   the same product with the nets' own orientation and behaviour heads (the last to train: short
-#   runs leave them behind the slot models, 30 epochs ahead). In each, p(gesture) (the served blend) enters with a weight
+#   runs leave them behind the slot models, 30 epochs ahead). In each, p(gesture) (the served blend)
+#   enters with a weight
 #   (its inverse temperature against the slot context, chosen per view). A single temperature on
 #   the whole slot table would change nothing: every row takes exactly one slot, so scaling all
 #   costs, or adding a constant per row, leaves the assignment as it is.
@@ -4057,9 +4059,10 @@ SLOT_MODEL_TARGETS = {"orientation": ORIENTATIONS, "behavior": START_BEHAVIORS} 
 # The slot sources, with the gesture weights the replay tries for each (the first wins a tie).
 SLOT_SOURCES = {"lgbm": (1.0, 0.5, 2.0), "heads": (1.0, 0.5, 2.0)}
 SLOT_PARTS = {"lgbm": ("lgbm",), "heads": ("orientation", "behavior")}  # what each reads
+# What a slot source reads for a call it has no answer for: uniform probabilities.
 UNIFORM_PARTS = {"lgbm": np.concatenate([np.full(len(v), 1.0 / len(v)) for v in SLOT_MODEL_TARGETS.values()])[None, :],
                  "orientation": np.full((1, len(ORIENTATIONS)), 1.0 / len(ORIENTATIONS)),
-                 "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS))}  # no answer
+                 "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS))}
 UNIFORM_SLOTS = np.full(len(SLOTS), 1.0 / len(SLOTS))
 
 
@@ -5074,8 +5077,8 @@ def write_bundle(bundle: Path, cfg: Config, td: TrainingData, results: dict[str,
         "feature_version": FEATURE_VERSION,
         "run_fingerprint": run_fingerprint(cfg, td.fingerprint),
         "members": {name: result["entry"] for name, result in results.items()},
-        "files": {f: file_digest(bundle / f) for result in [*(m["entry"] for m in results.values()), slot_models]
-                  for f in result["files"]},
+        "files": {f: file_digest(bundle / f) for entry in [*(m["entry"] for m in results.values()), slot_models]
+                  for f in entry["files"]},
         "slot_models": {k: slot_models[k] for k in ("files", "feature_names")},
         "serving": plan,
         "blend_weights": blend_weights,
