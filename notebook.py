@@ -2437,7 +2437,7 @@ class Member:
         """What a saved fold depends on: the data, the input names and this member's settings only."""
         return settings_fingerprint(self.cfg, self.kind, data_fingerprint, self.names, FEATURE_VERSION)
 
-    def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
+    def check_names(self, bundle: Path, produced: dict[str, list[str]]) -> None:
         """The bundle's input names against what this code makes (produced_names); BundleError if off."""
 
     def report(self, folds: list[Any], out: Path) -> None:
@@ -2718,8 +2718,8 @@ class LgbmMember(Member):
         p = fold.predict(inputs, num_iteration=fold.best_iteration or None, **threads)
         return {"gesture": p.astype(np.float32)}
 
-    def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
-        unknown = [c for c in self.names if c not in set(made["features"])]
+    def check_names(self, bundle: Path, produced: dict[str, list[str]]) -> None:
+        unknown = [c for c in self.names if c not in set(produced["features"])]
         if unknown:
             raise BundleError(f"{bundle}/manifest.json: the {self.name} models expect features this code does not "
                               f"produce (e.g. {unknown[:2]}). Fix: retrain the bundle with this notebook version.")
@@ -2865,9 +2865,9 @@ class NetMember(Member):
         out = self.heads(fold, inputs, exact)
         return out if self.cfg.net_aux_heads else {"gesture": out["gesture"]}  # an untrained head says nothing
 
-    def check_names(self, bundle: Path, made: dict[str, list[str]]) -> None:
-        if self.names != made["channels"]:
-            unknown = [c for c in self.names if c not in set(made["channels"])] or self.names
+    def check_names(self, bundle: Path, produced: dict[str, list[str]]) -> None:
+        if self.names != produced["channels"]:
+            unknown = [c for c in self.names if c not in set(produced["channels"])] or self.names
             raise BundleError(f"{bundle}/manifest.json: the {self.name} models expect channel names this code "
                               f"does not produce in that order (e.g. {unknown[:2]}). Fix: retrain the bundle "
                               f"with this notebook version.")
@@ -3364,9 +3364,11 @@ def build_torch_model(cfg: Config, in_ch: int) -> Any:
 # %% [markdown]
 # ### 13.1 Training a PyTorch fold
 #
-# The recipe of section 12 in PyTorch: autocast in the fold's precision with a GradScaler, the head
-# losses (fixed or uncertainty-weighted), clipping, the schedule and the EMA of the weights. A
-# non-finite loss skips its step and is counted; after a few the fold falls back to fp32 and says so.
+# The recipe of section 12 in PyTorch. `train_torch_fold` is the whole fold on one screen: the epoch
+# loop and, inside it, the step: autocast in the fold's precision, the uncertainty-weighted gesture
+# losses plus the weighted auxiliary ones, GradScaler, clipping, the schedule and the EMA of the
+# weights. A non-finite loss skips its step and is counted; after a few the fold falls back to fp32
+# and says so.
 
 # %%
 def to_torch(batch: Iterable[np.ndarray], device: str) -> list[Any]:
@@ -3441,47 +3443,6 @@ def torch_optimizer(cfg: Config, model: Any, weighting: Any, steps_per_epoch: in
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[min(step, len(factors) - 1)])
 
 
-class TorchSteps:
-    """The optimisation step of a fold: autocast in the fold's precision, the head losses (fixed or
-    uncertainty-weighted), GradScaler, clipping, the schedule and the EMA. A non-finite loss skips
-    its step and is counted; after NET_RECIPE's max_bad_steps the fold continues in fp32 and says so."""
-
-    def __init__(self, cfg: Config, model: Any, ema: Any, weighting: Any, opt: Any, sched: Any,
-                 precision: str, device: str) -> None:
-        self.cfg, self.model, self.ema, self.weighting, self.opt, self.sched = cfg, model, ema, weighting, opt, sched
-        self.precision, self.device, self.bad_steps = precision, device, 0
-        self.grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
-        self.is_target = torch.tensor(TARGET_MASK, device=device)
-        self.to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
-        self.aux = dict(zip(AUX_HEADS, cfg.net_aux_weights))
-
-    def step(self, batch: list[Any]) -> float | None:
-        """One batch (x, lengths, demographics, gesture, orientation, behaviour, slot, phase); the
-        loss, or None if skipped."""
-        xb, lb, db, yb, *rest = batch
-        aux = dict(zip(AUX_HEADS, rest)) if self.cfg.net_aux_heads else None
-        with torch.autocast(self.device, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16,
-                            enabled=self.precision in ("fp16", "bf16")):
-            gesture, extra = head_losses(self.model(xb, lb, db), yb, self.to9, self.is_target, aux)
-            loss = self.weighting(gesture) + sum(self.aux[k] * l for k, l in extra.items())
-        self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            self.bad_steps += 1
-            if self.bad_steps >= NET_RECIPE["max_bad_steps"] and self.precision != "fp32":
-                self.precision = "fp32"
-                self.grad_scaler = torch.amp.GradScaler(self.device, enabled=False)
-                print(f"torch: {self.bad_steps} non-finite losses; this fold continues in fp32")
-            return None
-        self.grad_scaler.scale(loss).backward()
-        self.grad_scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.grad_scaler.step(self.opt)
-        self.grad_scaler.update()
-        self.sched.step()
-        self.ema.update_parameters(self.model)
-        return float(loss.detach())
-
-
 def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: dict[str, NetInputs],
                      y_va: np.ndarray, seed: int, log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Train one fold; returns the kept (EMA) state, the scaler, its score and epoch."""
@@ -3499,7 +3460,12 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
     weighting = UncertaintyWeights(3).to(device)
     lengths = np.array([len(a) for a in tr.arrays])
     opt, sched = torch_optimizer(cfg, model, weighting, math.ceil(len(lengths) / NET_RECIPE["batch_size"]))
-    steps = TorchSteps(cfg, model, ema, weighting, opt, sched, torch_precision(cfg, device), device)
+    precision = torch_precision(cfg, device)
+    grad_scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    is_target = torch.tensor(TARGET_MASK, device=device)
+    to9 = torch.nn.functional.one_hot(torch.tensor(TARGET_INDEX_9, device=device), 9).float()
+    aux_weights = dict(zip(AUX_HEADS, cfg.net_aux_weights))
+    bad_steps = 0
     stopper = EarlyStopping(cfg.net_patience)
     evaluated = ema.module if NET_RECIPE["ema"] > 0 else model
     stride = getattr(model, "phase_stride", 1)
@@ -3509,17 +3475,36 @@ def train_torch_fold(cfg: Config, tr: NetInputs, targets: NetTargets, views_va: 
         losses = []
         for idx in training_buckets(lengths, cfg, rng):
             *batch, phase = training_batch(tr, targets, idx, scaler, cfg, rng)
-            losses.append(steps.step(to_torch([*batch, phase_targets(phase, batch[1], stride)], device)))
-        losses = [v for v in losses if v is not None]
+            xb, lb, db, yb, *rest = to_torch([*batch, phase_targets(phase, batch[1], stride)], device)
+            aux = dict(zip(AUX_HEADS, rest)) if cfg.net_aux_heads else None
+            with torch.autocast(device, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                                enabled=precision in ("fp16", "bf16")):
+                gesture, extra = head_losses(model(xb, lb, db), yb, to9, is_target, aux)
+                loss = weighting(gesture) + sum(aux_weights[k] * v for k, v in extra.items())
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):  # skipped and counted; after a few, the fold continues in fp32
+                bad_steps += 1
+                if bad_steps >= NET_RECIPE["max_bad_steps"] and precision != "fp32":
+                    precision = "fp32"
+                    grad_scaler = torch.amp.GradScaler(device, enabled=False)
+                    print(f"torch: {bad_steps} non-finite losses; this fold continues in fp32")
+                continue
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_scaler.step(opt)
+            grad_scaler.update()
+            sched.step()
+            ema.update_parameters(model)
+            losses.append(float(loss.detach()))
         scores = view_metrics(views_va, y_va, lambda va: torch_heads(NetFold(evaluated, scaler), va)["gesture"])
         log({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)) if losses else None,
-             **scores, "bad_steps": steps.bad_steps, "precision": steps.precision,
-             "seconds": time.perf_counter() - t0})
+             **scores, "bad_steps": bad_steps, "precision": precision, "seconds": time.perf_counter() - t0})
         if stopper.update(epoch, scores["score"],
                           lambda: {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}):
             break
     return {"score": stopper.score, "state": stopper.snapshot, "epoch": stopper.epoch, "scaler": scaler,
-            "bad_steps": steps.bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist()}
+            "bad_steps": bad_steps, "uncertainty_s": weighting.s.detach().cpu().tolist()}
 
 
 def load_torch_checkpoint(path: Path, device: str) -> tuple[Any, InputScaler, dict[str, Any]]:
@@ -4058,11 +4043,12 @@ SERVING_RULES = ("argmax", "argmax9", "gesture_capacity", "slots")
 SLOT_MODEL_TARGETS = {"orientation": ORIENTATIONS, "behavior": START_BEHAVIORS}  # what the slot models predict
 # The slot sources, with the gesture weights the replay tries for each (the first wins a tie).
 SLOT_SOURCES = {"lgbm": (1.0, 0.5, 2.0), "heads": (1.0, 0.5, 2.0)}
-SLOT_PARTS = {"lgbm": ("lgbm",), "heads": ("orientation", "behavior")}  # what each reads
+SLOT_INPUTS = {"lgbm": ("lgbm",), "heads": ("orientation", "behavior")}  # what each reads
 # What a slot source reads for a call it has no answer for: uniform probabilities.
-UNIFORM_PARTS = {"lgbm": np.concatenate([np.full(len(v), 1.0 / len(v)) for v in SLOT_MODEL_TARGETS.values()])[None, :],
-                 "orientation": np.full((1, len(ORIENTATIONS)), 1.0 / len(ORIENTATIONS)),
-                 "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS))}
+UNIFORM_SLOT_INPUTS = {
+    "lgbm": np.concatenate([np.full(len(v), 1.0 / len(v)) for v in SLOT_MODEL_TARGETS.values()])[None, :],
+    "orientation": np.full((1, len(ORIENTATIONS)), 1.0 / len(ORIENTATIONS)),
+    "behavior": np.full((1, len(START_BEHAVIORS)), 1.0 / len(START_BEHAVIORS))}
 UNIFORM_SLOTS = np.full(len(SLOTS), 1.0 / len(SLOTS))
 
 
@@ -4100,7 +4086,7 @@ def assign_labels(probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def net_slot_parts(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def net_slot_inputs(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The nets' orientation, behaviour and slot heads, each the plain mean over the members that
     have it: the same for training's OOF replay and one predict() call."""
     got: dict[str, list[np.ndarray]] = {}
@@ -4108,16 +4094,18 @@ def net_slot_parts(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarr
         for head in SEQUENCE_HEADS:
             if head in member:
                 got.setdefault(head, []).append(member[head])
-    return {head: np.mean(parts, axis=0) for head, parts in got.items()}
+    return {head: np.mean(outs, axis=0) for head, outs in got.items()}
 
 
-def slot_probabilities(source: str, probs: np.ndarray, parts: dict[str, np.ndarray], weight: float = 1.0) -> np.ndarray:
+def slot_probabilities(source: str, probs: np.ndarray, slot_inputs: dict[str, np.ndarray],
+                       weight: float = 1.0) -> np.ndarray:
     """(n, 102) probability of each (orientation, gesture, behaviour) slot from `source` (15.1):
-    p(gesture)^weight x p(orientation) x p(behaviour), renormalised. `parts` holds per row what the
-    sources read: "lgbm" (the slot models' 4 orientation then 2 behaviour probabilities), or
+    p(gesture)^weight x p(orientation) x p(behaviour), renormalised. `slot_inputs` holds per row
+    what the sources read: "lgbm" (the slot models' 4 orientation then 2 behaviour probabilities), or
     "orientation" and "behavior" (the nets' heads)."""
     n_o = len(ORIENTATIONS)
-    orient_behav = parts["lgbm"] if source == "lgbm" else np.hstack([parts["orientation"], parts["behavior"]])
+    orient_behav = (slot_inputs["lgbm"] if source == "lgbm" else
+                    np.hstack([slot_inputs["orientation"], slot_inputs["behavior"]]))
     orient_behav = np.log(np.clip(orient_behav.astype(np.float64), 1e-12, 1.0))
     log_p = weight * np.log(np.clip(probs[:, SLOT_GESTURE].astype(np.float64), 1e-12, 1.0))
     log_p += orient_behav[:, SLOT_ORIENTATION] + orient_behav[:, n_o + SLOT_BEHAVIOR]
@@ -4169,8 +4157,9 @@ def replay_rule(rule: str, probs: np.ndarray, slot_p: np.ndarray | None, subject
     return out
 
 
-def serving_candidates(rules: Iterable[str], parts: dict[str, dict[str, np.ndarray]]) -> list[tuple[str, str, float]]:
-    """(rule, slot source, gesture weight) for every rule, and for `slots` every source whose parts
+def serving_candidates(rules: Iterable[str],
+                       slot_inputs: dict[str, dict[str, np.ndarray]]) -> list[tuple[str, str, float]]:
+    """(rule, slot source, gesture weight) for every rule, and for `slots` every source whose inputs
     both views have, with each of its weights."""
     out = []
     for rule in rules:
@@ -4178,21 +4167,22 @@ def serving_candidates(rules: Iterable[str], parts: dict[str, dict[str, np.ndarr
             out.append((rule, "", 1.0))
             continue
         for source, weights in SLOT_SOURCES.items():
-            if all(p in parts[v] for v in VIEWS for p in SLOT_PARTS[source]):
+            if all(p in slot_inputs[v] for v in VIEWS for p in SLOT_INPUTS[source]):
                 out += [(rule, source, w) for w in weights]
     return out
 
 
-def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], parts: dict[str, dict[str, np.ndarray]],
+def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], slot_inputs: dict[str, dict[str, np.ndarray]],
                        subjects: np.ndarray, folds: np.ndarray, rules: Iterable[str] = SERVING_RULES,
                        seeds: int = 3) -> dict[str, Any]:
     """Every rule (and for `slots` every slot source and gesture weight) replayed on the ensemble OOF
     of both views (mean over seeds); the plan with the best expected LB (the weight chosen per view);
     and the nested figure of that choice: for each fold, the plan that wins on the other folds,
-    scored on this one. `parts[view]` holds what the slot sources read (slot_probabilities)."""
+    scored on this one. `slot_inputs[view]` holds what the slot sources read (slot_probabilities)."""
     y = np.asarray(y_true, dtype=object)
-    candidates = serving_candidates(rules, parts)
-    labels = {c: {v: [replay_rule(c[0], ens[v], slot_probabilities(c[1], ens[v], parts[v], c[2]) if c[1] else None,
+    candidates = serving_candidates(rules, slot_inputs)
+    labels = {c: {v: [replay_rule(c[0], ens[v],
+                                  slot_probabilities(c[1], ens[v], slot_inputs[v], c[2]) if c[1] else None,
                                   subjects, s) for s in range(seeds)] for v in VIEWS} for c in candidates}
 
     def score(c: tuple[str, str, float], v: str, rows: np.ndarray) -> float:
@@ -4816,10 +4806,10 @@ class LoadedMember:
 
 
 def load_member(bundle: Path, name: str, entry: dict[str, Any], manifest: dict[str, Any],
-                made: dict[str, list[str]]) -> LoadedMember:
+                produced: dict[str, list[str]]) -> LoadedMember:
     """One member's fold models, after checking its inputs and its files against the manifest."""
     member = member_from_manifest(bundle, name, entry, manifest)
-    member.check_names(bundle, made)
+    member.check_names(bundle, produced)
     verify_bundle_files(bundle, entry["files"], manifest.get("files", {}))
     if member.family == "torch":
         torch.set_num_threads(1)  # one short sequence per call: threads only add overhead
@@ -4923,10 +4913,10 @@ def blend_answers(manifest: dict[str, Any], probas: dict[str, np.ndarray], view:
 
 
 def decide(manifest: dict[str, Any], plan: dict[str, Any], subjects: SubjectState, stats: ServingStats,
-           probas: dict[str, np.ndarray], view: str, parts: dict[str, np.ndarray], subject: str | None,
+           probas: dict[str, np.ndarray], view: str, slot_inputs: dict[str, np.ndarray], subject: str | None,
            sequence_id: str) -> str | None:
     """One call's answer from its members' (1, 18) probabilities and what the slot sources read
-    (`parts`): the bundle's blend, then the serving plan over this subject's sequences so far. None when
+    (`slot_inputs`): the bundle's blend, then the serving plan over this subject's sequences so far. None when
     no member answered. predict() and the bundle's proof both decide here."""
     p = blend_answers(manifest, probas, view, stats)
     if p is None:
@@ -4935,9 +4925,10 @@ def decide(manifest: dict[str, Any], plan: dict[str, Any], subjects: SubjectStat
     slot_p = None
     if plan["rule"] == "slots":
         source = plan["slot_source"]
-        if any(k not in parts for k in SLOT_PARTS[source]):
+        if any(k not in slot_inputs for k in SLOT_INPUTS[source]):
             stats.note(f"the {source} slot source has no answer for this call; uniform slot context")
-        slot_p = slot_probabilities(source, p[None, :], {**UNIFORM_PARTS, **parts}, plan["gesture_weight"][view])[0]
+        slot_p = slot_probabilities(source, p[None, :], {**UNIFORM_SLOT_INPUTS, **slot_inputs},
+                                    plan["gesture_weight"][view])[0]
     return str(GESTURES[subjects.choose(plan["rule"], p, subject, slot_p, sequence_id)])
 
 
@@ -4974,11 +4965,12 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return None if a == b else where
 
 
-def load_slot_models(path: Path, manifest: dict[str, Any], made: dict[str, list[str]]) -> tuple[dict[str, list[Any]], list[str]]:
+def load_slot_models(path: Path, manifest: dict[str, Any],
+                     produced: dict[str, list[str]]) -> tuple[dict[str, list[Any]], list[str]]:
     """The slot models (orientation / behaviour -> fold boosters) and their feature names; BundleError
     when they cannot load."""
     spec = manifest["slot_models"]
-    missing = [c for c in spec["feature_names"] if c not in set(made["features"])]
+    missing = [c for c in spec["feature_names"] if c not in set(produced["features"])]
     if missing:
         raise BundleError(f"slot models expect features this code does not make, e.g. {missing[:2]}")
     verify_bundle_files(path, spec["files"], manifest.get("files", {}))
@@ -5040,11 +5032,11 @@ def proof_answers(outputs: dict[str, np.ndarray], manifest: dict[str, Any], plan
     for i, (view, (subject, sequence_id)) in enumerate(zip(views, keys)):
         heads = [{k.split(".", 1)[1]: blend(list(v[:, i:i + 1]), np.asarray(manifest["members"][n]["fold_weights"]))
                   for k, v in outputs.items() if k.startswith(f"{n}.")} for n in members]
-        parts = net_slot_parts(heads)
+        slot_inputs = net_slot_inputs(heads)
         if SLOT_OUTPUT in outputs:
-            parts["lgbm"] = outputs[SLOT_OUTPUT][i:i + 1]
+            slot_inputs["lgbm"] = outputs[SLOT_OUTPUT][i:i + 1]
         answers.append(decide(manifest, plan, subjects, stats, {n: h["gesture"] for n, h in zip(members, heads)},
-                              view, parts, subject, sequence_id) or manifest["fallback_gesture"])
+                              view, slot_inputs, subject, sequence_id) or manifest["fallback_gesture"])
     return answers
 
 
@@ -5052,11 +5044,11 @@ def record_proof(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the proof files into the bundle; returns the manifest's "proof" entry (the files are then
     listed with their digests like every model file)."""
     cfg = config_from(manifest["config"])
-    made = produced_names(cfg)
-    models = {name: load_member(bundle, name, entry, manifest, made) for name, entry in manifest["members"].items()}
+    produced = produced_names(cfg)
+    models = {name: load_member(bundle, name, entry, manifest, produced) for name, entry in manifest["members"].items()}
     plan = manifest["serving"]
-    slot_models, slot_names = (load_slot_models(bundle, manifest, made) if "lgbm" in SLOT_PARTS.get(plan["slot_source"], ())
-                               else ({}, []))
+    reads_slot_models = "lgbm" in SLOT_INPUTS.get(plan["slot_source"], ())
+    slot_models, slot_names = load_slot_models(bundle, manifest, produced) if reads_slot_models else ({}, [])
     calls, demographics = proof_calls(cfg)
     outputs, views, keys = replay_proof(models, calls, demographics, cfg, slot_models, slot_names)
     atomic_write(bundle / PROOF_CALLS, lambda p: calls.write_parquet(p))
@@ -5367,8 +5359,9 @@ def choose_serving_rule(cfg: Config, td: TrainingData, ens: dict[str, np.ndarray
     --subject-assignment is off), with every candidate's figures in `report`. The slot sources read
     the slot models' OOF (`slot_oof`) and the nets' heads averaged as predict() averages them."""
     rules = SERVING_RULES if cfg.subject_assignment else ("argmax", "argmax9")
-    parts = {v: {"lgbm": slot_oof, **net_slot_parts(result["heads"][v] for result in results.values())} for v in VIEWS}
-    check = serving_rule_check(td.labels["gesture"].to_list(), ens, parts, td.labels["subject"].to_numpy(),
+    slot_inputs = {v: {"lgbm": slot_oof, **net_slot_inputs(result["heads"][v] for result in results.values())}
+                   for v in VIEWS}
+    check = serving_rule_check(td.labels["gesture"].to_list(), ens, slot_inputs, td.labels["subject"].to_numpy(),
                                td.folds, rules)
     report["serving_rule"] = check
     weights = ", ".join(f"{v} {w:g}" for v, w in check["plan"]["gesture_weight"].items())
@@ -5822,13 +5815,13 @@ def bundle_path(cfg: Config) -> Path:
     return own
 
 
-def load_members(path: Path, manifest: dict[str, Any], made: dict[str, list[str]],
+def load_members(path: Path, manifest: dict[str, Any], produced: dict[str, list[str]],
                  left_out: dict[str, str]) -> dict[str, LoadedMember]:
     """Every member that loads; one that cannot is named in `left_out`, never stopping the others."""
     models = {}
     for name, entry in manifest["members"].items():
         try:
-            models[name] = load_member(path, name, entry, manifest, made)
+            models[name] = load_member(path, name, entry, manifest, produced)
         except Exception as err:
             left_out[name] = failure_reason(err)
             LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
@@ -5838,7 +5831,7 @@ def load_members(path: Path, manifest: dict[str, Any], made: dict[str, list[str]
     return models
 
 
-def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
+def slot_rule(path: Path, manifest: dict[str, Any], produced: dict[str, list[str]], cfg: Config,
               models: dict[str, LoadedMember], left_out: dict[str, str]) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
     """The bundle's serving plan (15.1, checked by validate_manifest) with the slot models when its slot
     source needs them: (plan, slot models, their feature names). A per-subject rule turned off by
@@ -5852,13 +5845,13 @@ def slot_rule(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], 
         return serving_plan(rule), {}, []
     plan = serving_plan(rule, source, spec["gesture_weight"])
     try:
-        if set(SLOT_PARTS[source]) - {"lgbm"} and not any(
+        if set(SLOT_INPUTS[source]) - {"lgbm"} and not any(
                 m.member.cfg.net_aux_heads for m in models.values() if isinstance(m.member, NetMember)):
             raise BundleError(f"{path}: the {source} slot source reads the nets' auxiliary heads, and no net "
                               f"member with them serves (left out: {list(left_out) or 'none'})")
-        if "lgbm" not in SLOT_PARTS[source]:
+        if "lgbm" not in SLOT_INPUTS[source]:
             return plan, {}, []
-        return (plan, *load_slot_models(path, manifest, made))
+        return (plan, *load_slot_models(path, manifest, produced))
     except Exception as err:
         left_out["slot models"] = failure_reason(err)
         LOG.error("predict: slot source left out (serving gesture_capacity instead): %s", left_out["slot models"])
@@ -5909,7 +5902,7 @@ def proof_difference(got: dict[str, np.ndarray], stored: dict[str, np.ndarray], 
     return worst, fold
 
 
-def prove_bundle(path: Path, manifest: dict[str, Any], made: dict[str, list[str]], cfg: Config,
+def prove_bundle(path: Path, manifest: dict[str, Any], produced: dict[str, list[str]], cfg: Config,
                  models: dict[str, LoadedMember], left_out: dict[str, str]
                  ) -> tuple[dict[str, Any], dict[str, list[Any]], list[str]]:
     """Replay the bundle's reference calls under the libraries installed here. A member (or the slot
@@ -5932,7 +5925,7 @@ def prove_bundle(path: Path, manifest: dict[str, Any], made: dict[str, list[str]
             del models[name]
     if not models:
         raise BundleError(f"no model family of the bundle {path} passes its proof (" + "; ".join(left_out.values()) + ")")
-    plan, slot_models, slot_model_names = slot_rule(path, manifest, made, cfg, models, left_out)
+    plan, slot_models, slot_model_names = slot_rule(path, manifest, produced, cfg, models, left_out)
     if slot_models:
         got.update(replayed(path, {}, calls, demographics, cfg, slot_models, slot_model_names)[0])
         diff, _ = proof_difference(got, stored, SLOT_OUTPUT)
@@ -5963,11 +5956,11 @@ def load_one_bundle(path: Path, cfg: Config) -> ServedBundle:
                     path, cfg.data_dir)
     # Features are computed as in training, whatever the serving config says.
     cfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("sample_rate_hz", "tof_grid") if k in trained})
-    made = produced_names(cfg)
+    produced = produced_names(cfg)
     left_out: dict[str, str] = {}
-    models = load_members(path, manifest, made, left_out)
+    models = load_members(path, manifest, produced, left_out)
     t_proof = time.perf_counter()
-    plan, slot_models, slot_model_names = prove_bundle(path, manifest, made, cfg, models, left_out)
+    plan, slot_models, slot_model_names = prove_bundle(path, manifest, produced, cfg, models, left_out)
     t_proof = time.perf_counter() - t_proof
     fallback = manifest["fallback_gesture"]
     print(f"predict: bundle {path} loaded in {time.perf_counter() - t0:.1f}s (its proof replayed in {t_proof:.1f}s); "
@@ -6073,10 +6066,10 @@ class Runtime:
             subject = subject_of(sequence, demographics)
             demo = checked_demographics(demographics, subject, self.stats)
             sequence_id = call_sequence_id(sequence, self.stats.calls)
-            probas, view, parts = self.proba(seq, demo, subject, sequence_id)
+            probas, view, slot_inputs = self.proba(seq, demo, subject, sequence_id)
             bundle = self.require()
-            return decide(bundle.manifest, bundle.plan, self.subjects, self.stats, probas, view, parts, subject,
-                          sequence_id)
+            return decide(bundle.manifest, bundle.plan, self.subjects, self.stats, probas, view, slot_inputs,
+                          subject, sequence_id)
         except Exception as err:
             self.stats.note(f"prediction failed ({type(err).__name__}: {str(err)[:120]})")
             return None
@@ -6085,7 +6078,7 @@ class Runtime:
               sequence_id: str = "SEQ_CALL") -> tuple[dict[str, np.ndarray], str, dict[str, np.ndarray]]:
         """Per member that gave finite numbers, the (1, 18) class probabilities (the same code the
         CV imu_only view runs), the view whose blend weights apply, and what the slot sources read
-        (slot_probabilities' `parts`): the nets' heads averaged over the members that answered, and
+        (slot_probabilities' `slot_inputs`): the nets' heads averaged over the members that answered, and
         the slot models' (1, 6) orientation and behaviour probabilities when the plan reads them."""
         bundle = self.require()
         prepared = call_sequences(sequence, demographics)
@@ -6108,15 +6101,15 @@ class Runtime:
                 continue
             out[name] = got["gesture"]
             heads.append(got)
-        parts = net_slot_parts(heads)
-        if "lgbm" in SLOT_PARTS.get(bundle.plan["slot_source"], ()):
+        slot_inputs = net_slot_inputs(heads)
+        if "lgbm" in SLOT_INPUTS.get(bundle.plan["slot_source"], ()):
             try:
                 table = call_table(prepared, channels, cache, bundle.cfg.sample_rate_hz)
-                parts["lgbm"] = slot_model_proba(bundle.slot_models, table.matrix(bundle.slot_model_names))
+                slot_inputs["lgbm"] = slot_model_proba(bundle.slot_models, table.matrix(bundle.slot_model_names))
             except Exception as err:
                 self.stats.note(f"slot models raised {type(err).__name__}; uniform orientation and behaviour",
                                 str(err)[:200])
-        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), parts
+        return out, ("imu_only" if is_imu_only(prepared.sensors) else "full"), slot_inputs
 
     def record(self) -> dict[str, Any]:
         """What served, for run_summary.json (the summary line says the same)."""

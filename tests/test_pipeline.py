@@ -452,10 +452,10 @@ def test_replayed_assignment_gains_on_data_with_the_study_structure():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     context = np.hstack([np.eye(4)[o] * 0.7 + 0.075, np.eye(2)[b] * 0.6 + 0.2])
     weak = np.hstack([np.eye(4)[o] * 0.2 + 0.2, np.eye(2)[b] * 0.1 + 0.45])  # the nets' heads, less sure
-    parts = {"lgbm": context, "orientation": weak[:, :4], "behavior": weak[:, 4:]}
+    slot_inputs = {"lgbm": context, "orientation": weak[:, :4], "behavior": weak[:, 4:]}
     folds = np.array([int(s[1:]) % 2 for s in subj])
     check = nb.serving_rule_check([nb.GESTURES[i] for i in y], {"full": probs, "imu_only": probs},
-                                  {"full": parts, "imu_only": parts}, subj, folds, seeds=1)
+                                  {"full": slot_inputs, "imu_only": slot_inputs}, subj, folds, seeds=1)
     lb = {r: t["expected_lb"] for r, t in check["rules"].items()}
     assert lb["gesture_capacity"] > lb["argmax"] + 0.01 and lb["slots/lgbm"] > lb["gesture_capacity"] + 0.01, lb
     assert lb["slots/lgbm"] > lb["slots/heads"] > lb["gesture_capacity"], lb  # sharper context, better slots
@@ -477,7 +477,7 @@ def test_serving_decides_as_the_replay_does(trained):
     logits[np.arange(len(y)), y] += 1.0
     raw = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     noisy = lambda eye: (eye + rng.uniform(0, 1.0, eye.shape)) / (eye + rng.uniform(0, 1.0, eye.shape)).sum(1, keepdims=True)  # noqa: E731
-    parts = {"orientation": noisy(np.eye(4)[o]), "behavior": noisy(np.eye(2)[b])}
+    slot_inputs = {"orientation": noisy(np.eye(4)[o]), "behavior": noisy(np.eye(2)[b])}
     demo = pl.DataFrame({"subject": ["S0"], **{k: [v] for k, v in nb.DEFAULT_DEMOGRAPHICS.items()}})
     plan = nb.serving_plan("slots", "heads", {"full": 0.5, "imu_only": 2.0})
     for view in nb.VIEWS:
@@ -486,12 +486,12 @@ def test_serving_decides_as_the_replay_does(trained):
         weights = dict(zip(bundle.manifest["members"], bundle.manifest["blend_weights"][view]))
         served_p = nb.target_scaled(nb.blend([raw] * len(bundle.models), [weights[n] for n in bundle.models]),
                                     bundle.manifest["target_scale"][view])
-        want = nb.replay_rule("slots", served_p, nb.slot_probabilities("heads", served_p, parts, plan["gesture_weight"][view]),
+        want = nb.replay_rule("slots", served_p, nb.slot_probabilities("heads", served_p, slot_inputs, plan["gesture_weight"][view]),
                               subj, seed=5)
         order = nb.replay_order(subj, seed=5)[0]
         current = {}
         runtime.proba = lambda *args, view=view: ({n: raw[current["i"]][None, :] for n in bundle.models}, view,
-                                                   {k: v[current["i"]][None, :] for k, v in parts.items()})
+                                                   {k: v[current["i"]][None, :] for k, v in slot_inputs.items()})
         got = []
         for i in order:
             current["i"] = i

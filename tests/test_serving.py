@@ -100,7 +100,7 @@ def test_the_slot_models_load_from_the_bundle(trained, tmp_path):
     assert all(len(runtime.bundle.slot_models[t]) == cfg.folds for t in nb.SLOT_MODEL_TARGETS)
     x = np.zeros((1, len(runtime.bundle.slot_model_names)), dtype=np.float32)
     p = nb.slot_model_proba(runtime.bundle.slot_models, x)
-    assert p.shape == nb.UNIFORM_PARTS["lgbm"].shape and np.isfinite(p).all()
+    assert p.shape == nb.UNIFORM_SLOT_INPUTS["lgbm"].shape and np.isfinite(p).all()
 
 
 @pytest.mark.parametrize("source", ["heads"])
