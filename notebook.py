@@ -77,8 +77,8 @@
 # 8. **Bundle**: models + manifest in `OUT/bundle`, every file at its top level with its size and
 #    SHA-256, loadable under other Keras/torch/LightGBM versions than it was trained with.
 # 9. **Inference**: `predict(sequence, demographics)` loads the bundle lazily on its first call and
-#    returns one of the 18 gesture names, served by `kaggle_evaluation` or a built-in gateway. A model
-#    family that fails is left out of the blend and counted; a bundle that cannot serve at all stops
+#    returns one of the 18 gesture names, served by `kaggle_evaluation` or a built-in gateway. An ensemble
+#    member that fails is left out of the blend and counted; a bundle that cannot serve at all stops
 #    the run with its path and the fix, never a silent submission of fallback answers.
 #
 # Speed on a 2-core CPU without GPU: `quick` (the local default) runs the whole demo end to end in
@@ -397,6 +397,8 @@ def as_stored(q: np.ndarray) -> np.ndarray:
 GESTURE_INDEX = {g: i for i, g in enumerate(GESTURES)}
 TARGET_MASK = np.array([g in TARGET_GESTURES for g in GESTURES])
 NON_TARGET_CLASS = "non_target"
+# 18 -> the 9 scored classes: the targets keep their index (alphabetical), non_target is last
+TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES) for g in GESTURES])
 
 # The two CV views of every model (section 9): the fold as recorded, and with thm/ToF nulled as in
 # the IMU-only half of the test set.
@@ -469,10 +471,12 @@ SLOT_BEHAVIOR = np.array([START_BEHAVIORS.index(b) for _, _, b in SLOTS])
 # the old complete file or the new complete one.
 
 # %%
-def label_index(values: Iterable[Any], names: list[str]) -> np.ndarray:
-    """Position of each value among `names`; text that is not one of them (a typo, a null)
-    counts as the first."""
-    pos = {n: i for i, n in enumerate(names)}
+def label_index(values: Iterable[Any], names: list[str], strict: str = "") -> np.ndarray:
+    """Position of each value among `names`; text that is not one of them (a typo, a null) counts as
+    the first, or, with `strict` (what the values are), is a ValueError naming it."""
+    values, pos = list(values), {n: i for i, n in enumerate(names)}
+    if strict and not set(values) <= pos.keys():
+        raise ValueError(f"{strict} outside the {len(names)} names: {sorted(set(values) - pos.keys(), key=str)[:3]}")
     return np.array([pos.get(v, 0) for v in values], dtype=np.int64)
 
 
@@ -481,7 +485,7 @@ class DataError(ValueError):
 
 
 class BundleError(RuntimeError):
-    """The bundle cannot serve (or one family of it cannot); the message names the path and the fix."""
+    """The bundle cannot serve (or one member of it cannot); the message names the path and the fix."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -1382,34 +1386,39 @@ def sequence_labels(train: pl.DataFrame) -> pl.DataFrame:
 #
 # score = 0.5 * binary F1 (target vs non-target) + 0.5 * macro F1 over the 8 targets plus one
 # `non_target` class, with every non-target gesture collapsed into it (classes present in truth or
-# prediction, zero_division=0).
+# prediction, zero_division=0). Every F1 comes from one confusion matrix of gesture indices: the
+# blend-weight search (section 15) scores thousands of weight sets per fit, and sklearn's
+# `f1_score`, which gives the very same numbers (tests/test_metric.py), spends 30x longer a call
+# checking its inputs (docs/DECISIONS.md, "The metric").
 
 # %%
-def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, labels: Iterable[Any]) -> np.ndarray:
-    from sklearn.metrics import f1_score
-    return f1_score(y_true, y_pred, labels=list(labels), average=None, zero_division=0)
+def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """F1 = 2 tp / (2 tp + fp + fn) of each class 0..n_classes-1 of integer labels; 0 for a class with no
+    true positive (sklearn's zero_division=0)."""
+    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = (cm.sum(1) + cm.sum(0)).astype(np.float64)
+    return np.divide(2.0 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+
+
+def metric_of_indices(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """The competition score and its halves for gesture-index arrays."""
+    n = len(TARGET_GESTURES)
+    t9, p9 = TARGET_INDEX_9[y_true], TARGET_INDEX_9[y_pred]  # the 9 scored classes, non_target last
+    binary_f1 = float(f1_per_class((t9 < n).astype(np.int64), (p9 < n).astype(np.int64), 2)[1])
+    present = (np.bincount(t9, minlength=n + 1) + np.bincount(p9, minlength=n + 1)) > 0
+    macro_f1 = float(np.mean(f1_per_class(t9, p9, n + 1)[present])) if present.any() else 0.0
+    return {"metric": 0.5 * binary_f1 + 0.5 * macro_f1, "binary_f1": binary_f1, "macro_f1": macro_f1}
 
 
 def competition_metric(y_true: Iterable[str], y_pred: Iterable[str]) -> dict[str, float]:
     """The competition score and its halves for gesture-name arrays."""
-    y_true = np.asarray(list(y_true), dtype=object)
-    y_pred = np.asarray(list(y_pred), dtype=object)
-    bad = set(y_pred.tolist()) - set(GESTURES)
-    if bad:
-        raise ValueError(f"predictions outside the 18 gestures: {sorted(bad)[:3]}")
-    targets = set(TARGET_GESTURES)
-    t_bin = np.array([g in targets for g in y_true])
-    p_bin = np.array([g in targets for g in y_pred])
-    binary_f1 = float(f1_per_class(t_bin, p_bin, [True])[0])
-    t_col = np.array([g if g in targets else NON_TARGET_CLASS for g in y_true], dtype=object)
-    p_col = np.array([g if g in targets else NON_TARGET_CLASS for g in y_pred], dtype=object)
-    labels = sorted(set(t_col.tolist()) | set(p_col.tolist()))
-    macro_f1 = float(np.mean(f1_per_class(t_col, p_col, labels))) if labels else 0.0
-    return {"metric": 0.5 * binary_f1 + 0.5 * macro_f1, "binary_f1": binary_f1, "macro_f1": macro_f1}
+    return metric_of_indices(label_index(y_true, GESTURES, strict="labels"),
+                             label_index(y_pred, GESTURES, strict="predictions"))
 
 
 def score_probabilities(y_true: Iterable[str], proba: np.ndarray) -> dict[str, float]:
-    return competition_metric(y_true, [GESTURES[i] for i in np.argmax(proba, axis=1)])
+    return metric_of_indices(label_index(y_true, GESTURES, strict="labels"), np.argmax(proba, axis=1))
 
 
 # %% [markdown]
@@ -2164,7 +2173,7 @@ def net_inputs_from(prepared: Sequences, channels: pl.DataFrame, tof_grid: bool 
 # ## 8. Cross-validation folds and training data
 #
 # Folds are grouped by subject (the test subjects are new people) and stratified by gesture.
-# The training data holds, per CV view, the feature table of every sequence; a model family that
+# The training data holds, per CV view, the feature table of every sequence; a member that
 # finds its fold already in the bundle (same data and config) skips training but still predicts
 # its validation rows, so OOF never has holes.
 
@@ -2488,7 +2497,7 @@ def epoch_logger(out: Path, family: str, k: int, s: int = 0,
 def train_fold(member: Member, k: int, s: int, inputs: dict[str, Any], td: TrainingData, tr: np.ndarray,
                va: np.ndarray, path: Path, fp: str, out: Path, clock: TrainingClock) -> str:
     """Train seed `s` of fold k (when the clock allows: else OutOfBudget) and save it at `path`, its meta
-    file last (a fold cut short has none and is retrained); returns how it was fitted."""
+    file last (a fold cut short has none and is retrained); returns its summary (Fitted.summary)."""
     clock.start_fold(member.name)
     fitted = member.fit(k, s, inputs, td, tr, va, epoch_logger(
         out, member.name, k, s, lambda epoch: clock.epoch_done(member.name, epoch, member.cfg.epochs)))
@@ -2516,22 +2525,22 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
     y_names = td.labels["gesture"].to_numpy()
     for k, tr, va in progress(fold_splits(td.folds), desc=f"{member.name} folds", total=cfg.folds):
         outputs: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in VIEWS}
-        hows = []
+        summaries = []
         for s in range(member.seeds):
             path = bundle / member.file(k, s)
-            how = "resumed from the bundle"
+            summary = "resumed from the bundle"
             saved = saved_fold_meta(path, fp)
             if saved is not None:
                 if isinstance(saved.get("seconds"), (int, float)):
                     clock.timed(member.name, saved["seconds"])
             else:
-                how = train_fold(member, k, s, inputs, td, tr, va, path, fp, out, clock)
+                summary = train_fold(member, k, s, inputs, td, tr, va, path, fp, out, clock)
             model = member.load(path)
             for v in VIEWS:
                 outputs[v].append(member.predict(model, member.rows(inputs[v], va)))
             models.append(model)
             files.append(member.file(k, s))
-            hows.append(how)
+            summaries.append(summary)
         for v in VIEWS:
             for head in outputs[v][0]:
                 part = np.mean([o[head] for o in outputs[v]], axis=0)
@@ -2539,7 +2548,7 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
         scores = {v: score_probabilities(y_names[va], heads[v]["gesture"][va])["metric"] for v in VIEWS}
         fold_scores.append(0.5 * (scores["full"] + scores["imu_only"]))
         seeds = f" ({member.seeds} seeds averaged)" if member.seeds > 1 else ""
-        say(f"{member.name} fold {k}: {'; '.join(dict.fromkeys(hows))}{seeds}; full {scores['full']:.4f}  "
+        say(f"{member.name} fold {k}: {'; '.join(dict.fromkeys(summaries))}{seeds}; full {scores['full']:.4f}  "
             f"imu_only {scores['imu_only']:.4f}")
     member.report(models, out)
     per_file = np.repeat(np.asarray(fold_scores), member.seeds)
@@ -2917,8 +2926,6 @@ def training_buckets(lengths: np.ndarray, cfg: Config, rng: np.random.Generator)
 SEQUENCE_HEADS = ("orientation", "behavior")  # the nets' per-sequence heads besides the gesture
 AUX_HEADS = (*SEQUENCE_HEADS, "phase")  # training_batch's targets after the gesture; --net-aux-weights' order
 NET_LOGITS = ("y18", "y9", "y2", *SEQUENCE_HEADS)  # the PyTorch nets' per-sequence logits
-TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES)
-                           for g in GESTURES])  # 18 -> 9 classes (targets keep their index)
 
 
 def combine_heads(y18: np.ndarray, y9: np.ndarray, y2: np.ndarray) -> np.ndarray:
@@ -4340,7 +4347,7 @@ def plot_per_gesture_f1(plots: PlotFolder, y: np.ndarray, ens: dict[str, np.ndar
     fig, ax = plots.figure(figsize=(11, 5))
     width = 0.4
     for j, view in enumerate(VIEWS):
-        f1 = f1_per_class(y, ens[view].argmax(1), range(len(GESTURES)))
+        f1 = f1_per_class(y, ens[view].argmax(1), len(GESTURES))
         ax.bar(np.arange(len(GESTURES)) + (j - 0.5) * width, f1, width, label=view)
     ax.set_xticks(range(len(GESTURES)), GESTURES, rotation=75, ha="right", fontsize=8)
     ax.set_ylabel("F1 (18-class)")
@@ -4779,8 +4786,8 @@ def member_from_manifest(bundle: Path, name: str, entry: dict[str, Any], manifes
     member's architecture and variant), with its input names."""
     family = member_family(name)
     if family not in MEMBER_CLASSES:
-        raise BundleError(f"{bundle}/manifest.json: unknown model family {name!r}. Fix: retrain the bundle with "
-                          f"this notebook version.")
+        raise BundleError(f"{bundle}/manifest.json: unknown member {name!r} (family {family!r}). Fix: retrain the "
+                          f"bundle with this notebook version.")
     cfg = dataclasses.replace(config_from(manifest["config"]), net_variants=(member_variant(name),))
     return MEMBER_CLASSES[family](name, cfg, entry.get(MEMBER_CLASSES[family].names_key))
 
@@ -4907,7 +4914,7 @@ def blend_answers(manifest: dict[str, Any], probas: dict[str, np.ndarray], view:
     p = target_scaled(blend(list(probas.values()), w if w.sum() > 0 else np.ones(len(probas))),
                       manifest["target_scale"][view])[0]
     if not np.isfinite(p).all():
-        stats.note("non-finite blend; the answering families averaged with equal weights")
+        stats.note("non-finite blend; the answering members averaged with equal weights")
         p = blend(list(probas.values()), np.ones(len(probas)))[0]
     return p
 
@@ -4920,7 +4927,7 @@ def decide(manifest: dict[str, Any], plan: dict[str, Any], subjects: SubjectStat
     no member answered. predict() and the bundle's proof both decide here."""
     p = blend_answers(manifest, probas, view, stats)
     if p is None:
-        stats.note("no model family gave finite probabilities")
+        stats.note("no member gave finite probabilities")
         return None
     slot_p = None
     if plan["rule"] == "slots":
@@ -5153,7 +5160,7 @@ def validate_manifest(bundle: Path, manifest: Any) -> dict[str, Any]:
                               f"per view {list(VIEWS)}. {FIX_RETRAIN}")
     members = manifest["members"]
     if not members:
-        raise BundleError(f"{where}: lists no model family. {FIX_RETRAIN}")
+        raise BundleError(f"{where}: lists no member. {FIX_RETRAIN}")
     for view in VIEWS:
         weights, scale = manifest["blend_weights"].get(view), manifest["target_scale"].get(view)
         if not (_number_list(weights, len(members)) and abs(sum(weights) - 1.0) < 1e-6):
@@ -5538,11 +5545,11 @@ def train_fold_tasks(cfg: Config, td: TrainingData, tasks_file: Path) -> None:
             if saved_fold_meta(path, fp) is not None:
                 continue
             try:
-                how = train_fold(member, k, s, inputs[name], td, td.folds != k, td.folds == k, path, fp, out, clock)
+                summary = train_fold(member, k, s, inputs[name], td, td.folds != k, td.folds == k, path, fp, out, clock)
             except OutOfBudget as why:
                 say(f"{name} fold {k}: not trained by this worker ({why})")
                 return
-            say(f"{name} fold {k} seed {s}: {how}")
+            say(f"{name} fold {k} seed {s}: {summary}")
 
 
 def run_workers(cfg: Config, td: TrainingData, clock: TrainingClock, n: int) -> None:
@@ -5660,7 +5667,7 @@ def train(cfg: Config, watch: Stopwatch | None = None, clock: TrainingClock | No
 # ## 19. Inference
 #
 # `predict()` keeps one runtime: the bundle is loaded on the first call, then each call computes
-# the features of one sequence and blends each family's fold models. Nothing can escape: any
+# the features of one sequence and blends each member's fold models. Nothing can escape: any
 # problem is logged once, counted, and answered with a valid gesture.
 
 # %%
@@ -5824,9 +5831,9 @@ def load_members(path: Path, manifest: dict[str, Any], produced: dict[str, list[
             models[name] = load_member(path, name, entry, manifest, produced)
         except Exception as err:
             left_out[name] = failure_reason(err)
-            LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
+            LOG.error("predict: member %s left out of the blend: %s", name, left_out[name])
     if not models:
-        raise BundleError(f"no model family of the bundle {path} can be loaded ("
+        raise BundleError(f"no member of the bundle {path} can be loaded ("
                           + "; ".join(f"{n}: {why}" for n, why in left_out.items()) + ")")
     return models
 
@@ -5921,10 +5928,10 @@ def prove_bundle(path: Path, manifest: dict[str, Any], produced: dict[str, list[
                               f"reference calls differ from those stored at training by up to {diff:.3g} (fold "
                               f"{fold}; tolerance {PROOF_TOLERANCE:g}) under {library_versions()}, trained under "
                               f"{spec.get('versions')}. Fix: retrain the bundle, or restore its files")
-            LOG.error("predict: model family %s left out of the blend: %s", name, left_out[name])
+            LOG.error("predict: member %s left out of the blend: %s", name, left_out[name])
             del models[name]
     if not models:
-        raise BundleError(f"no model family of the bundle {path} passes its proof (" + "; ".join(left_out.values()) + ")")
+        raise BundleError(f"no member of the bundle {path} passes its proof (" + "; ".join(left_out.values()) + ")")
     plan, slot_models, slot_model_names = slot_rule(path, manifest, produced, cfg, models, left_out)
     if slot_models:
         got.update(replayed(path, {}, calls, demographics, cfg, slot_models, slot_model_names)[0])
@@ -6224,7 +6231,7 @@ def working_directory(path: Path) -> Iterator[None]:
 def serve(cfg: Config) -> None:
     """Serve test.csv through kaggle_evaluation (scoring rerun: its server, loading lazily; else its
     local gateway) or the built-in gateway. Raises BundleError before any gateway starts when no
-    model family can serve (in the rerun: from the first predict() call)."""
+    member can serve (in the rerun: from the first predict() call)."""
     data_dir = resolve_data_dir(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def test_a_lightgbm_only_bundle_whose_booster_expects_other_features_stops(train
         m["members"]["lgbm"]["feature_names"] = m["members"]["lgbm"]["feature_names"][:-1]
         m["blend_weights"] = {"full": [1.0], "imu_only": [1.0]}
     runtime = loaded_after_edit(cfg, tmp_path / "bundle", lgbm_only_with_one_name_less)
-    assert runtime.error and "no model family" in runtime.error and "booster's features differ" in runtime.error
+    assert runtime.error and "no member" in runtime.error and "booster's features differ" in runtime.error
     with pytest.raises(nb.BundleError):
         runtime.predict(pl.DataFrame(), pl.DataFrame())
 
@@ -336,13 +336,13 @@ def test_a_local_gateway_run_mostly_answered_by_the_fallback_fails(trained, tmp_
     assert summary["fallback_calls"] > 0.1 * summary["calls"]
 
 
-def test_a_bundle_whose_every_family_fails_per_call_stops_the_gateway(trained, tmp_path, monkeypatch):
+def test_a_bundle_whose_every_member_fails_per_call_stops_the_gateway(trained, tmp_path, monkeypatch):
     cfg, _ = trained
     serving = nb.dataclasses.replace(cfg, stage="infer", out_dir=str(tmp_path / "out"),
                                      model_path=str(nb.Path(cfg.out_dir) / "bundle"))
     runtime = nb.set_runtime(serving)
     runtime.require()
-    # Every family fails every call (each is left out of that call's blend, as test_serving checks).
+    # Every member fails every call (each is left out of that call's blend, as test_serving checks).
     monkeypatch.setattr(runtime, "proba", lambda *a, **k: ({}, "full", {}))
     with pytest.raises(nb.BundleError, match="the last 20 calls were all answered by the fallback"):
         nb.serve(serving)

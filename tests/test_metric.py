@@ -29,17 +29,26 @@ def test_hand_worked_case():
     assert res["metric"] == pytest.approx(0.5 * 6 / 7 + 0.5 * (0.5 + 2 / 3) / 3)
 
 
-def test_matches_sklearn_definition():
+@pytest.mark.parametrize("n, seed", [(300, 0), (40, 1), (5, 2), (1, 3), (2000, 4)])
+def test_matches_sklearn_definition(n, seed):
+    """Bit for bit sklearn's f1_score (labels: the classes in truth or prediction, zero_division=0),
+    small draws included, where classes are missing from one side or both."""
     from sklearn.metrics import f1_score
-    rng = np.random.default_rng(0)
-    y_true = list(rng.choice(nb.GESTURES, 300))
-    y_pred = list(rng.choice(nb.GESTURES, 300))
+    rng = np.random.default_rng(seed)
+    y_true = list(rng.choice(nb.GESTURES, n))
+    y_pred = list(rng.choice(nb.GESTURES, n))
     col = lambda g: g if g in T else "non_target"  # noqa: E731
-    binary = f1_score([g in T for g in y_true], [g in T for g in y_pred], zero_division=0)
-    macro = f1_score([col(g) for g in y_true], [col(g) for g in y_pred], average="macro", zero_division=0)
+    binary = f1_score([g in T for g in y_true], [g in T for g in y_pred], labels=[True], average=None,
+                      zero_division=0)[0]
+    labels = sorted({col(g) for g in y_true} | {col(g) for g in y_pred})
+    macro = np.mean(f1_score([col(g) for g in y_true], [col(g) for g in y_pred], labels=labels, average=None,
+                             zero_division=0))
     res = nb.competition_metric(y_true, y_pred)
-    assert res["binary_f1"] == pytest.approx(binary)
-    assert res["macro_f1"] == pytest.approx(macro)
+    assert (res["binary_f1"], res["macro_f1"]) == (binary, macro)
+    assert res["metric"] == 0.5 * binary + 0.5 * macro
+    t, p = nb.label_index(y_true, nb.GESTURES), nb.label_index(y_pred, nb.GESTURES)
+    per_class = f1_score(t, p, labels=list(range(18)), average=None, zero_division=0)
+    assert nb.f1_per_class(t, p, 18).tolist() == per_class.tolist()
 
 
 def test_prediction_outside_the_18_names_is_an_error():

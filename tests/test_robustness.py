@@ -109,7 +109,7 @@ def test_incompatible_bundle_is_refused_with_a_clear_message(trained, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(nb.Path(cfg.out_dir) / "bundle", bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    # One family expecting features this code does not make: that family is left out, the rest serve.
+    # One member expecting features this code does not make: that member is left out, the rest serve.
     manifest["members"]["lgbm"]["feature_names"][0] = "a_feature_this_code_does_not_make"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = nb.Runtime(nb.dataclasses.replace(cfg, model_path=str(bundle)))

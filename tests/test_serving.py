@@ -68,7 +68,7 @@ def test_readme_local_rerun_with_relative_paths(trained, tmp_path):
 def test_a_bundle_uploaded_the_kaggle_cli_default_way_serves_whole(trained, sample_dir, tmp_path):
     """`kaggle datasets create -p working/bundle` without --dir-mode uploads the regular files at the top
     of the folder and skips sub-folders (its documented default, "skip"). A copy made by that rule
-    serves with every family and the intact bundle's answers."""
+    serves with every member and the intact bundle's answers."""
     cfg, _ = trained
     bundle = nb.Path(cfg.out_dir) / "bundle"
     uploaded = tmp_path / "kaggle-input" / "cmi-bfrb-bundle"
@@ -185,7 +185,7 @@ def test_serve_in_process_leaves_the_working_directory_and_reads_paths_as_given(
     sys.modules.pop("kaggle_evaluation", None)
 
 
-def test_bundle_load_names_every_family(trained, capsys):
+def test_bundle_load_names_every_member(trained, capsys):
     cfg, _ = trained
     runtime = nb.Runtime(cfg)
     runtime.load()
@@ -276,7 +276,7 @@ def test_killed_retrain_with_other_settings_leaves_no_bundle_that_loads(trained,
     assert not (out / "bundle" / "manifest.json").exists()
 
 
-def test_one_absurd_value_poisons_no_family(trained, sample_dir):
+def test_one_absurd_value_poisons_no_member(trained, sample_dir):
     """1e30 in acc_z made the Squeezeformer answer NaN and the whole call fall back: inputs are
     clipped to physical ranges before any model."""
     cfg, _ = trained
@@ -292,7 +292,7 @@ def test_one_absurd_value_poisons_no_family(trained, sample_dir):
     assert set(runtime.stats.problems) == {"sensor values outside their physical range; clipped to it"}  # counted
 
 
-def test_a_family_that_fails_per_call_is_left_out_of_that_blend_only(trained, sample_dir):
+def test_a_member_that_fails_per_call_is_left_out_of_that_blend_only(trained, sample_dir):
     cfg, _ = trained
     runtime = nb.set_runtime(cfg)
     runtime.require()
@@ -335,7 +335,7 @@ def test_empty_bundle_stops_before_the_gateway_with_a_non_zero_exit(tmp_path, sa
     assert "gateway:" not in res.stdout and not (tmp_path / "out" / "submission.parquet").exists()
 
 
-def test_bundle_where_no_family_loads_stops_and_names_each_reason(trained, tmp_path):
+def test_bundle_where_no_member_loads_stops_and_names_each_reason(trained, tmp_path):
     cfg, _ = trained
     bundle = copy_bundle(cfg, tmp_path / "bundle")
     for f in json.loads((bundle / "manifest.json").read_text())["files"]:
