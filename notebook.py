@@ -396,8 +396,8 @@ def as_stored(q: np.ndarray) -> np.ndarray:
 # %%
 GESTURE_INDEX = {g: i for i, g in enumerate(GESTURES)}
 TARGET_MASK = np.array([g in TARGET_GESTURES for g in GESTURES])
-NON_TARGET_CLASS = "non_target"
-# 18 -> the 9 scored classes: the targets keep their index (alphabetical), non_target is last
+# 18 -> the metric's 9 classes: the targets keep their index (alphabetical), every other gesture is
+# the 9th, `non_target`
 TARGET_INDEX_9 = np.array([GESTURE_INDEX[g] if g in TARGET_GESTURES else len(TARGET_GESTURES) for g in GESTURES])
 
 # The two CV views of every model (section 9): the fold as recorded, and with thm/ToF nulled as in
@@ -457,7 +457,6 @@ def allowed_pairs() -> list[tuple[str, str]]:
 # The study's slots: every subject performs each allowed (orientation, gesture) pair once from each
 # starting behaviour, 102 in all (the per-subject assignment of 15.1).
 SLOTS = [(o, g, b) for o, g in allowed_pairs() for b in START_BEHAVIORS]
-SLOT_INDEX = {slot: i for i, slot in enumerate(SLOTS)}
 SLOT_GESTURE = np.array([GESTURE_INDEX[g] for _, g, _ in SLOTS])
 SLOT_ORIENTATION = np.array([ORIENTATIONS.index(o) for o, _, _ in SLOTS])
 SLOT_BEHAVIOR = np.array([START_BEHAVIORS.index(b) for _, _, b in SLOTS])

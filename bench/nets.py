@@ -1,6 +1,6 @@
 """Neural-net throughput and latency on this machine.
 
-Prints, for the PyTorch nets (BiGRU packed and unpacked, Squeezeformer) and the Keras twin:
+Prints, for the PyTorch nets (the BiGRU, packed and unpacked) and the Keras twin:
   - training throughput (sequences/second, one epoch over demo sequences; torch in fp32 and in
     CPU bf16 autocast, the measurement behind torch_precision=auto choosing fp32 on CPU),
   - single-sequence inference latency for N folds (p50/p95 over real-length sequences).
@@ -49,33 +49,30 @@ def main() -> None:
     # --- PyTorch: training throughput (one epoch over 256 sequences, fp32 and CPU
     # bf16 autocast) and single-sequence latency for all folds
     torch = nb.torch
-    threads = torch.get_num_threads()
     tiny_va = {"full": sample.subset(np.arange(256) < 16)}  # early stopping needs a validation set; keep it small
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(inputs.arrays), args.n)
-    for arch in ("gru",):
-        torch.set_num_threads(threads)
-        warm = nb.dataclasses.replace(cfg, epochs=1)
-        nb.train_torch_fold(warm, sample, targets, tiny_va, y[:16], 0, lambda rec: None)  # untimed: first-call costs
-        for precision in ("fp32", "bf16"):
-            one = nb.dataclasses.replace(cfg, epochs=1, torch_precision=precision)
+    warm = nb.dataclasses.replace(cfg, epochs=1)
+    nb.train_torch_fold(warm, sample, targets, tiny_va, y[:16], 0, lambda rec: None)  # untimed: first-call costs
+    for precision in ("fp32", "bf16"):
+        one = nb.dataclasses.replace(cfg, epochs=1, torch_precision=precision)
+        t0 = time.perf_counter()
+        res = nb.train_torch_fold(one, sample, targets, tiny_va, y[:16], 0, lambda rec: None)
+        print(f"torch train {precision}: {256 / (time.perf_counter() - t0):7.1f} sequences/s "
+              f"(one epoch, batch {nb.NET_RECIPE['batch_size']})")
+    model = nb.build_torch_model(one, len(res["scaler"].columns))
+    model.load_state_dict(res["state"])
+    folds = [nb.NetFold(model, res["scaler"])] * args.folds
+    torch.set_num_threads(1)  # as predict() runs it
+    for packed in (True, False):  # same output unpadded (tested)
+        ms = []
+        for i in picks:
+            single = inputs.subset(np.arange(len(y)) == i)
             t0 = time.perf_counter()
-            res = nb.train_torch_fold(one, sample, targets, tiny_va, y[:16], 0, lambda rec: None)
-            print(f"torch {arch} train {precision}: {256 / (time.perf_counter() - t0):7.1f} sequences/s "
-                  f"(one epoch, batch {nb.NET_RECIPE['batch_size']})")
-        model = nb.build_torch_model(one, len(res["scaler"].columns))
-        model.load_state_dict(res["state"])
-        folds = [nb.NetFold(model, res["scaler"])] * args.folds
-        torch.set_num_threads(1)  # as predict() runs it
-        for packed in (True, False):  # same output unpadded (tested)
-            ms = []
-            for i in picks:
-                single = inputs.subset(np.arange(len(y)) == i)
-                t0 = time.perf_counter()
-                [nb.torch_heads(fold, single, packed=packed) for fold in folds]
-                ms.append((time.perf_counter() - t0) * 1000)
-            how = "packed  " if packed else "unpacked"
-            print(f"torch {arch} single sequence, {args.folds} folds {how}: {percentiles(ms)}")
+            [nb.torch_heads(fold, single, packed=packed) for fold in folds]
+            ms.append((time.perf_counter() - t0) * 1000)
+        how = "packed  " if packed else "unpacked"
+        print(f"torch single sequence, {args.folds} folds {how}: {percentiles(ms)}")
 
     # --- Keras: training throughput and tf.function latency
     t0 = time.perf_counter()
