@@ -3408,7 +3408,7 @@ def torch_heads(fold: NetFold, inputs: NetInputs, batch_size: int = 64, packed: 
 def head_losses(o: dict[str, Any], yb: Any, to9: Any, is_target: Any,
                 aux: dict[str, Any] | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Cross-entropy of the 18-class and 9-class heads and the target-vs-not BCE against soft
-    targets; with the auxiliary targets `aux` (AUX_HEADS), the orientation, behaviour and slot
+    targets; with the auxiliary targets `aux` (AUX_HEADS), the orientation and behaviour
     cross-entropies and the per-step phase BCE against phase_targets() (its -1 steps, padding, left
     out). Returns (the three gesture losses, the auxiliary losses by head)."""
     func = torch.nn.functional
@@ -3562,7 +3562,7 @@ class TorchMember(NetMember):
 #
 # The BiGRU net again in Keras 3 (TensorFlow backend), for framework diversity in the blend: residual
 # Conv1D blocks with squeeze-excitation, `Bidirectional(GRU)` with an explicit padding mask, masked
-# temporal attention pooling, and the orientation, behaviour, slot and per-step phase heads (and,
+# temporal attention pooling, and the orientation, behaviour and per-step phase heads (and,
 # with `--tof-grid`, the same per-frame grid CNN, `TofGridEncoder`). It reads the very same inputs and scaler (section
 # 11) and trains on the same augmented batches, phase targets, schedule and early stopping (section
 # 12). Its own recipe differs from the PyTorch net's in four points: one 18-class gesture head (no
@@ -4093,7 +4093,7 @@ def assign_labels(probs: np.ndarray) -> np.ndarray:
 
 
 def net_slot_inputs(heads: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The nets' orientation, behaviour and slot heads, each the plain mean over the members that
+    """The nets' orientation and behaviour heads, each the plain mean over the members that
     have it: the same for training's OOF replay and one predict() call."""
     got: dict[str, list[np.ndarray]] = {}
     for member in heads:
