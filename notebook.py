@@ -2448,8 +2448,8 @@ class Member:
     def check_names(self, bundle: Path, produced: dict[str, list[str]]) -> None:
         """The bundle's input names against what this code makes (produced_names); BundleError if off."""
 
-    def report(self, folds: list[Any], out: Path) -> None:
-        """Anything a member writes beside its folds once all are trained (LightGBM: the importances)."""
+    def report(self, paths: list[Path], out: Path) -> None:
+        """Anything a member writes beside its fold files once all are trained (LightGBM: the importances)."""
 
     def training_inputs(self, td: "TrainingData", out: Path) -> dict[str, Any]:
         raise NotImplementedError
@@ -2520,7 +2520,7 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
     fp = member.fingerprint(td.fingerprint)
     bundle.mkdir(parents=True, exist_ok=True)
     heads: dict[str, dict[str, np.ndarray]] = {v: {} for v in VIEWS}
-    models, files, fold_scores = [], [], []
+    files, fold_scores = [], []
     y_names = td.labels["gesture"].to_numpy()
     for k, tr, va in progress(fold_splits(td.folds), desc=f"{member.name} folds", total=cfg.folds):
         outputs: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in VIEWS}
@@ -2537,7 +2537,6 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
             model = member.load(path)
             for v in VIEWS:
                 outputs[v].append(member.predict(model, member.rows(inputs[v], va)))
-            models.append(model)
             files.append(member.file(k, s))
             summaries.append(summary)
         for v in VIEWS:
@@ -2549,7 +2548,7 @@ def run_folds(member: Member, td: TrainingData, bundle: Path, out: Path, clock: 
         seeds = f" ({member.seeds} seeds averaged)" if member.seeds > 1 else ""
         say(f"{member.name} fold {k}: {'; '.join(dict.fromkeys(summaries))}{seeds}; full {scores['full']:.4f}  "
             f"imu_only {scores['imu_only']:.4f}")
-    member.report(models, out)
+    member.report([bundle / f for f in files], out)
     per_file = np.repeat(np.asarray(fold_scores), member.seeds)
     weights = per_file / max(float(np.sum(per_file)), 1e-12)
     entry = {"files": files, "fold_weights": weights.tolist(), member.names_key: member.names, "fingerprint": fp}
@@ -2732,8 +2731,8 @@ class LgbmMember(Member):
             raise BundleError(f"{bundle}/manifest.json: the {self.name} models expect features this code does not "
                               f"produce (e.g. {unknown[:2]}). Fix: retrain the bundle with this notebook version.")
 
-    def report(self, folds: list[Any], out: Path) -> None:
-        gain = np.mean([b.feature_importance("gain") for b in folds], axis=0)
+    def report(self, paths: list[Path], out: Path) -> None:
+        gain = np.mean([self.load(p).feature_importance("gain") for p in paths], axis=0)
         imp = pl.DataFrame({"feature": self.names, "gain": gain}).sort("gain", descending=True)
         atomic_write(out / "feature_importance.csv", lambda p: imp.write_csv(p))
 
