@@ -3943,6 +3943,7 @@ def fit_blend_weights(y_true: list[str], probas: list[np.ndarray], step: float =
         return [1.0]
     ticks = int(round(1 / step))
     best, best_w = -1.0, [1.0 / k] * k
+    y = label_index(y_true, GESTURES, strict="labels")  # once, not per weight set
 
     def grid(n: int, left: int) -> Iterable[list[int]]:
         if n == 1:
@@ -3954,7 +3955,7 @@ def fit_blend_weights(y_true: list[str], probas: list[np.ndarray], step: float =
 
     for combo in grid(k, ticks):
         w = [c / ticks for c in combo]
-        s = score_probabilities(y_true, blend(probas, w))["metric"]
+        s = metric_of_indices(y, np.argmax(blend(probas, w), axis=1))["metric"]
         if s > best + 1e-9:
             best, best_w = s, w
     return best_w
@@ -4184,15 +4185,14 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], slot_input
     of both views (mean over seeds); the plan with the best expected LB (the weight chosen per view);
     and the nested figure of that choice: for each fold, the plan that wins on the other folds,
     scored on this one. `slot_inputs[view]` holds what the slot sources read (slot_probabilities)."""
-    y = np.asarray(y_true, dtype=object)
+    y = label_index(y_true, GESTURES, strict="labels")
     candidates = serving_candidates(rules, slot_inputs)
     labels = {c: {v: [replay_rule(c[0], ens[v],
                                   slot_probabilities(c[1], ens[v], slot_inputs[v], c[2]) if c[1] else None,
                                   subjects, s) for s in range(seeds)] for v in VIEWS} for c in candidates}
 
     def score(c: tuple[str, str, float], v: str, rows: np.ndarray) -> float:
-        return float(np.mean([competition_metric(y[rows], [GESTURES[i] for i in lab[rows]])["metric"]
-                              for lab in labels[c][v]]))
+        return float(np.mean([metric_of_indices(y[rows], lab[rows])["metric"] for lab in labels[c][v]]))
 
     def pick(scored: dict[tuple[str, str, float], dict[str, float]]) -> dict[str, Any]:
         """The plan that wins on the rows `scored` was scored on: the (rule, source) of the best
@@ -4220,8 +4220,8 @@ def serving_rule_check(y_true: list[str], ens: dict[str, np.ndarray], slot_input
     per_fold = {k: pick(scored_on(other)) for k, other, _ in fold_splits(folds)}
     nested = {}
     for v in VIEWS:
-        nested[v] = float(np.mean([competition_metric(y, [GESTURES[i] for i in held_out(
-            folds, lambda k, other, hold: labels[key(per_fold[k], v)][v][s][hold], dtype=np.int64)])["metric"]
+        nested[v] = float(np.mean([metric_of_indices(y, held_out(
+            folds, lambda k, other, hold: labels[key(per_fold[k], v)][v][s][hold], dtype=np.int64))["metric"]
             for s in range(seeds)]))
     nested["expected_lb"] = 0.5 * (nested["full"] + nested["imu_only"])
     rules_table = {}  # the best weight of each rule / source, per view: the one-line summary
